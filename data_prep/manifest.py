@@ -1,0 +1,264 @@
+"""Stage directories and their manifest.json: fingerprints, atomic commits, skip-when-complete, verification.
+
+A stage writes into its own directory and finishes by writing ``manifest.json`` last, atomically. A
+directory without a complete manifest is unfinished and never read downstream. While a stage runs, a
+small ``.inprogress.json`` records the fingerprint being built, so a re-run with the same fingerprint may
+keep the part files that were already committed (each part file is itself written atomically) and a
+re-run with another fingerprint starts from an empty directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+INPROGRESS = ".inprogress.json"
+
+
+class StageError(ValueError):
+    """A user-facing problem with a stage directory or its inputs; the message says what to do."""
+
+
+def bertpipe_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bertpipe")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (dict keys sorted)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def stage_fingerprint(stage: str, config: dict, inputs: dict[str, str], format_version: int) -> str:
+    """The fingerprint of a stage run: its config, its inputs' fingerprints and the format version."""
+    return fingerprint({"stage": stage, "config": config, "inputs": inputs, "format_version": format_version})
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched, so no reader ever sees a
+    half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    """Rows of a Parquet or Arrow IPC file, read from its footer only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = str(path)
+    if path.endswith(".parquet"):
+        return pq.ParquetFile(path).metadata.num_rows
+    if path.endswith(".arrow"):
+        with pa.memory_map(path) as source:
+            reader = pa.ipc.open_file(source)
+            return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    raise StageError(f"cannot count rows of {path}: only .parquet and .arrow files are known")
+
+
+def file_entry(
+    stage_dir: str | os.PathLike, relpath: str, rows: int | None = None, sha256: bool = True
+) -> dict:
+    """The manifest entry of one output file: path relative to the stage directory, rows, bytes, sha256."""
+    full = Path(stage_dir) / relpath
+    return {
+        "path": relpath,
+        "rows": count_rows(full) if rows is None else int(rows),
+        "bytes": full.stat().st_size,
+        "sha256": sha256_file(full) if sha256 else None,
+    }
+
+
+@dataclass
+class Stage:
+    """A stage directory being built: where its files go and whether it was already complete."""
+
+    directory: Path
+    stage: str
+    fingerprint: str
+    config: dict
+    inputs: dict[str, str]
+    format_version: int
+    complete: bool
+
+    def path(self, relpath: str) -> Path:
+        return self.directory / relpath
+
+    def commit(self, files: list[dict], stats: dict) -> dict:
+        """Write manifest.json last and atomically; the directory is complete from this moment on."""
+        manifest = {
+            "stage": self.stage,
+            "format_version": self.format_version,
+            "config": self.config,
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "files": sorted(files, key=lambda f: f["path"]),
+            "stats": stats,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "bertpipe_version": bertpipe_version(),
+        }
+        write_json_atomic(self.directory / MANIFEST, manifest)
+        (self.directory / INPROGRESS).unlink(missing_ok=True)
+        self.complete = True
+        return manifest
+
+
+def begin_stage(
+    directory: str | os.PathLike,
+    stage: str,
+    config: dict,
+    inputs: dict[str, str],
+    format_version: int,
+    force: bool = False,
+) -> Stage:
+    """Open ``directory`` for a stage run.
+
+    Returns a Stage with ``complete=True`` when a finished run with the same fingerprint is already there
+    (the caller does nothing). Otherwise the directory is made ready: a finished run with another
+    fingerprint, or an unfinished one for another fingerprint, is cleared; an unfinished run for the same
+    fingerprint is kept so its committed part files can be reused.
+    """
+    directory = Path(directory)
+    fp = stage_fingerprint(stage, config, inputs, format_version)
+    if directory.exists() and not directory.is_dir():
+        raise StageError(f"output path {directory} exists and is not a directory: choose another --out")
+    manifest = read_manifest(directory)
+    if manifest is not None and manifest.get("fingerprint") == fp and not force:
+        return Stage(directory, stage, fp, config, inputs, format_version, complete=True)
+    if manifest is not None and manifest.get("stage") != stage:
+        raise StageError(
+            f"{directory} holds a finished '{manifest.get('stage')}' stage, not '{stage}': "
+            "choose another --out rather than overwrite it"
+        )
+    inprogress = _read_json(directory / INPROGRESS)
+    resumable = inprogress is not None and inprogress.get("fingerprint") == fp and not force
+    if directory.exists() and not resumable:
+        if any(directory.iterdir()) and manifest is None and inprogress is None:
+            raise StageError(
+                f"{directory} is not empty and is not a bertpipe stage directory: "
+                "choose an empty or new --out directory"
+            )
+        # The manifest goes first, so an interruption here never leaves a stale-but-complete directory.
+        (directory / MANIFEST).unlink(missing_ok=True)
+        for child in directory.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / INPROGRESS, {"stage": stage, "fingerprint": fp})
+    return Stage(directory, stage, fp, config, inputs, format_version, complete=False)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The manifest of a complete stage directory, or None when there is none (unfinished or empty)."""
+    manifest = _read_json(Path(directory) / MANIFEST)
+    if manifest is None or "fingerprint" not in manifest or "files" not in manifest:
+        return None
+    return manifest
+
+
+def require_complete(directory: str | os.PathLike, stage: str, verify_rows: bool = True) -> dict:
+    """The manifest of a finished ``stage`` directory, or a StageError that says what to run."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise StageError(f"{directory} does not exist: run `bertpipe {stage}` with --out {directory} first")
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise StageError(
+            f"{directory} is not a finished '{stage}' directory (no complete manifest.json): "
+            f"run `bertpipe {stage}` to finish it"
+        )
+    if manifest.get("stage") != stage:
+        raise StageError(
+            f"{directory} holds a '{manifest.get('stage')}' stage, but a '{stage}' one is needed"
+        )
+    if verify_rows:
+        verify(directory, manifest, check_sha256=False)
+    return manifest
+
+
+def verify(directory: str | os.PathLike, manifest: dict | None = None, check_sha256: bool = False) -> None:
+    """Check every file of a manifest exists with its recorded rows (and sha256 on request)."""
+    directory = Path(directory)
+    manifest = manifest or require_complete(directory, stage="?", verify_rows=False)
+    for entry in manifest["files"]:
+        full = directory / entry["path"]
+        if not full.exists():
+            raise StageError(f"{full} is listed in {directory / MANIFEST} but missing: re-run the stage")
+        if entry.get("rows") is not None and full.suffix in (".parquet", ".arrow"):
+            rows = count_rows(full)
+            if rows != entry["rows"]:
+                raise StageError(
+                    f"{full} has {rows} rows but its manifest says {entry['rows']}: "
+                    "the file was changed after the stage finished; re-run the stage"
+                )
+        if check_sha256 and entry.get("sha256"):
+            digest = sha256_file(full)
+            if digest != entry["sha256"]:
+                raise StageError(f"{full} does not match the sha256 in its manifest: re-run the stage")
