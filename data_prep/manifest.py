@@ -246,7 +246,10 @@ def require_complete(directory: str | os.PathLike, stage: str, verify_rows: bool
 def verify(directory: str | os.PathLike, manifest: dict | None = None, check_sha256: bool = False) -> None:
     """Check every file of a manifest exists with its recorded rows (and sha256 on request)."""
     directory = Path(directory)
-    manifest = manifest or require_complete(directory, stage="?", verify_rows=False)
+    if manifest is None:
+        manifest = read_manifest(directory)
+    if manifest is None:
+        raise StageError(f"{directory} has no complete manifest.json: run the stage that writes it")
     for entry in manifest["files"]:
         full = directory / entry["path"]
         if not full.exists():
