@@ -40,3 +40,44 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 
 # Stage commands are added below, one block each.
+
+
+# --- shard -------------------------------------------------------------------------------------------------
+@app.command()
+def shard(
+    input: list[str] = typer.Option(..., "--input", help="File, dir, saved dataset, hf://NAME[:CONFIG]."),
+    out: Path = typer.Option(..., "--out", help="Stage directory to write."),
+    num_shards: int = typer.Option(..., "--num-shards", help="Parquet parts per split."),
+    doc_boundary: str = typer.Option("blank-line", "--doc-boundary", help="Plain text: blank-line or file."),
+    valid_fraction: float = typer.Option(0.01, "--valid-fraction", help="Share of documents for validation."),
+    seed: int = typer.Option(0, "--seed", help="Mixed into the shard/split placement hash."),
+    workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it."),
+    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF inputs."),
+    language: str = typer.Option("en", "--language", help="Sentence splitter language code."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the stage is complete."),
+) -> None:
+    """Raw text/JSONL/Parquet/HF datasets → sentence-split documents in N Parquet shards."""
+    from data_prep.manifest import StageError
+    from data_prep.shard import ShardConfig, shard_corpus
+
+    try:
+        config = ShardConfig(
+            inputs=input,
+            out=str(out),
+            num_shards=num_shards,
+            doc_boundary=doc_boundary,
+            valid_fraction=valid_fraction,
+            seed=seed,
+            workers=workers,
+            text_field=text_field,
+            language=language,
+            force=force,
+        )
+        manifest = shard_corpus(config)
+    except (StageError, ValueError) as e:
+        fail(str(e))
+    stats = manifest["stats"]
+    typer.echo(
+        f"{out}: {stats['documents']} documents, {stats['sentences']} sentences, {stats['words']} words "
+        f"({stats['splits']['valid']['documents']} valid)"
+    )

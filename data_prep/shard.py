@@ -1,0 +1,475 @@
+"""The shard stage: raw text/JSONL/Parquet/HF datasets → sentence-split documents in N Parquet shards.
+
+Two passes, both with bounded memory and both resumable after a kill:
+
+1. *read* (parallel over groups of input files): documents are decoded, split into paragraphs and
+   sentences (sentencex), hashed, and appended to a per-shard spill file (``DIR/.spill/task-*/``). A
+   document's shard and split are a pure function of its content hash and the seed, so duplicates meet
+   in one shard and the output does not depend on ``--workers`` or on file order.
+2. *write* (parallel over shards): each shard's spill is sorted by content hash (hence by ``doc_id``),
+   exact duplicates are dropped (the copy with the smallest ``source`` is kept), and the rows go to
+   ``DIR/train/part-NNNNN.parquet`` and ``DIR/valid/part-NNNNN.parquet``, each written atomically.
+
+Every finished task and shard leaves a small JSON marker, so a re-run of a killed stage (same
+fingerprint) continues where it stopped. The input fingerprint hashes each input file's path, size and
+mtime (a saved dataset: all of its files; ``hf://`` inputs: the spec string only, since the hub revision
+cannot be known offline) — content edited in place with size and mtime preserved is not noticed.
+
+Documents of fewer than two sentences are kept (as Google's generator does: they still serve as random
+"next" segments) and counted as ``short_documents``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import re
+import shutil
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import sentencex
+from tqdm import tqdm
+
+from data_prep.manifest import (
+    StageError,
+    atomic_path,
+    begin_stage,
+    file_entry,
+    fingerprint,
+    read_manifest,
+    write_json_atomic,
+)
+from data_prep.schema import CORPUS_SCHEMA
+from data_prep.textio import InputUnit, discover_inputs, iter_unit_documents
+
+log = logging.getLogger(__name__)
+
+STAGE = "shard"
+FORMAT_VERSION = 1
+DOC_BOUNDARIES = ("blank-line", "file")
+SPLITS = ("train", "valid")
+SPILL_DIR = ".spill"
+SPILL_SCHEMA = pa.schema(
+    [("digest", pa.binary()), ("source", pa.string()), ("sentences", pa.list_(pa.string()))]
+)
+SPILL_FLUSH_CHARS = 16 << 20  # a reading task buffers at most ~16 M characters before writing its spill
+TASK_MIN_BYTES, TASK_MAX_BYTES = 1 << 20, 256 << 20
+ROW_GROUP_DOCUMENTS = 1024  # small row groups let the examples stage stream a shard
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]+)*")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s+)(?=[\"'(\[]*[A-Z0-9])")  # group 1: the gap to split at
+
+
+@dataclass
+class ShardConfig:
+    """How to turn raw inputs into corpus shards."""
+
+    inputs: list[str]
+    """Files, directories (searched recursively), saved HF datasets, or ``hf://NAME[:CONFIG][@SPLIT]``."""
+    out: str
+    """The stage directory to write."""
+    num_shards: int
+    """Parquet files per split; each shard's documents must fit in memory while it is written."""
+    doc_boundary: str = "blank-line"
+    """Plain text only: ``blank-line`` (a blank line ends a document) or ``file`` (a file is a document)."""
+    valid_fraction: float = 0.01
+    """Share of documents (by content hash) put in the valid split."""
+    seed: int = 0
+    """Mixed into the hash that places documents in shards and splits."""
+    workers: int = 1
+    """Processes for reading and writing; the output is identical for any value."""
+    text_field: str = "text"
+    """The field/column holding the text in JSONL, Parquet and HF dataset inputs."""
+    language: str = "en"
+    """Language code for sentencex's sentence splitter."""
+    max_sentence_chars: int = 2_000
+    """Longer "sentences" (unbalanced quotes, run-on lines) are re-split at punctuation, then on spaces.
+
+    2,000 characters is about 450 WordPiece tokens: a longer segment would be truncated by the examples
+    stage anyway, so cutting it keeps its text in the corpus."""
+    force: bool = field(default=False, repr=False)
+    """Rebuild even when a finished stage with the same fingerprint exists."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, str):
+            self.inputs = [self.inputs]
+        self.inputs = [str(p) for p in self.inputs]
+        self.out = str(self.out)
+        if not self.inputs:
+            raise ValueError("no inputs: give at least one --input file, directory or hf:// dataset")
+        if self.num_shards < 1:
+            raise ValueError(
+                f"num_shards must be at least 1, got {self.num_shards}: pass --num-shards 1 or more"
+            )
+        if self.doc_boundary not in DOC_BOUNDARIES:
+            raise ValueError(
+                f"doc_boundary must be one of {', '.join(DOC_BOUNDARIES)}, got {self.doc_boundary!r}"
+            )
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(
+                f"valid_fraction must be in [0, 1), got {self.valid_fraction}: e.g. --valid-fraction 0.01"
+            )
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if not self.text_field:
+            raise ValueError("text_field must name a field or column, e.g. --text-field text")
+        if not _LANGUAGE.fullmatch(self.language):
+            raise ValueError(f"language must be a code such as 'en' or 'de', got {self.language!r}")
+        if self.max_sentence_chars < 16:
+            raise ValueError(f"max_sentence_chars must be at least 16, got {self.max_sentence_chars}")
+
+    def output_config(self) -> dict:
+        """The settings that decide the output (not workers, out or force): the stage fingerprint's config."""
+        values = asdict(self)
+        for key in ("out", "workers", "force"):
+            values.pop(key)
+        return values
+
+
+# --- documents: sentences, hashes, placement -------------------------------------------------------------
+
+
+def chunk_on_whitespace(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_chars``, at the last space before the limit if any."""
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        cut = text.rfind(" ", start, start + max_chars + 1)
+        end = cut if cut > start else start + max_chars  # no space: a hard cut inside one huge "word"
+        pieces.append(text[start:end])
+        start = end + 1 if cut > start else end
+    pieces.append(text[start:])
+    return [p for p in (p.strip() for p in pieces) if p]
+
+
+def split_long_sentence(sentence: str, max_chars: int) -> list[str]:
+    """Re-split an over-long "sentence" at sentence punctuation, then cut what is still too long on spaces.
+
+    sentencex never splits inside quotes or brackets, so one unbalanced ``(`` or ``"`` can swallow a
+    whole paragraph; those paragraphs are what this fallback sees.
+    """
+    pieces = []
+    starts = [0] + [m.end(1) for m in _SENTENCE_END.finditer(sentence)]
+    ends = [m.start(1) for m in _SENTENCE_END.finditer(sentence)] + [len(sentence)]
+    for start, end in zip(starts, ends, strict=True):
+        piece = sentence[start:end].strip()
+        if len(piece) > max_chars:
+            pieces.extend(chunk_on_whitespace(piece, max_chars))
+        elif piece:
+            pieces.append(piece)
+    return pieces
+
+
+def split_sentences(paragraph: str, language: str, max_sentence_chars: int, stats: Counter) -> list[str]:
+    """Sentences of one paragraph (sentencex), stripped; over-long ones re-split and counted."""
+    sentences = []
+    for sentence in sentencex.segment(language, paragraph):
+        sentence = sentence.strip()
+        if len(sentence) > max_sentence_chars:
+            stats["long_sentences_split"] += 1
+            sentences.extend(split_long_sentence(sentence, max_sentence_chars))
+        elif sentence:
+            sentences.append(sentence)
+    return sentences
+
+
+def content_digest(sentences: list[str]) -> bytes:
+    """128 bits of sha256 over the normalised document (sentences joined by newlines)."""
+    return hashlib.sha256("\n".join(sentences).encode("utf-8")).digest()[:16]
+
+
+def doc_id_of(digest: bytes) -> int:
+    """A stable non-negative int64 id: the digest's first 63 bits (so sorting by digest sorts by id)."""
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def placement(digest: bytes, seed: int, num_shards: int, valid_fraction: float) -> tuple[int, bool]:
+    """(shard index, is_valid) of a document: a pure function of its content hash and the seed."""
+    mixed = hashlib.sha256(seed.to_bytes(8, "big", signed=True) + digest).digest()
+    shard = int.from_bytes(mixed[:8], "big") % num_shards
+    is_valid = int.from_bytes(mixed[8:16], "big") < valid_fraction * 2**64
+    return shard, is_valid
+
+
+# --- pass 1: read inputs into per-shard spill files --------------------------------------------------------
+
+
+def group_units(units: list[InputUnit]) -> list[list[InputUnit]]:
+    """Consecutive input units batched into tasks of about total/256 bytes (1–256 MiB).
+
+    The grouping depends on the inputs only (not on --workers), so a re-run can reuse finished tasks.
+    """
+    total = sum(u.size for u in units)
+    target = min(TASK_MAX_BYTES, max(TASK_MIN_BYTES, total // 256))
+    groups: list[list[InputUnit]] = []
+    current: list[InputUnit] = []
+    current_bytes = 0
+    for unit in units:
+        if current and (current_bytes + unit.size > target or unit.kind == "hf_hub"):
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append(unit)
+        current_bytes += unit.size
+    if current:
+        groups.append(current)
+    return groups
+
+
+class _SpillWriter:
+    """Appends documents to one Arrow stream file per shard, flushing when the buffer grows."""
+
+    def __init__(self, directory: Path, num_shards: int) -> None:
+        self.directory = directory
+        self.buffers: list[list[tuple[bytes, str, list[str]]]] = [[] for _ in range(num_shards)]
+        self.writers: dict[int, pa.RecordBatchStreamWriter] = {}
+        self.buffered_chars = 0
+
+    def add(self, shard: int, digest: bytes, source: str, sentences: list[str]) -> None:
+        self.buffers[shard].append((digest, source, sentences))
+        self.buffered_chars += sum(map(len, sentences))
+        if self.buffered_chars > SPILL_FLUSH_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        for shard, rows in enumerate(self.buffers):
+            if not rows:
+                continue
+            if shard not in self.writers:
+                sink = pa.OSFile(str(self.directory / f"shard-{shard:05d}.arrow"), "wb")
+                self.writers[shard] = pa.ipc.new_stream(sink, SPILL_SCHEMA)
+            digests, sources, sentences = zip(*rows, strict=True)
+            self.writers[shard].write_batch(
+                pa.record_batch([list(digests), list(sources), list(sentences)], schema=SPILL_SCHEMA)
+            )
+            rows.clear()
+        self.buffered_chars = 0
+
+    def close(self) -> None:
+        self.flush()
+        for writer in self.writers.values():
+            writer.close()
+
+
+def read_task(task_index: int, units: list[InputUnit], config: ShardConfig, spill_root: str) -> dict:
+    """Pass 1 for one group of inputs: documents into spill files; returns (and records) its stats."""
+    spill_root = Path(spill_root)
+    final = spill_root / f"task-{task_index:05d}"
+    partial = spill_root / f"task-{task_index:05d}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.mkdir(parents=True)
+    stats: Counter = Counter()
+    spill = _SpillWriter(partial, config.num_shards)
+    for unit in units:
+        stats["input_units"] += 1
+        stats["input_bytes"] += unit.size
+        for source, paragraphs in iter_unit_documents(unit, config.doc_boundary, config.text_field, stats):
+            sentences = [
+                s
+                for paragraph in paragraphs
+                for s in split_sentences(paragraph, config.language, config.max_sentence_chars, stats)
+            ]
+            if not sentences:
+                stats["dropped_empty"] += 1
+                continue
+            stats["documents_read"] += 1
+            digest = content_digest(sentences)
+            shard, _ = placement(digest, config.seed, config.num_shards, config.valid_fraction)
+            spill.add(shard, digest, source, sentences)
+    spill.close()
+    partial.rename(final)
+    result = dict(stats)
+    write_json_atomic(spill_root / f"task-{task_index:05d}.json", result)
+    return result
+
+
+# --- pass 2: one shard's spill → sorted, deduplicated Parquet parts ----------------------------------------
+
+
+def _split_stats(table: pa.Table) -> dict:
+    flat = pc.list_flatten(table.column("sentences"))
+    words = pc.list_value_length(pc.utf8_split_whitespace(flat))
+    return {
+        "documents": table.num_rows,
+        "sentences": len(flat),
+        "words": int(pc.sum(words).as_py() or 0),
+        "bytes": int(pc.sum(pc.binary_length(flat)).as_py() or 0),
+    }
+
+
+def part_path(split: str, shard: int) -> str:
+    return f"{split}/part-{shard:05d}.parquet"
+
+
+def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
+    """Pass 2 for one shard: sort by content hash, drop exact duplicates, split, write both parts."""
+    stage_dir = Path(stage_dir)
+    spill_root = stage_dir / SPILL_DIR
+    spills = sorted(spill_root.glob(f"task-*[0-9]/shard-{shard:05d}.arrow"))
+    tables = []
+    for spill in spills:
+        with pa.OSFile(str(spill), "rb") as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    table = pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
+    # digest then source: the kept copy of a duplicate does not depend on file order or workers
+    table = table.sort_by([("digest", "ascending"), ("source", "ascending")])
+    digests = table.column("digest").to_pylist()
+    keep = [i == 0 or digests[i] != digests[i - 1] for i in range(len(digests))]
+    table = table.filter(pa.array(keep, pa.bool_()))
+    digests = [d for d, k in zip(digests, keep, strict=True) if k]
+    is_valid = [placement(d, config.seed, config.num_shards, config.valid_fraction)[1] for d in digests]
+    corpus = pa.table(
+        [
+            pa.array([doc_id_of(d) for d in digests], pa.int64()),
+            table.column("source"),
+            table.column("sentences"),
+        ],
+        schema=CORPUS_SCHEMA,
+    )
+    valid_mask = pa.array(is_valid, pa.bool_())
+    result = {"duplicates": len(keep) - corpus.num_rows}
+    for split, part in (
+        ("train", corpus.filter(pc.invert(valid_mask))),
+        ("valid", corpus.filter(valid_mask)),
+    ):
+        with atomic_path(stage_dir / part_path(split, shard)) as tmp:
+            pq.write_table(part, tmp, row_group_size=ROW_GROUP_DOCUMENTS, compression="zstd")
+        result[split] = _split_stats(part)
+        result[split]["short_documents"] = int(
+            pc.sum(pc.less(pc.list_value_length(part.column("sentences")), 2)).as_py() or 0
+        )
+    write_json_atomic(spill_root / f"shard-{shard:05d}.json", result)
+    return result
+
+
+# --- the stage ---------------------------------------------------------------------------------------------
+
+
+def _run_all(fn, jobs: list[tuple], workers: int, desc: str) -> list:
+    """``fn(*job)`` for every job, inline or in a process pool, with a progress bar on stderr."""
+    progress = tqdm(total=len(jobs), desc=desc, unit="job", file=sys.stderr, disable=None, leave=False)
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            results = []
+            for job in jobs:
+                results.append(fn(*job))
+                progress.update()
+            return results
+        context = multiprocessing.get_context("forkserver")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(fn, *job) for job in jobs]
+            for _ in concurrent.futures.as_completed(futures):
+                progress.update()
+            return [f.result() for f in futures]
+    finally:
+        progress.close()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def shard_corpus(config: ShardConfig) -> dict:
+    """Run the shard stage (or find it already done) and return its manifest."""
+    units, skipped = discover_inputs(config.inputs)
+    if skipped:
+        log.info("skipping %d files with unknown suffixes (e.g. %s)", len(skipped), skipped[0])
+    if not units:
+        raise StageError(
+            f"no input files found in {', '.join(config.inputs)}: expected .txt, .gz, .jsonl, .json, "
+            ".parquet files or a saved Hugging Face dataset"
+        )
+    inputs_fp = fingerprint([u.fingerprint() for u in units])
+    stage = begin_stage(
+        config.out, STAGE, config.output_config(), {"raw": inputs_fp}, FORMAT_VERSION, force=config.force
+    )
+    spill_root = stage.path(SPILL_DIR)
+    if stage.complete:
+        log.info("shard: %s is already complete for this configuration and input; nothing to do", config.out)
+        shutil.rmtree(spill_root, ignore_errors=True)
+        return read_manifest(config.out)
+
+    tasks = group_units(units)
+    task_stats = {i: _read_json(spill_root / f"task-{i:05d}.json") for i in range(len(tasks))}
+    pending = [(i, tasks[i], config, str(spill_root)) for i, s in task_stats.items() if s is None]
+    if len(pending) < len(tasks):
+        log.info("shard: resuming, %d of %d read tasks already done", len(tasks) - len(pending), len(tasks))
+    for (i, *_), result in zip(
+        pending, _run_all(read_task, pending, config.workers, "shard: reading"), strict=True
+    ):
+        task_stats[i] = result
+    read = sum((Counter(s) for s in task_stats.values()), Counter())
+    if read["documents_read"] == 0:
+        raise StageError(
+            f"empty corpus: {read['input_units']} inputs under {', '.join(config.inputs)} hold no text documents "
+            f"({read['binary_files_skipped']} binary files skipped, {read['bad_records']} records without "
+            f"a {config.text_field!r} text field)"
+        )
+
+    stage_dir = str(stage.directory)
+    shard_stats: dict[int, dict | None] = {}
+    for s in range(config.num_shards):
+        done = all(stage.path(part_path(split, s)).exists() for split in SPLITS)
+        shard_stats[s] = _read_json(spill_root / f"shard-{s:05d}.json") if done else None
+    pending_shards = [(stage_dir, s, config) for s, st in shard_stats.items() if st is None]
+    results = _run_all(write_shard, pending_shards, config.workers, "shard: writing")
+    for (_, s, _), result in zip(pending_shards, results, strict=True):
+        shard_stats[s] = result
+
+    stats = _stage_stats(read, list(shard_stats.values()))
+    files = [
+        file_entry(stage_dir, part_path(split, s), rows=shard_stats[s][split]["documents"])
+        for split in SPLITS
+        for s in range(config.num_shards)
+    ]
+    manifest = stage.commit(files, stats)
+    shutil.rmtree(spill_root, ignore_errors=True)
+    log.info(
+        "shard: %d documents (%d train, %d valid), %d sentences, %d words in %d shards; %d duplicates dropped",
+        stats["documents"],
+        stats["splits"]["train"]["documents"],
+        stats["splits"]["valid"]["documents"],
+        stats["sentences"],
+        stats["words"],
+        config.num_shards,
+        stats["dropped"]["duplicate"],
+    )
+    return manifest
+
+
+def _stage_stats(read: Counter, shard_stats: list[dict]) -> dict:
+    splits = {split: Counter() for split in SPLITS}
+    for result in shard_stats:
+        for split in SPLITS:
+            splits[split].update(result[split])
+    total = splits["train"] + splits["valid"]
+    return {
+        "documents": total["documents"],
+        "sentences": total["sentences"],
+        "words": total["words"],
+        "bytes": total["bytes"],
+        "short_documents": total["short_documents"],
+        "dropped": {
+            "empty": read["dropped_empty"],
+            "duplicate": sum(r["duplicates"] for r in shard_stats),
+            "bad_records": read["bad_records"],
+        },
+        "input_units": read["input_units"],
+        "input_bytes": read["input_bytes"],
+        "decode_fallback_files": read["decode_fallback_files"],
+        "decode_fallback_lines": read["decode_fallback_lines"],
+        "binary_files_skipped": read["binary_files_skipped"],
+        "long_sentences_split": read["long_sentences_split"],
+        "splits": {split: dict(counts) for split, counts in splits.items()},
+    }
