@@ -1,0 +1,559 @@
+"""BERT in plain PyTorch, read top to bottom: config, embeddings, attention, MLP, block, encoder, model.
+
+Parameter names are those of Hugging Face `transformers` (`embeddings.word_embeddings.weight`,
+`encoder.layer.0.attention.self.query.weight`, ...) so checkpoints move both ways (see `bert.hf`).
+Shapes: B batch, T padded sequence length, N non-padding tokens of the batch, H hidden, nh heads, hd head dim.
+
+Two speed paths differ from `transformers` only in cost, not in values:
+- unpadding (`config.unpad`): the dense layers run on the N real tokens of the batch packed together; only
+  attention pads them back to (B, T). With lengths uniform in [32, 128] that skips ~35% of the work.
+- the task models live in `bert.heads`; the MLM head projects onto the vocabulary only at predicted positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bert import hf
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------- config
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),  # exact erf GELU, as BERT and transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# name: (num_hidden_layers, hidden_size, num_attention_heads, intermediate_size)
+PRESETS = {
+    "tiny": (2, 128, 2, 512),
+    "mini": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "medium": (8, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+    "large": (24, 1024, 16, 4096),
+}
+
+# Keys of transformers' config.json that we accept but do not need; anything else unknown is logged.
+_HF_IGNORED_KEYS = {
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "output_hidden_states",
+    "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings", "gradient_checkpointing", "position_embedding_type", "is_decoder",
+    "add_cross_attention", "model_type", "architectures", "num_labels",
+}  # fmt: skip
+
+
+@dataclass
+class BertConfig:
+    """Architecture of a BERT encoder (fields and defaults as transformers' BertConfig, i.e. bert-base)."""
+
+    vocab_size: int = 30522
+    """WordPiece vocabulary size; token ids must be below it."""
+    hidden_size: int = 768
+    """Width H of every token representation."""
+    num_hidden_layers: int = 12
+    """Number of encoder blocks."""
+    num_attention_heads: int = 12
+    """Attention heads per block; must divide hidden_size."""
+    intermediate_size: int = 3072
+    """Width of the MLP inside each block (4 H in every published BERT)."""
+    hidden_act: str = "gelu"
+    """MLP activation; "gelu" is the exact erf GELU of the original BERT."""
+    hidden_dropout_prob: float = 0.1
+    """Dropout on embeddings and on every residual branch."""
+    attention_probs_dropout_prob: float = 0.1
+    """Dropout on attention probabilities."""
+    max_position_embeddings: int = 512
+    """Longest sequence the learned position table covers."""
+    type_vocab_size: int = 2
+    """Number of segment (token type) ids: 2 for A/B sentence pairs."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's 1e-12, not PyTorch's 1e-5)."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of Linear and Embedding weights."""
+    pad_token_id: int | None = 0
+    """Id of [PAD]; its embedding row starts at zero."""
+    classifier_dropout: float | None = None
+    """Dropout before classification heads; None means hidden_dropout_prob."""
+    num_labels: int = 2
+    """Outputs of the classification heads (1 means regression for sequence classification)."""
+    id2label: dict[int, str] | None = None
+    """Label names by index; defaults to LABEL_0 ... LABEL_{num_labels-1}."""
+    label2id: dict[str, int] | None = None
+    """Inverse of id2label; derived when not given."""
+    problem_type: str | None = None
+    """Sequence classification loss: None picks MSE for num_labels == 1, cross-entropy otherwise."""
+    architectures: list[str] | None = None
+    """Class names written to config.json (set by save_pretrained)."""
+    # Runtime switches: how to compute, not what. Not written to config.json.
+    use_sdpa: bool = True
+    """Attention through torch.nn.functional.scaled_dot_product_attention (False: explicit softmax)."""
+    unpad: bool = True
+    """Run the dense layers on non-padding tokens only (same values, less work when there is padding)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block in backward (torch.utils.checkpoint) to save activation memory."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "num_labels"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads}); change one of them (e.g. 64-wide heads: "
+                f"num_attention_heads={max(1, self.hidden_size // 64)})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
+        if self.layer_norm_eps <= 0 or self.initializer_range <= 0:
+            raise ValueError("layer_norm_eps and initializer_range must be > 0")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})"
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES} (or None)")
+        if self.id2label is None:
+            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+        if sorted(self.id2label) != list(range(self.num_labels)):
+            raise ValueError(
+                f"id2label has keys {sorted(self.id2label)} but num_labels is {self.num_labels}; give "
+                f"id2label exactly the keys 0..num_labels-1 (or leave it out)"
+            )
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        if {int(v): k for k, v in self.label2id.items()} != self.id2label:
+            raise ValueError(f"label2id {self.label2id} is not the inverse of id2label {self.id2label}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> BertConfig:
+        """A named size (tiny, mini, small, medium, base, large) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {list(PRESETS)}")
+        layers, hidden, heads, ffn = PRESETS[name]
+        sizes = dict(
+            num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn
+        )
+        return cls(**{**sizes, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> BertConfig:
+        """Build from a transformers config.json dict; refuses configs of other model types."""
+        model_type = data.get("model_type")
+        architectures = data.get("architectures") or []
+        if model_type != "bert" and not (
+            model_type is None and any(a.startswith("Bert") for a in architectures)
+        ):
+            raise ValueError(
+                f"config.json describes a {model_type!r} model (architectures {architectures}); "
+                f"bertpipe loads BERT checkpoints only (model_type 'bert')"
+            )
+        if data.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"position_embedding_type {data['position_embedding_type']!r} is not supported; only 'absolute'"
+            )
+        if data.get("is_decoder") or data.get("add_cross_attention"):
+            raise ValueError(
+                "decoder / cross-attention BERT configs are not supported (is_decoder must be false)"
+            )
+        known = {f.name for f in fields(cls)} - {"use_sdpa", "unpad", "gradient_checkpointing"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        unknown = sorted(set(data) - known - _HF_IGNORED_KEYS)
+        if unknown:
+            logger.info("config.json keys ignored by bertpipe: %s", unknown)
+        if kwargs.get("id2label") is not None and "num_labels" not in overrides:
+            kwargs["num_labels"] = len(kwargs["id2label"])
+        if "num_labels" in overrides and "id2label" not in overrides:
+            kwargs.pop("id2label", None)  # a new label count replaces the checkpoint's label names
+            kwargs.pop("label2id", None)
+        return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path, **overrides: Any) -> BertConfig:
+        """Read a Hugging Face config.json (a file, or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json dict transformers reads (runtime switches left out)."""
+        out: dict[str, Any] = {"architectures": self.architectures, "model_type": "bert"}
+        for f in fields(self):
+            if f.name not in ("architectures", "use_sdpa", "unpad", "gradient_checkpointing"):
+                out[f.name] = getattr(self, f.name)
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out.update(position_embedding_type="absolute", tie_word_embeddings=True, is_decoder=False)
+        return out
+
+    def to_json_file(self, path: str | Path) -> None:
+        """Write config.json (path may be a directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------ unpadding
+
+
+@dataclass
+class Packing:
+    """Where the N real tokens of a (B, T) batch sit, so layers can run on (N, H) and attention on (B, T)."""
+
+    indices: torch.Tensor  # (N,) flat positions b * T + t of the non-padding tokens
+    batch_size: int
+    seq_len: int
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, T, C) with zeros at padding."""
+        out = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1])
+        return out.index_copy(0, self.indices, x).view(self.batch_size, self.seq_len, -1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (N, C)."""
+        return x.reshape(self.batch_size * self.seq_len, -1).index_select(0, self.indices)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+class BertEmbeddings(nn.Module):
+    """Token + segment + learned absolute position embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids, position_ids) -> torch.Tensor:
+        # any leading shape S: (B, T) padded or (N,) packed; position_ids broadcast against it
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (*S, H)
+        x = x + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention; Q, K and V stay separate parameters (HF names) but run as one matmul."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.use_sdpa = config.use_sdpa
+
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, packing: Packing | None
+    ) -> torch.Tensor:
+        # x: (B, T, H) or packed (N, H); key_mask: (B, 1, 1, T) bool, True = attend, or None
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(x, weight, bias)  # (..., 3H)
+        if packing is not None:
+            qkv = packing.pad(qkv)  # (B, T, 3H)
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4
+        )  # each (B, nh, T, hd)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+            y = F.dropout(scores.softmax(-1), dropout_p, self.training) @ v
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
+        return packing.unpad(y) if packing is not None else y
+
+
+class BertSelfOutput(nn.Module):
+    """Attention output projection, dropout, residual, post-LayerNorm."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(y)) + residual)
+
+
+class BertAttention(nn.Module):
+    """`attention.self` + `attention.output`, nested as in transformers so parameter names match."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, key_mask, packing) -> torch.Tensor:
+        return self.output(self.self(x, key_mask, packing), x)
+
+
+# ------------------------------------------------------------------------------------------------- MLP
+
+
+class BertIntermediate(nn.Module):
+    """First MLP layer and activation: H -> intermediate_size."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    """Second MLP layer, dropout, residual, post-LayerNorm."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+# ----------------------------------------------------------------------------------------------- block
+
+
+class BertLayer(nn.Module):
+    """One post-LN encoder block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, key_mask, packing) -> torch.Tensor:
+        x = self.attention(x, key_mask, packing)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    """The stack of blocks, optionally recomputed in backward (activation checkpointing)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, x, key_mask, packing) -> torch.Tensor:
+        for block in self.layer:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, key_mask, packing, use_reentrant=False)
+            else:
+                x = block(x, key_mask, packing)
+        return x
+
+
+class BertPooler(nn.Module):
+    """dense + tanh over the [CLS] (first) token."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, H) -> (B, H)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class BertPreTrainedModel(nn.Module):
+    """Shared by all BERT models: BERT initialisation and Hugging Face loading/saving."""
+
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    # checkpoint key -> the key it is tied to (transformers does not store the tied copy)
+    tied_weights: dict[str, str] = {}
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if not isinstance(config, BertConfig):
+            raise TypeError(f"expected a BertConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self) -> None:
+        """BERT init: N(0, initializer_range) weights, zero biases, LayerNorm (1, 0), zero [PAD] embedding."""
+        std = self.config.initializer_range
+        self.tie_weights()
+        # the MLM decoder shares the word embeddings; initialising it as a Linear would undo the [PAD] row
+        embedding_weights = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if id(module.weight) not in embedding_weights:
+                    nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Re-tie shared parameters (the MLM decoder and the word embeddings); no-op by default."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any):
+        """Load a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin); see bert.hf."""
+        return hf.from_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.json and model.safetensors that transformers loads; see bert.hf."""
+        return hf.save_pretrained(self, path)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (tied ones once); optionally without the embedding tables."""
+        params = {
+            id(p): p for n, p in self.named_parameters() if not (exclude_embeddings and "embeddings" in n)
+        }
+        return sum(p.numel() for p in params.values())
+
+
+@dataclass
+class BertModelOutput:
+    """What BertModel returns."""
+
+    last_hidden_state: torch.Tensor  # (B, T, H); zeros at padding positions when config.unpad
+    pooler_output: torch.Tensor | None  # (B, H) or None without a pooler
+
+
+class BertModel(BertPreTrainedModel):
+    """The BERT encoder: embeddings, blocks and (optionally) the [CLS] pooler."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
+        """ValueError for inputs the embedding tables cannot take (cheap: shapes and one max())."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"({cfg.max_position_embeddings}); truncate the inputs to at most that many tokens"
+            )
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {int(lo)} max {int(hi)}; "
+                    f"the tokenizer and the model config disagree on the vocabulary"
+                )
+            if token_type_ids is not None and (
+                token_type_ids.max() >= cfg.type_vocab_size or token_type_ids.min() < 0
+            ):
+                raise ValueError(f"token_type_ids must be in [0, type_vocab_size={cfg.type_vocab_size})")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertModelOutput:
+        """input_ids (B, T) long; attention_mask (B, T) 1 = token, 0 = padding; token_type_ids (B, T)."""
+        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        B, T = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        position_ids = torch.arange(T, device=input_ids.device)  # (T,)
+        key_mask = packing = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            attention_mask = attention_mask.bool()
+            key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+            if self.config.unpad:
+                indices = attention_mask.view(-1).nonzero().squeeze(1)  # (N,)
+                packing = Packing(indices, B, T)
+
+        if packing is not None:
+            x = self.embeddings(
+                input_ids.view(-1)[packing.indices],
+                token_type_ids.reshape(-1)[packing.indices],
+                position_ids.repeat(B)[packing.indices],
+            )  # (N, H)
+            x = packing.pad(self.encoder(x, key_mask, packing))  # (B, T, H)
+        else:
+            x = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), key_mask, None)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
+
+
+# The task models live in bert.heads; they are importable from here too, as the design promises.
+_TASK_MODELS = (
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+)
+
+
+def __getattr__(name: str):
+    if name in _TASK_MODELS:
+        from bert import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module 'bert.model' has no attribute {name!r}")
+
+
+__all__ = ["BertConfig", "BertModel", "BertModelOutput", "BertPreTrainedModel", *_TASK_MODELS]
