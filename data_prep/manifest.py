@@ -23,6 +23,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 INPROGRESS = ".inprogress.json"
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
 
 class StageError(ValueError):
@@ -117,9 +118,11 @@ def file_entry(
 ) -> dict:
     """The manifest entry of one output file: path relative to the stage directory, rows, bytes, sha256."""
     full = Path(stage_dir) / relpath
+    if rows is None and full.suffix in TABLE_SUFFIXES:
+        rows = count_rows(full)  # a vocab.txt or JSON side file has no rows (verify() skips None)
     return {
         "path": relpath,
-        "rows": count_rows(full) if rows is None else int(rows),
+        "rows": None if rows is None else int(rows),
         "bytes": full.stat().st_size,
         "sha256": sha256_file(full) if sha256 else None,
     }
