@@ -10,18 +10,36 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from data_prep.manifest import MANIFEST, StageError, read_manifest
+from data_prep.manifest import (
+    MANIFEST,
+    StageError,
+    atomic_path,
+    begin_stage,
+    file_entry,
+    fingerprint,
+    read_manifest,
+    require_complete,
+    write_json_atomic,
+)
 from data_prep.schema import SPECIAL_ID_NAMES, SPECIAL_TOKENS, vocab_fingerprint
 
 log = logging.getLogger(__name__)
 
 MAX_INPUT_CHARS_PER_WORD = 100  # BERT's limit: a longer "word" becomes a single [UNK]
+STAGE = "vocab"
+FORMAT_VERSION = 1
+MODEL_MAX_LENGTH = 512
+STATS_MAX_SENTENCES = 200_000  # UNK rate and tokens/word are measured on at most this many sentences
+OUTPUT_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -178,3 +196,195 @@ def load_vocab(path: str | os.PathLike) -> Vocab:
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return Vocab(tokenizer, tokens, special_ids, lowercase, vocab_fingerprint(tokens))
+
+
+# --- the vocab stage ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class VocabConfig:
+    """How to build the WordPiece vocabulary of a corpus (or adopt an existing one)."""
+
+    corpus: str
+    """A finished shard stage directory; training reads its train split, stats its valid split."""
+    out: str
+    """The stage directory to write."""
+    vocab_size: int = 30522
+    """Target size including the special tokens (the trainer may stop short on a small corpus)."""
+    lowercase: bool = True
+    """Uncased (lowercase and strip accents, as bert-base-uncased) or cased."""
+    min_frequency: int = 2
+    """A merge must occur at least this often in the corpus."""
+    limit_alphabet: int = 1000
+    """At most this many distinct characters become tokens; rarer ones map to [UNK]."""
+    from_path: str | None = None
+    """Adopt this vocab.txt or tokenizer directory instead of training (lowercase then comes from it)."""
+    force: bool = field(default=False, repr=False)
+    """Rebuild even when a finished stage with the same fingerprint exists."""
+
+    def __post_init__(self) -> None:
+        self.corpus, self.out = str(self.corpus), str(self.out)
+        self.from_path = None if self.from_path is None else str(self.from_path)
+        if self.vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(
+                f"vocab_size {self.vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} special tokens: "
+                "pass --vocab-size in the thousands (BERT uses 30522)"
+            )
+        if self.min_frequency < 1:
+            raise ValueError(f"min_frequency must be at least 1, got {self.min_frequency}")
+        if self.limit_alphabet < 1:
+            raise ValueError(f"limit_alphabet must be at least 1, got {self.limit_alphabet}")
+
+    def output_config(self) -> dict:
+        values = asdict(self)
+        for key in ("corpus", "out", "force", "from_path"):
+            values.pop(key)
+        if self.from_path is not None:  # an adopted vocabulary: only its content matters (in the inputs)
+            values = {"from": True}
+        return values
+
+
+def _part_files(corpus: Path, manifest: dict, split: str) -> list[Path]:
+    return [corpus / f["path"] for f in manifest["files"] if f["path"].startswith(f"{split}/")]
+
+
+def iter_sentence_batches(parts: list[Path]) -> Iterator[list[str]]:
+    """The sentences of Parquet corpus parts, one list per record batch (memory bounded by the batch)."""
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=256, columns=["sentences"]):
+            yield pc.list_flatten(batch.column(0)).to_pylist()
+
+
+def train_tokenizer(batches: Iterator[list[str]], config: VocabConfig) -> tokenizers.Tokenizer:
+    """WordPiece with BERT's normalizer and pre-tokenizer; special tokens get ids 0..4."""
+    tokenizer = tokenizers.Tokenizer(
+        models.WordPiece(
+            unk_token="[UNK]",
+            continuing_subword_prefix="##",
+            max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
+        )
+    )
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=config.lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        limit_alphabet=config.limit_alphabet,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(batches, trainer)
+    size = tokenizer.get_vocab_size()
+    if size > config.vocab_size:
+        raise StageError(
+            f"--vocab-size {config.vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens plus the "
+            f"corpus alphabet (with ## forms): {size} tokens are needed; pass --vocab-size {size} or more"
+        )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    add_bert_post_processor(tokenizer)
+    return tokenizer
+
+
+def vocab_stats(vocab: Vocab, parts: list[Path], max_sentences: int = STATS_MAX_SENTENCES) -> dict:
+    """UNK rate and tokens per (whitespace) word over ``parts``, at most ``max_sentences`` sentences."""
+    num_sentences = num_words = num_tokens = num_unk = 0
+    unk = vocab.special_ids["unk"]
+    for sentences in iter_sentence_batches(parts):
+        sentences = sentences[: max_sentences - num_sentences]
+        for encoding in vocab.tokenizer.encode_batch(sentences, add_special_tokens=False):
+            num_tokens += len(encoding.ids)
+            num_unk += encoding.ids.count(unk)
+        num_words += sum(len(s.split()) for s in sentences)
+        num_sentences += len(sentences)
+        if num_sentences >= max_sentences:
+            break
+    return {
+        "sentences": num_sentences,
+        "words": num_words,
+        "tokens": num_tokens,
+        "unk_tokens": num_unk,
+        "unk_rate": num_unk / num_tokens if num_tokens else 0.0,
+        "tokens_per_word": num_tokens / num_words if num_words else 0.0,
+    }
+
+
+def _write_outputs(directory: Path, vocab: Vocab) -> None:
+    with atomic_path(directory / "tokenizer.json") as tmp:
+        vocab.tokenizer.save(str(tmp))
+    with atomic_path(directory / "vocab.txt") as tmp:
+        write_vocab_txt(tmp, vocab.tokens)
+    special = {f"{name}_token": token for token, name in SPECIAL_ID_NAMES.items()}
+    write_json_atomic(
+        directory / "tokenizer_config.json",
+        {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": vocab.lowercase,
+            "strip_accents": None,
+            "tokenize_chinese_chars": True,
+            "model_max_length": MODEL_MAX_LENGTH,
+            **special,
+        },
+    )
+    write_json_atomic(directory / "special_tokens_map.json", special)
+
+
+def train_vocab(config: VocabConfig) -> dict:
+    """Run the vocab stage (train WordPiece, or adopt ``from_path``), or find it done; return the manifest."""
+    corpus = Path(config.corpus)
+    corpus_manifest = require_complete(corpus, "shard")
+    inputs = {"corpus": corpus_manifest["fingerprint"]}
+    adopted = None
+    if config.from_path is not None:
+        adopted = load_vocab(config.from_path)
+        inputs["from"] = fingerprint(adopted.tokenizer.to_str())
+    stage = begin_stage(config.out, STAGE, config.output_config(), inputs, FORMAT_VERSION, force=config.force)
+    if stage.complete:
+        log.info("vocab: %s is already complete for this configuration and corpus; nothing to do", config.out)
+        return read_manifest(config.out)
+
+    if adopted is None:
+        train_parts = _part_files(corpus, corpus_manifest, "train")
+        log.info(
+            "vocab: training WordPiece (%d tokens) on %d train shards", config.vocab_size, len(train_parts)
+        )
+        tokenizer = train_tokenizer(iter_sentence_batches(train_parts), config)
+        tokens = _tokens_of(tokenizer, corpus)
+        assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:5]
+        vocab = Vocab(
+            tokenizer,
+            tokens,
+            {SPECIAL_ID_NAMES[t]: i for i, t in enumerate(SPECIAL_TOKENS)},
+            config.lowercase,
+            vocab_fingerprint(tokens),
+        )
+    else:
+        vocab = adopted
+        log.info("vocab: adopting %s (%d tokens)", config.from_path, len(vocab.tokens))
+    _write_outputs(stage.directory, vocab)
+
+    stats_split = "valid"
+    parts = [p for p in _part_files(corpus, corpus_manifest, "valid") if pq.ParquetFile(p).metadata.num_rows]
+    if not parts:  # no valid documents (e.g. --valid-fraction 0): measure on the train split instead
+        stats_split, parts = "train", _part_files(corpus, corpus_manifest, "train")
+    stats = {
+        "vocab_size": len(vocab.tokens),
+        "lowercase": vocab.lowercase,
+        "special_ids": vocab.special_ids,
+        "vocab_fingerprint": vocab.fingerprint,
+        "source": config.from_path or "trained",
+        "stats_split": stats_split,
+        **vocab_stats(vocab, parts),
+    }
+    log.info(
+        "vocab: %d tokens; on the %s split: UNK rate %.4f%%, %.3f tokens per word",
+        stats["vocab_size"],
+        stats_split,
+        100 * stats["unk_rate"],
+        stats["tokens_per_word"],
+    )
+    files = [file_entry(stage.directory, name) for name in OUTPUT_FILES]
+    files[0]["rows"] = len(vocab.tokens)  # vocab.txt: one token per line
+    return stage.commit(files, stats)

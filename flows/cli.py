@@ -81,3 +81,38 @@ def shard(
         f"{out}: {stats['documents']} documents, {stats['sentences']} sentences, {stats['words']} words "
         f"({stats['splits']['valid']['documents']} valid)"
     )
+
+
+# --- vocab -------------------------------------------------------------------------------------------------
+@app.command()
+def vocab(
+    corpus: Path = typer.Option(..., "--corpus", help="A finished shard stage directory."),
+    out: Path = typer.Option(..., "--out", help="Stage directory to write."),
+    vocab_size: int = typer.Option(30522, "--vocab-size", help="Tokens, special tokens included."),
+    lowercase: bool = typer.Option(True, "--lowercase/--cased", help="Uncased (BERT-uncased) or cased."),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum count of a merge."),
+    from_path: str | None = typer.Option(None, "--from", help="Adopt this vocab.txt or tokenizer dir."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the stage is complete."),
+) -> None:
+    """WordPiece vocabulary trained on the corpus's train split (or adopted with --from)."""
+    from data_prep.manifest import StageError
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    try:
+        config = VocabConfig(
+            corpus=str(corpus),
+            out=str(out),
+            vocab_size=vocab_size,
+            lowercase=lowercase,
+            min_frequency=min_frequency,
+            from_path=from_path,
+            force=force,
+        )
+        manifest = train_vocab(config)
+    except (StageError, ValueError) as e:
+        fail(str(e))
+    stats = manifest["stats"]
+    typer.echo(
+        f"{out}: {stats['vocab_size']} tokens; {stats['stats_split']} split: UNK rate {stats['unk_rate']:.4%}, "
+        f"{stats['tokens_per_word']:.3f} tokens per word"
+    )
