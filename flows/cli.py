@@ -116,3 +116,52 @@ def vocab(
         f"{out}: {stats['vocab_size']} tokens; {stats['stats_split']} split: UNK rate {stats['unk_rate']:.4%}, "
         f"{stats['tokens_per_word']:.3f} tokens per word"
     )
+
+
+# --- examples ----------------------------------------------------------------------------------------------
+@app.command()
+def examples(
+    corpus: Path = typer.Option(..., "--corpus", help="A finished `bertpipe shard` directory."),
+    vocab: Path = typer.Option(..., "--vocab", help="Vocab stage, tokenizer dir or vocab.txt."),
+    out: Path = typer.Option(..., "--out", help="Stage directory to write."),
+    max_seq_length: int = typer.Option(..., "--max-seq-length", help="Tokens per example (L)."),
+    masking: str = typer.Option("static", "--masking", help="static or dynamic."),
+    dupe_factor: int = typer.Option(1, "--dupe-factor", help="Passes over the corpus."),
+    masked_lm_prob: float = typer.Option(0.15, "--masked-lm-prob", help="Share of tokens to predict."),
+    max_predictions_per_seq: int = typer.Option(
+        None, "--max-predictions-per-seq", help="Cap per example (default round(L * prob))."
+    ),
+    short_seq_prob: float = typer.Option(0.1, "--short-seq-prob", help="Share of shorter target lengths."),
+    whole_word_mask: bool = typer.Option(False, "--whole-word-mask", help="Mask all pieces of a word."),
+    seed: int = typer.Option(12345, "--seed", help="Random seed."),
+    workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Token cache (default beside --out)."),
+) -> None:
+    """Corpus shards + vocabulary → MLM/NSP examples (Arrow IPC), Google's algorithm, streaming."""
+    from data_prep.examples_stage import ExamplesConfig, generate_examples
+    from data_prep.manifest import StageError
+
+    try:
+        config = ExamplesConfig(
+            corpus=corpus,
+            vocab=vocab,
+            out=out,
+            max_seq_length=max_seq_length,
+            masking=masking,
+            dupe_factor=dupe_factor,
+            masked_lm_prob=masked_lm_prob,
+            max_predictions_per_seq=max_predictions_per_seq,
+            short_seq_prob=short_seq_prob,
+            whole_word_mask=whole_word_mask,
+            seed=seed,
+            workers=workers,
+            cache_dir=cache_dir,
+        )
+        manifest = generate_examples(config)
+    except (StageError, ValueError) as e:
+        fail(str(e))
+    stats = manifest["stats"]
+    typer.echo(
+        f"{out}: {stats['examples']} examples, {stats['tokens']} tokens, "
+        f"NSP random {stats['nsp_random_next_share']:.3f}, truncated {stats['truncated_share']:.3f}"
+    )

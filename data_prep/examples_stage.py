@@ -1,0 +1,486 @@
+"""The examples stage: corpus shards + vocabulary → MLM/NSP example shards (Arrow IPC), restartable.
+
+``generate_examples(ExamplesConfig(...))`` runs in three steps: make sure every corpus shard is tokenised
+in the cache (tokcache), draw each split's negative pool, then build one output file per corpus shard,
+``<out>/<split>/<shard name>.arrow``, in a process pool. Every random draw is seeded from (seed, split,
+shard, document, dupe round) or (seed, split, shard, batch), so the output does not depend on --workers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import examples as ex
+from data_prep import tokcache
+from data_prep.manifest import (
+    StageError,
+    begin_stage,
+    file_entry,
+    read_manifest,
+    require_complete,
+    write_json_atomic,
+)
+from data_prep.schema import FORMAT_VERSION, ExampleMetadata, example_schema
+from data_prep.writer import open_example_file, record_batch
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+MASKING_MODES = ("static", "dynamic")
+
+
+@dataclass
+class ExamplesConfig:
+    """Settings of the examples stage; validated on construction."""
+
+    corpus: Path  # a finished `bertpipe shard` directory
+    vocab: Path  # a vocab stage directory, a tokenizer directory, a tokenizer.json or a vocab.txt
+    out: Path  # the stage directory to write
+    max_seq_length: int = 128  # tokens per example including [CLS] and two [SEP]
+    masking: str = "static"  # "static": masked here; "dynamic": stored unmasked, the trainer masks
+    dupe_factor: int = 1  # passes over the corpus, each with other chunk boundaries, pairs and masks
+    masked_lm_prob: float = 0.15  # share of tokens to predict
+    max_predictions_per_seq: int | None = (
+        None  # cap per example; None: round(max_seq_length * masked_lm_prob)
+    )
+    short_seq_prob: float = 0.1  # share of chunks given a random shorter target length
+    whole_word_mask: bool = False  # mask all WordPieces of a word together
+    seed: int = 12345
+    workers: int = 1  # processes; the output is the same for any value
+    cache_dir: Path | None = None  # token cache root; None: <out>/../.bertpipe-cache
+    batch_size: int = 4096  # examples per Arrow record batch
+    negative_pool_tokens: int = 1 << 22  # random next segments come from a sample of the split this big
+
+    def __post_init__(self) -> None:
+        self.corpus, self.vocab, self.out = Path(self.corpus), Path(self.vocab), Path(self.out)
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+        if self.max_seq_length < ex.MIN_MAX_SEQ_LENGTH:
+            raise ValueError(
+                f"max_seq_length={self.max_seq_length} is too small: [CLS] A [SEP] B [SEP] needs at least "
+                f"{ex.MIN_MAX_SEQ_LENGTH}; use 128 or 512 as BERT does"
+            )
+        if self.max_seq_length > 65535:
+            raise ValueError(f"max_seq_length={self.max_seq_length} exceeds 65535 (positions are uint16)")
+        if self.masking not in MASKING_MODES:
+            raise ValueError(f"masking={self.masking!r}: choose one of {', '.join(MASKING_MODES)}")
+        if not 0.0 < self.masked_lm_prob <= 1.0:
+            raise ValueError(f"masked_lm_prob={self.masked_lm_prob} must be in (0, 1]; BERT uses 0.15")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ValueError(f"short_seq_prob={self.short_seq_prob} must be in [0, 1]; BERT uses 0.1")
+        if self.dupe_factor < 1:
+            raise ValueError(f"dupe_factor={self.dupe_factor} must be at least 1")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be at least 1")
+        if self.batch_size < 1 or self.negative_pool_tokens < 1:
+            raise ValueError("batch_size and negative_pool_tokens must be positive")
+        if self.max_predictions_per_seq is None:
+            self.max_predictions_per_seq = max(1, round(self.max_seq_length * self.masked_lm_prob))
+        if not 1 <= self.max_predictions_per_seq <= self.max_seq_length - 3:
+            raise ValueError(
+                f"max_predictions_per_seq={self.max_predictions_per_seq} must be in "
+                f"[1, max_seq_length - 3 = {self.max_seq_length - 3}]"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be non-negative")
+
+    def stage_config(self) -> dict:
+        """What the output depends on (the fingerprint): not paths, workers or the cache location."""
+        config = asdict(self)
+        for name in ("corpus", "vocab", "out", "workers", "cache_dir"):
+            config.pop(name)
+        return config
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.out.resolve().parent / ".bertpipe-cache"
+
+
+@dataclass
+class _Part:
+    """One unit of work: the examples of one corpus shard."""
+
+    split: str
+    split_index: int
+    shard_index: int
+    cache_file: Path
+    out_file: Path
+    tokens: int
+
+
+@dataclass
+class _Context:
+    """What every worker needs, built once in the parent (inherited by forked workers)."""
+
+    config: ExamplesConfig
+    metadata: ExampleMetadata
+    pools: dict[str, ex.DocumentBlock]
+    replacement_ids: np.ndarray
+    continuation: np.ndarray | None
+    tokens: list[str]
+
+
+_WORKER_CONTEXT: _Context | None = None  # set in forked workers only (ProcessPoolExecutor initializer)
+
+
+def _set_worker_context(context: _Context | None, threads: int) -> None:
+    global _WORKER_CONTEXT
+    _WORKER_CONTEXT = context
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # tokenizers' thread pool starts lazily in the child
+
+
+def _build_cache_part(args: tuple) -> dict:
+    corpus_file, cache_file, vocab = args
+    if vocab is None:
+        vocab = _WORKER_VOCAB
+    return tokcache.build_shard_cache(corpus_file, cache_file, vocab)
+
+
+_WORKER_VOCAB = None
+
+
+def _set_worker_vocab(vocab, threads: int) -> None:
+    global _WORKER_VOCAB
+    _WORKER_VOCAB = vocab
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
+def _pool_executor(workers: int, initializer, initargs) -> cf.ProcessPoolExecutor:
+    # fork: workers inherit the vocabulary and the negative pools without pickling them.
+    context = multiprocessing.get_context("fork")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return cf.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=initializer, initargs=(*initargs, threads)
+    )
+
+
+def _run_parallel(function, jobs: list, workers: int, initializer, initargs, what: str) -> list:
+    """Results of ``function`` over ``jobs`` in job order; in-process when one worker suffices."""
+    from tqdm import tqdm
+
+    progress = tqdm(total=len(jobs), desc=what, unit="shard", disable=None, leave=False)
+    results: list = [None] * len(jobs)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                results[i] = function(job)
+                progress.update()
+            return results
+        with _pool_executor(min(workers, len(jobs)), initializer, initargs) as executor:
+            futures = {executor.submit(function, job): i for i, job in enumerate(jobs)}
+            for future in cf.as_completed(futures):
+                results[futures[future]] = future.result()
+                progress.update()
+        return results
+    finally:
+        progress.close()
+
+
+def _corpus_files(corpus_manifest: dict) -> dict[str, list[str]]:
+    files = {split: [] for split in SPLITS}
+    for entry in corpus_manifest["files"]:
+        split = entry["path"].split("/", 1)[0]
+        # A shard without documents (a small corpus, an empty valid split) yields no example file.
+        if split in files and entry["path"].endswith(".parquet") and entry.get("rows") != 0:
+            files[split].append(entry["path"])
+    return {split: sorted(paths) for split, paths in files.items()}
+
+
+def ensure_token_cache(config: ExamplesConfig, corpus_manifest: dict, vocab) -> dict[str, list[tuple]]:
+    """Tokenise every corpus shard that is not cached yet; returns split → [(name, cache file, counts)]."""
+    cache = tokcache.cache_directory(config.resolved_cache_dir(), corpus_manifest["fingerprint"], vocab)
+    shards = []
+    for split, paths in _corpus_files(corpus_manifest).items():
+        for path in paths:
+            shards.append((split, path, cache / Path(path).with_suffix(".arrow")))
+    missing = [s for s in shards if tokcache.shard_counts(s[2]) is None]
+    if missing:
+        log.info("tokenising %d of %d corpus shards into %s", len(missing), len(shards), cache)
+        in_process = config.workers <= 1 or len(missing) <= 1
+        jobs = [
+            (config.corpus / path, cache_file, vocab if in_process else None)
+            for _, path, cache_file in missing
+        ]
+        jobs.sort(key=lambda job: -job[0].stat().st_size)  # biggest first: better balance
+        _run_parallel(_build_cache_part, jobs, config.workers, _set_worker_vocab, (vocab,), "tokenising")
+    else:
+        log.info("all %d corpus shards found tokenised in %s", len(shards), cache)
+    result: dict[str, list[tuple]] = {split: [] for split in SPLITS}
+    for split, path, cache_file in shards:
+        result[split].append((Path(path).stem, cache_file, tokcache.shard_counts(cache_file)))
+    return result
+
+
+def _generate_part(part: _Part, context: _Context | None = None) -> dict:
+    """Write the examples of one corpus shard (all dupe rounds); returns its stats."""
+    context = context or _WORKER_CONTEXT
+    config, metadata = context.config, context.metadata
+    schema = example_schema(metadata)
+    pool = context.pools[part.split]
+    max_num_tokens = config.max_seq_length - 3
+    special = metadata.special_ids
+    stats = _empty_stats()
+    batch_index = 0
+
+    def emit(spans: ex.SpanLists, count: int, block: ex.DocumentBlock, writer) -> None:
+        nonlocal batch_index
+        taken = spans.take(count)
+        rng = ex.batch_rng(config.seed, part.split_index, part.shard_index, batch_index)
+        batch_index += 1
+        arrays = ex.assemble_examples(
+            taken, block.ids, pool.ids, max_num_tokens, special["cls"], special["sep"], rng
+        )
+        masked = None
+        if config.masking == "static":
+            masked = ex.mask_examples(
+                arrays,
+                config.masked_lm_prob,
+                config.max_predictions_per_seq,
+                special["mask"],
+                context.replacement_ids,
+                rng,
+                context.continuation,
+            )
+        _add_batch_stats(stats, arrays, taken, masked, config.max_seq_length)
+        if stats["example"] is None and arrays.num_examples:
+            stats["example"] = _decode_example(arrays, 0, context.tokens)
+        writer.write(record_batch(arrays, schema))
+
+    with open_example_file(part.out_file, schema) as writer:
+        if pool.num_docs == 0:
+            log.warning("%s split has no documents: %s stays empty", part.split, part.out_file.name)
+        for block in tokcache.iter_blocks(part.cache_file) if pool.num_docs else ():
+            spans = ex.SpanLists()
+            for dupe_round in range(config.dupe_factor):
+                for doc in range(block.num_docs):
+                    rng = ex.document_rng(
+                        config.seed, part.split_index, part.shard_index, block.doc_ids[doc], dupe_round
+                    )
+                    ex.segment_document(block, doc, pool, max_num_tokens, config.short_seq_prob, rng, spans)
+                    while len(spans) >= config.batch_size:
+                        emit(spans, config.batch_size, block, writer)
+            if len(spans):
+                emit(spans, len(spans), block, writer)
+    log.info("%s/%s: %d examples", part.split, part.out_file.name, stats["examples"])
+    write_json_atomic(_stats_file(part.out_file), stats)
+    return stats
+
+
+def _stats_file(out_file: Path) -> Path:
+    return out_file.with_name(f".{out_file.stem}.stats.json")
+
+
+def _empty_stats() -> dict:
+    return {
+        "examples": 0,
+        "tokens": 0,
+        "random_next": 0,
+        "truncated": 0,
+        "short_target": 0,
+        "masked": 0,
+        "masked_as_mask": 0,
+        "masked_as_random": 0,
+        "candidates": 0,
+        "capped": 0,
+        "padding": 0,
+        "example": None,
+    }
+
+
+def _add_batch_stats(
+    stats: dict, arrays: ex.ExampleArrays, spans: dict, masked: dict | None, max_len: int
+) -> None:
+    lengths = arrays.lengths
+    stats["examples"] += arrays.num_examples
+    stats["tokens"] += int(lengths.sum())
+    stats["padding"] += int((max_len - lengths).sum())
+    stats["random_next"] += int(arrays.next_sentence_label.sum())
+    stats["truncated"] += int(arrays.truncated.sum())
+    stats["short_target"] += int(spans["short_target"].sum())
+    for key, value in (masked or {}).items():
+        stats[key] += value
+
+
+def _decode_example(arrays: ex.ExampleArrays, row: int, tokens: list[str]) -> dict:
+    start, end = int(arrays.offsets[row]), int(arrays.offsets[row + 1])
+    example = {
+        "tokens": " ".join(tokens[i] for i in arrays.input_ids[start:end]),
+        "token_type_ids": "".join(str(t) for t in arrays.token_type_ids[start:end]),
+        "next_sentence_label": int(arrays.next_sentence_label[row]),
+        "a_doc_id": int(arrays.a_doc_id[row]),
+        "b_doc_id": int(arrays.b_doc_id[row]),
+    }
+    if arrays.masked_lm_offsets is not None:
+        lo, hi = int(arrays.masked_lm_offsets[row]), int(arrays.masked_lm_offsets[row + 1])
+        example["masked_lm"] = " ".join(
+            f"{p}:{tokens[i]}"
+            for p, i in zip(arrays.masked_lm_positions[lo:hi], arrays.masked_lm_ids[lo:hi], strict=True)
+        )
+    return example
+
+
+def _summarise(part_stats: list[dict], config: ExamplesConfig) -> dict:
+    total = _empty_stats()
+    by_split: dict[str, int] = {}
+    for split, stats in part_stats:
+        by_split[split] = by_split.get(split, 0) + stats["examples"]
+        for key, value in stats.items():
+            if key == "example":
+                total["example"] = total["example"] or value
+            else:
+                total[key] += value
+    n = max(total["examples"], 1)
+    summary = {
+        "examples": total["examples"],
+        "examples_by_split": by_split,
+        "tokens": total["tokens"],
+        "mean_length": round(total["tokens"] / n, 2),
+        "padding_tokens_if_fixed_length": total["padding"],
+        "padding_share_if_fixed_length": round(total["padding"] / max(n * config.max_seq_length, 1), 4),
+        "nsp_random_next_share": round(total["random_next"] / n, 4),
+        "truncated_share": round(total["truncated"] / n, 4),
+        "short_target_share": round(total["short_target"] / n, 4),
+    }
+    if config.masking == "static":
+        masked = max(total["masked"], 1)
+        summary.update(
+            {
+                "masked": total["masked"],
+                "masked_share_of_tokens": round(total["masked"] / max(total["tokens"], 1), 4),
+                "masked_share_of_candidates": round(total["masked"] / max(total["candidates"], 1), 4),
+                "masked_as_mask_share": round(total["masked_as_mask"] / masked, 4),
+                "masked_as_random_share": round(total["masked_as_random"] / masked, 4),
+                "masked_kept_share": round(
+                    (total["masked"] - total["masked_as_mask"] - total["masked_as_random"]) / masked, 4
+                ),
+                "prediction_cap_share": round(total["capped"] / n, 4),
+            }
+        )
+    summary["example"] = total["example"]
+    return summary
+
+
+def generate_examples(config: ExamplesConfig) -> dict:
+    """Run the examples stage; returns its manifest (the existing one when nothing changed)."""
+    from data_prep.vocab import load_vocab
+
+    started = time.perf_counter()
+    corpus_manifest = require_complete(config.corpus, "shard")
+    vocab = load_vocab(config.vocab)
+    metadata = ExampleMetadata(
+        vocab_fingerprint=vocab.fingerprint,
+        vocab_size=vocab.size,
+        special_ids=dict(vocab.special_ids),
+        max_seq_length=config.max_seq_length,
+        masking=config.masking,
+        masked_lm_prob=config.masked_lm_prob,
+        max_predictions_per_seq=config.max_predictions_per_seq,
+        whole_word_mask=config.whole_word_mask,
+        seed=config.seed,
+        lowercase=vocab.lowercase,
+        extra={
+            "dupe_factor": config.dupe_factor,
+            "short_seq_prob": config.short_seq_prob,
+            "corpus_fingerprint": corpus_manifest["fingerprint"],
+            "random_replacement": "any id but special and [reserved] tokens",
+            "negative_pool_tokens": config.negative_pool_tokens,
+        },
+    )
+    inputs = {"corpus": corpus_manifest["fingerprint"], "vocab": vocab.fingerprint}
+    stage = begin_stage(config.out, "examples", config.stage_config(), inputs, FORMAT_VERSION)
+    if stage.complete:
+        log.info("%s is complete for this configuration: nothing to do", config.out)
+        return read_manifest(config.out)
+
+    cached = ensure_token_cache(config, corpus_manifest, vocab)
+    pools = {}
+    for split, shards in cached.items():
+        total = sum(counts["tokens"] for _, _, counts in shards)
+        pools[split] = tokcache.sample_pool(
+            [cache_file for _, cache_file, _ in shards], total, config.negative_pool_tokens, config.seed
+        )
+    context = _Context(
+        config=config,
+        metadata=metadata,
+        pools=pools,
+        replacement_ids=ex.replacement_ids(vocab.tokens, vocab.special_ids),
+        continuation=ex.continuation_table(vocab.tokens) if config.whole_word_mask else None,
+        tokens=vocab.tokens,
+    )
+    parts, part_stats, todo = [], {}, []
+    for split_index, split in enumerate(SPLITS):
+        for shard_index, (name, cache_file, counts) in enumerate(cached[split]):
+            part = _Part(
+                split,
+                split_index,
+                shard_index,
+                cache_file,
+                stage.path(f"{split}/{name}.arrow"),
+                counts["tokens"],
+            )
+            parts.append(part)
+            done = _read_part_stats(part.out_file)
+            if done is not None:
+                part_stats[part.out_file] = done
+            else:
+                todo.append(part)
+    if len(todo) < len(parts):
+        log.info("reusing %d example files of an interrupted run", len(parts) - len(todo))
+    todo.sort(key=lambda p: -p.tokens)
+    in_process = config.workers <= 1 or len(todo) <= 1
+    results = _run_parallel(
+        (lambda part: _generate_part(part, context)) if in_process else _generate_part,
+        todo,
+        config.workers,
+        _set_worker_context,
+        (context,),
+        "examples",
+    )
+    part_stats.update(zip((p.out_file for p in todo), results, strict=True))
+
+    files, ordered = [], []
+    for part in parts:
+        stats = part_stats[part.out_file]
+        files.append(
+            file_entry(stage.directory, f"{part.split}/{part.out_file.name}", rows=stats["examples"])
+        )
+        ordered.append((part.split, stats))
+    summary = _summarise(ordered, config)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    manifest = stage.commit(files, summary)
+    for part in parts:
+        _stats_file(part.out_file).unlink(missing_ok=True)
+    if summary["example"]:
+        log.info("example: %s", json.dumps(summary["example"], ensure_ascii=False))
+    log.info(
+        "%d examples (%d tokens, NSP random %.3f, truncated %.3f) in %.1fs → %s",
+        summary["examples"],
+        summary["tokens"],
+        summary["nsp_random_next_share"],
+        summary["truncated_share"],
+        summary["seconds"],
+        config.out,
+    )
+    return manifest
+
+
+def _read_part_stats(out_file: Path) -> dict | None:
+    """Stats of a part file committed by an interrupted run of the same fingerprint, else None."""
+    stats_file = _stats_file(out_file)
+    if not (out_file.exists() and stats_file.exists()):
+        return None
+    try:
+        return json.loads(stats_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+__all__ = ["ExamplesConfig", "StageError", "ensure_token_cache", "generate_examples"]
