@@ -51,3 +51,191 @@ def test_missing_mask_is_a_stage_error(tmp_path):
 def test_load_vocab_missing_path_is_a_stage_error(tmp_path):
     with pytest.raises(StageError, match="does not exist"):
         load_vocab(tmp_path / "nowhere")
+
+
+# --- training ----------------------------------------------------------------------------------------------
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dogs",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+]
+
+
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A shard stage over a few hundred generated sentences (valid split included)."""
+    from data_prep.shard import ShardConfig, shard_corpus
+
+    lines = []
+    for doc in range(60):
+        sentences = [
+            " ".join(WORDS[(doc * 7 + s * 3 + k) % len(WORDS)] for k in range(6)).capitalize() + "."
+            for s in range(4)
+        ]
+        lines.append(" ".join(sentences))
+    (tmp_path / "raw.txt").write_text("\n\n".join(lines) + "\n")
+    out = tmp_path / "corpus"
+    shard_corpus(
+        ShardConfig(inputs=[str(tmp_path / "raw.txt")], out=str(out), num_shards=2, valid_fraction=0.2)
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    tmp_path = tmp_path_factory.mktemp("vocab")
+    corpus = tiny_corpus(tmp_path)
+    manifest = train_vocab(
+        VocabConfig(corpus=str(corpus), out=str(tmp_path / "vocab"), vocab_size=120, min_frequency=1)
+    )
+    return tmp_path / "vocab", manifest
+
+
+def test_trained_vocab_has_special_ids_first_and_stats(trained):
+    directory, manifest = trained
+    tokens = (directory / "vocab.txt").read_text().splitlines()
+    assert tokens[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert len(tokens) <= 120 and any(t.startswith("##") for t in tokens)
+    vocab = load_vocab(directory)
+    assert vocab.special_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert vocab.tokens == tokens and vocab.lowercase
+    stats = manifest["stats"]
+    assert stats["stats_split"] == "valid" and stats["sentences"] > 0
+    assert stats["unk_rate"] == 0.0 and 1.0 <= stats["tokens_per_word"] < 3.0
+    assert stats["vocab_size"] == len(tokens) and stats["vocab_fingerprint"] == vocab.fingerprint
+    assert {f["path"] for f in manifest["files"]} == {
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    encoding = vocab.tokenizer.encode("The QUICK fox §", "lazy dogs")
+    assert encoding.ids[0] == 2 and encoding.ids.count(3) == 2 and 1 in encoding.ids  # § is unknown
+    assert encoding.type_ids[-1] == 1
+
+
+def test_trained_tokenizer_matches_transformers(trained):
+    transformers = pytest.importorskip("transformers")
+    import tokenizers
+
+    directory, _ = trained
+    text_a, text_b = "Seven quick wizards judge boxing!", "The lazy dogs jumped."
+    ours = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")).encode(text_a, text_b)
+    fast = transformers.BertTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), vocab_file=str(directory / "vocab.txt")
+    )
+    auto = transformers.AutoTokenizer.from_pretrained(str(directory))
+    for hf in (fast, auto):
+        encoded = hf(text_a, text_b)
+        assert encoded["input_ids"] == ours.ids
+        assert encoded["token_type_ids"] == ours.type_ids
+        assert hf.mask_token_id == 4 and hf.pad_token_id == 0
+
+
+def test_complete_vocab_stage_is_skipped(trained):
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    directory, manifest = trained
+    corpus = directory.parent / "corpus"
+    again = train_vocab(VocabConfig(corpus=str(corpus), out=str(directory), vocab_size=120, min_frequency=1))
+    assert again["created_at"] == manifest["created_at"]
+
+
+def test_vocab_from_existing_vocab_txt(trained, tmp_path):
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    directory, manifest = trained
+    corpus = directory.parent / "corpus"
+    adopted = train_vocab(
+        VocabConfig(corpus=str(corpus), out=str(tmp_path / "adopted"), from_path=str(directory / "vocab.txt"))
+    )
+    assert adopted["stats"]["vocab_fingerprint"] == manifest["stats"]["vocab_fingerprint"]
+    assert adopted["stats"]["source"] == str(directory / "vocab.txt")
+    assert adopted["stats"]["unk_rate"] == manifest["stats"]["unk_rate"]
+    assert (tmp_path / "adopted" / "vocab.txt").read_text() == (directory / "vocab.txt").read_text()
+    assert load_vocab(tmp_path / "adopted").tokens == load_vocab(directory).tokens
+
+
+def test_vocab_needs_a_finished_corpus_and_a_big_enough_size(trained, tmp_path):
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    corpus = trained[0].parent / "corpus"
+    with pytest.raises(StageError, match="run `bertpipe shard`"):
+        train_vocab(VocabConfig(corpus=str(tmp_path / "nope"), out=str(tmp_path / "v")))
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(StageError, match="not a finished 'shard'"):
+        train_vocab(VocabConfig(corpus=str(tmp_path / "unfinished"), out=str(tmp_path / "v")))
+    with pytest.raises(StageError, match="--vocab-size"):
+        train_vocab(VocabConfig(corpus=str(corpus), out=str(tmp_path / "v"), vocab_size=12, min_frequency=1))
+    with pytest.raises(ValueError, match="special tokens"):
+        VocabConfig(corpus=str(corpus), out=str(tmp_path / "v"), vocab_size=5)
+
+
+def test_cli_vocab_errors_are_one_line(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["vocab", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "v")]
+    )
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
+    ok = runner.invoke(
+        app,
+        [
+            "vocab",
+            "--corpus",
+            str(trained[0].parent / "corpus"),
+            "--out",
+            str(tmp_path / "v2"),
+            "--from",
+            str(trained[0]),
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "UNK rate" in ok.output
+
+
+@pytest.mark.slow
+def test_shard_and_vocab_on_a_slice_of_the_sample_corpus(shared_data, tmp_path):
+    from data_prep.shard import ShardConfig, shard_corpus
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    inaugural = shared_data / "corpus" / "inaugural"
+    files = [str(p) for p in sorted(inaugural.glob("19*.txt"))[:6]] + [str(inaugural / "2005-Bush.txt")]
+    shard_manifest = shard_corpus(
+        ShardConfig(
+            inputs=files,
+            out=str(tmp_path / "corpus"),
+            num_shards=2,
+            doc_boundary="file",
+            valid_fraction=0.3,
+            seed=1,
+        )
+    )
+    stats = shard_manifest["stats"]
+    assert stats["documents"] == 7 and stats["decode_fallback_files"] == 1 and stats["words"] > 10_000
+    manifest = train_vocab(
+        VocabConfig(corpus=str(tmp_path / "corpus"), out=str(tmp_path / "vocab"), vocab_size=2000)
+    )
+    assert manifest["stats"]["vocab_size"] <= 2000 and manifest["stats"]["unk_rate"] < 0.01
+    vocab = load_vocab(tmp_path / "vocab")
+    assert vocab.tokenizer.decode(vocab.tokenizer.encode("We the people of the United States").ids) == (
+        "we the people of the united states"
+    )
