@@ -165,3 +165,81 @@ def examples(
         f"{out}: {stats['examples']} examples, {stats['tokens']} tokens, "
         f"NSP random {stats['nsp_random_next_share']:.3f}, truncated {stats['truncated_share']:.3f}"
     )
+
+
+# --- finetune ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def finetune(
+    task: str = typer.Option(
+        ..., "--task", help="cola, sst2, mrpc, rte, stsb, classification, regression, ner, squad, squad_v2."
+    ),
+    model: Path = typer.Option(
+        ..., "--model", help="Hugging Face model directory (config.json, weights, tokenizer)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory: metrics.json, predictions/, model/."),
+    train: Path = typer.Option(
+        None,
+        "--train",
+        help="Training file (TSV/CSV/JSONL, CoNLL, SQuAD JSON) or save_to_disk dir; default: the standard dataset.",
+    ),
+    eval_: Path = typer.Option(
+        None, "--eval", help="Evaluation file, as --train; default: the standard validation split."
+    ),
+    epochs: int = typer.Option(None, "--epochs", help="Default: the task's (see bert.tasks.TASKS)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate; default: the task's."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Default: the task's."),
+    max_seq_length: int = typer.Option(None, "--max-seq-length", help="Default: the task's."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds, one fine-tuning run each."),
+    text_columns: str = typer.Option(
+        None,
+        "--text-columns",
+        help="One or two columns: header names, or 0-based numbers for files without a header.",
+    ),
+    label_column: str = typer.Option(None, "--label-column", help="Label column (name or 0-based number)."),
+    warmup_ratio: float = typer.Option(0.1, "--warmup-ratio"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size"),
+    doc_stride: int = typer.Option(128, "--doc-stride", help="QA: step between context windows, in tokens."),
+    max_answer_length: int = typer.Option(30, "--max-answer-length", help="QA: longest answer, in tokens."),
+    null_score_threshold: float = typer.Option(
+        0.0, "--null-score-threshold", help="SQuAD v2: no-answer margin."
+    ),
+    max_train_examples: int = typer.Option(
+        None, "--max-train-examples", help="Train on a fixed random subsample."
+    ),
+    max_eval_examples: int = typer.Option(
+        None, "--max-eval-examples", help="Evaluate on a fixed random subsample."
+    ),
+    threads: int = typer.Option(None, "--threads", help="torch intra-op threads."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    save_model: bool = typer.Option(
+        True, "--save-model/--no-save-model", help="Save the best checkpoint to OUT/model."
+    ),
+) -> None:
+    """Fine-tune and evaluate a model on a task over several seeds → OUT/metrics.json."""
+    from bert.finetune import FinetuneConfig
+    from bert.finetune import main as finetune_main
+
+    try:
+        config = FinetuneConfig(
+            task=task, model=model, out=out, train=train, eval=eval_,
+            seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+            epochs=epochs, lr=lr, batch_size=batch_size, max_seq_length=max_seq_length,
+            eval_batch_size=eval_batch_size, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, doc_stride=doc_stride, max_answer_length=max_answer_length,
+            null_score_threshold=null_score_threshold,
+            text_columns=tuple(c.strip() for c in text_columns.split(",")) if text_columns else None,
+            label_column=label_column, max_train_examples=max_train_examples,
+            max_eval_examples=max_eval_examples, num_threads=threads, progress=progress, save_model=save_model,
+        )  # fmt: skip
+        summary = finetune_main(config)
+    except (ValueError, OSError) as e:  # TaskDataError is a ValueError; both name the file and line
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if summary["median"]:
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in summary["median"].items())
+        typer.echo(f"{out}/metrics.json: {summary['task']} median over seeds: {scores}")
+    if summary["degenerate_seeds"]:
+        typer.echo(f"degenerate seeds (not scored): {summary['degenerate_seeds']}", err=True)
