@@ -1,0 +1,152 @@
+"""Optimizers (AdamW, LAMB) and the learning-rate schedule.
+
+LAMB (You et al., 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes"),
+in NVIDIA's formulation: Adam moments with bias correction, decoupled weight decay added to the update,
+then a per-tensor trust ratio ||w|| / ||update|| scales the step.
+
+Under DeepSpeed ZeRO-1/2 the optimizer does not see the model's tensors: each rank's param group is one
+flat fp32 partition that spans many layers (ZeRO-3: one partition of each tensor per rank). The trust
+ratio is then computed over that partition, not per layer, so LAMB under ZeRO is "per-partition LAMB":
+it trains, but it is not the layer-wise algorithm of the paper, and it changes with the world size. For
+faithful LAMB use ZeRO-0 (``zero0_*.json``), where every tensor is whole on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
+
+
+class Lamb(torch.optim.Optimizer):
+    """Layer-wise adaptive moments (LAMB) for CPU and GPU tensors; see the module docstring for ZeRO."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        max_trust_ratio: float | None = None,
+    ):
+        if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(
+                f"invalid LAMB hyper-parameters lr={lr} betas={betas} eps={eps} wd={weight_decay}"
+            )
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_trust_ratio=max_trust_ratio,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if group["bias_correction"]:
+                    m_hat = exp_avg / (1 - beta1 ** state["step"])
+                    v_hat = exp_avg_sq / (1 - beta2 ** state["step"])
+                else:
+                    m_hat, v_hat = exp_avg, exp_avg_sq
+                weight = p.float()
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(weight, alpha=group["weight_decay"])
+                weight_norm = weight.norm()
+                update_norm = update.norm()
+                # A zero norm (fresh zero-initialised bias, zero gradient) falls back to plain Adam-W.
+                trust = torch.where(
+                    (weight_norm > 0) & (update_norm > 0),
+                    weight_norm / update_norm,
+                    torch.ones_like(weight_norm),
+                )
+                if group["max_trust_ratio"] is not None:
+                    trust = trust.clamp(max=group["max_trust_ratio"])
+                p.add_((update * (-group["lr"] * trust)).to(p.dtype))
+        return loss
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two param groups: decayed weights, and biases/LayerNorm parameters without weight decay."""
+    decay, no_decay = [], []
+    seen = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:  # tied weights appear once
+            continue
+        seen.add(id(param))
+        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    name: str,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """AdamW (torch) or LAMB over ``parameter_groups(model)``."""
+    groups = parameter_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: choose adamw or lamb")
+
+
+def lr_multiplier(
+    step: int,
+    warmup_steps: int,
+    total_steps: int | None,
+    decay: str = "linear",
+    power: float = 1.0,
+    min_ratio: float = 0.0,
+) -> float:
+    """The factor on the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay.
+
+    Warmup reaches the peak at step ``warmup_steps - 1``; linear / polynomial decay then falls to
+    ``min_ratio`` at ``total_steps`` and stays there; "constant" keeps the peak.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    if decay not in ("linear", "polynomial"):
+        raise ValueError(f"unknown decay {decay!r}")
+    if total_steps is None:
+        raise ValueError(f"a {decay} decay needs total_steps")
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    exponent = 1.0 if decay == "linear" else power
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress) ** exponent

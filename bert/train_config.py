@@ -1,0 +1,234 @@
+"""The pretraining config and its pure arithmetic: batch sizes, durations, seeds.
+
+Everything here is plain Python, testable without a process group. ``TrainConfig`` is the one source of
+truth for batch sizes, optimizer and schedule; the DeepSpeed JSON may only say "auto" for them or agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+OPTIMIZERS = ("adamw", "lamb")
+DECAYS = ("linear", "polynomial", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_MICRO_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """global_batch_size = micro_batch_size × gradient_accumulation_steps × world_size, always."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        """Samples one rank consumes per optimizer step."""
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+
+def resolve_batch_sizes(
+    world_size: int,
+    global_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+) -> BatchSizes:
+    """Derive the missing batch size from the given ones; ValueError when they cannot agree.
+
+    Any two of (global, micro, accumulation) determine the third. Given only the global batch, accumulation
+    is 1; given only one of micro/accumulation, the other defaults (micro 8, accumulation 1).
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be at least 1, got {world_size}")
+    for name, value in (
+        ("global_batch_size", global_batch_size),
+        ("micro_batch_size", micro_batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+    ):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    g, m, a = global_batch_size, micro_batch_size, gradient_accumulation_steps
+    if g is None:
+        m = m or DEFAULT_MICRO_BATCH_SIZE
+        a = a or 1
+        g = m * a * world_size
+    elif m is None:
+        a = a or 1
+        if g % (a * world_size):
+            raise ValueError(
+                f"global batch {g} is not divisible by gradient_accumulation_steps {a} × world size "
+                f"{world_size}: choose a global batch that is a multiple of {a * world_size}"
+            )
+        m = g // (a * world_size)
+    elif a is None:
+        if g % (m * world_size):
+            raise ValueError(
+                f"global batch {g} is not divisible by micro batch {m} × world size {world_size}: "
+                f"choose a global batch that is a multiple of {m * world_size}"
+            )
+        a = g // (m * world_size)
+    if g != m * a * world_size:
+        raise ValueError(
+            f"global batch {g} != micro batch {m} × gradient accumulation {a} × world size {world_size} "
+            f"(= {m * a * world_size}): give at most two of the three, or make them agree"
+        )
+    return BatchSizes(g, m, a, world_size)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms]?)", re.IGNORECASE)
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in a duration such as "2h", "90s", "1h30m", "45m" or a bare number of seconds."""
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        compact = text.strip().replace(" ", "")
+        if not compact or _DURATION.sub("", compact):
+            raise ValueError(f"cannot read the duration {text!r}: write e.g. 2h, 90m, 45s or 1h30m")
+        seconds = sum(float(n) * _SECONDS[u.lower()] for n, u in _DURATION.findall(compact))
+    if seconds <= 0:
+        raise ValueError(f"a time budget must be positive, got {text!r}")
+    return seconds
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (e.g. (seed, step, rank))."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one pretraining run needs; validated on construction."""
+
+    examples: str  # finished `bertpipe examples` directory (train/ and valid/ Arrow shards)
+    out: str  # run directory: checkpoints/, hf/, metrics.jsonl, tensorboard/
+    model_config: str = "tiny"  # preset name (tiny/mini/small/base/large) or an HF config.json
+    model_overrides: dict = field(default_factory=dict)  # BertConfig fields over the preset/file
+    deepspeed_config: str | None = None  # DeepSpeed JSON ("auto" for what this config owns); None: ZeRO-0
+    vocab: str | None = None  # vocab dir/vocab.txt; default: the vocab recorded in the examples manifest
+    init_from: str | None = None  # phase 2: HF dir or checkpoint dir whose weights start this run
+    # batch arithmetic: give at most two of the three (see resolve_batch_sizes)
+    global_batch_size: int | None = None
+    micro_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    # optimizer and schedule
+    optimizer: str = "adamw"  # adamw (torch) or lamb (bert.optim.Lamb)
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    warmup_steps: int = 0
+    decay: str = "linear"  # linear | polynomial | constant after warmup
+    decay_power: float = 1.0  # polynomial decay exponent
+    min_lr_ratio: float = 0.0  # the decay ends at lr × min_lr_ratio
+    schedule_steps: int | None = None  # length of the schedule; default max_steps
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto: whatever the DeepSpeed config enables (fp32 when it says "auto")
+    # how long
+    max_steps: int | None = None  # optimizer steps counted from the start of training (not this run)
+    time_budget: str | None = None  # wall time of this run, e.g. "2h", "90s"
+    # data
+    seed: int = 0  # data order, dynamic masking, dropout
+    pad_to_multiple_of: int = 8
+    bucket_batches: int = 0  # >1: sort windows of this many global batches by length (less padding)
+    # checkpoints, evaluation, logging
+    resume: bool = False
+    save_every: int = 0  # steps; 0: only at the end (and on SIGTERM / time budget)
+    keep_last: int = 2
+    export_every: int = 0  # steps between HF exports; 0: only at the end
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_samples: int = 256
+    log_every: int = 1
+    log_example_indices: bool = False  # OUT/data_log/rank{R}.jsonl: which examples each rank trained on
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.decay not in DECAYS:
+            problems.append(f"decay must be one of {DECAYS}, got {self.decay!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("warmup_steps", "save_every", "export_every", "eval_every", "bucket_batches"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("keep_last", "log_every", "eval_samples", "pad_to_multiple_of"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_steps is None and self.time_budget is None:
+            problems.append(
+                "say how long to train: give max_steps (--max-steps) or time_budget (--time-budget)"
+            )
+        if self.time_budget is not None:
+            try:
+                parse_duration(self.time_budget)
+            except ValueError as e:
+                problems.append(str(e))
+        if self.decay != "constant" and self.total_schedule_steps is None:
+            problems.append(
+                f"a {self.decay} decay needs its length: give max_steps or schedule_steps, or decay 'constant'"
+            )
+        if self.total_schedule_steps is not None and self.warmup_steps > self.total_schedule_steps:
+            problems.append(
+                f"warmup_steps {self.warmup_steps} is longer than the schedule ({self.total_schedule_steps} steps)"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if problems:
+            raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def total_schedule_steps(self) -> int | None:
+        return self.schedule_steps if self.schedule_steps is not None else self.max_steps
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
+
+    def batch_sizes(self, world_size: int) -> BatchSizes:
+        return resolve_batch_sizes(
+            world_size, self.global_batch_size, self.micro_batch_size, self.gradient_accumulation_steps
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training config fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> TrainConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"training config {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"training config {path} is not valid JSON: {e}") from None
+        return cls.from_dict(values)
