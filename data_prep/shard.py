@@ -22,6 +22,7 @@ Documents of fewer than two sentences are kept (as Google's generator does: they
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import re
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -353,24 +355,36 @@ def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
 # --- the stage ---------------------------------------------------------------------------------------------
 
 
-def _run_all(fn, jobs: list[tuple], workers: int, desc: str) -> list:
-    """``fn(*job)`` for every job, inline or in a process pool, with a progress bar on stderr."""
+def _run_all(fn, jobs: list[tuple], pool: concurrent.futures.Executor | None, desc: str) -> list:
+    """``fn(*job)`` for every job, inline or in ``pool``, with a progress bar on stderr."""
     progress = tqdm(total=len(jobs), desc=desc, unit="job", file=sys.stderr, disable=None, leave=False)
     try:
-        if workers == 1 or len(jobs) <= 1:
+        if pool is None or len(jobs) <= 1:
             results = []
             for job in jobs:
                 results.append(fn(*job))
                 progress.update()
             return results
-        context = multiprocessing.get_context("forkserver")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(fn, *job) for job in jobs]
-            for _ in concurrent.futures.as_completed(futures):
-                progress.update()
-            return [f.result() for f in futures]
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for _ in concurrent.futures.as_completed(futures):
+            progress.update()
+        return [f.result() for f in futures]
     finally:
         progress.close()
+
+
+@contextlib.contextmanager
+def _process_pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
+    """One pool for both passes (None for one worker: everything runs in this process)."""
+    if workers == 1:
+        yield None
+        return
+    # forkserver, not fork: the parent may hold pyarrow/tokenizers threads, which fork would copy mid-lock.
+    # The server imports the entry point and this module once; each worker is a cheap fork of it.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        yield pool
 
 
 def _read_json(path: Path) -> dict | None:
@@ -378,6 +392,33 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _read_inputs(units: list[InputUnit], config: ShardConfig, spill_root: Path, pool) -> Counter:
+    """Pass 1 over the input tasks not finished by an earlier run; the summed reading stats."""
+    tasks = group_units(units)
+    task_stats = {i: _read_json(spill_root / f"task-{i:05d}.json") for i in range(len(tasks))}
+    pending = [(i, tasks[i], config, str(spill_root)) for i, s in task_stats.items() if s is None]
+    if len(pending) < len(tasks):
+        log.info("shard: resuming, %d of %d read tasks already done", len(tasks) - len(pending), len(tasks))
+    results = _run_all(read_task, pending, pool, "shard: reading")
+    for (i, *_), result in zip(pending, results, strict=True):
+        task_stats[i] = result
+    return sum((Counter(s) for s in task_stats.values()), Counter())
+
+
+def _write_shards(stage_dir: Path, config: ShardConfig, pool) -> list[dict]:
+    """Pass 2 over the shards not finished by an earlier run; each shard's stats."""
+    shard_stats: dict[int, dict | None] = {}
+    for s in range(config.num_shards):
+        done = all((stage_dir / part_path(split, s)).exists() for split in SPLITS)
+        shard_stats[s] = _read_json(stage_dir / SPILL_DIR / f"shard-{s:05d}.json") if done else None
+    pending = [(str(stage_dir), s, config) for s, st in shard_stats.items() if st is None]
+    for (_, s, _), result in zip(
+        pending, _run_all(write_shard, pending, pool, "shard: writing"), strict=True
+    ):
+        shard_stats[s] = result
+    return [shard_stats[s] for s in range(config.num_shards)]
 
 
 def shard_corpus(config: ShardConfig) -> dict:
@@ -400,36 +441,19 @@ def shard_corpus(config: ShardConfig) -> dict:
         shutil.rmtree(spill_root, ignore_errors=True)
         return read_manifest(config.out)
 
-    tasks = group_units(units)
-    task_stats = {i: _read_json(spill_root / f"task-{i:05d}.json") for i in range(len(tasks))}
-    pending = [(i, tasks[i], config, str(spill_root)) for i, s in task_stats.items() if s is None]
-    if len(pending) < len(tasks):
-        log.info("shard: resuming, %d of %d read tasks already done", len(tasks) - len(pending), len(tasks))
-    for (i, *_), result in zip(
-        pending, _run_all(read_task, pending, config.workers, "shard: reading"), strict=True
-    ):
-        task_stats[i] = result
-    read = sum((Counter(s) for s in task_stats.values()), Counter())
-    if read["documents_read"] == 0:
-        raise StageError(
-            f"empty corpus: {read['input_units']} inputs under {', '.join(config.inputs)} hold no text documents "
-            f"({read['binary_files_skipped']} binary files skipped, {read['bad_records']} records without "
-            f"a {config.text_field!r} text field)"
-        )
+    with _process_pool(config.workers) as pool:
+        read = _read_inputs(units, config, spill_root, pool)
+        if read["documents_read"] == 0:
+            raise StageError(
+                f"empty corpus: {read['input_units']} inputs under {', '.join(config.inputs)} hold no text "
+                f"documents ({read['binary_files_skipped']} binary files skipped, {read['bad_records']} "
+                f"records without a {config.text_field!r} text field)"
+            )
+        shard_stats = _write_shards(stage.directory, config, pool)
 
-    stage_dir = str(stage.directory)
-    shard_stats: dict[int, dict | None] = {}
-    for s in range(config.num_shards):
-        done = all(stage.path(part_path(split, s)).exists() for split in SPLITS)
-        shard_stats[s] = _read_json(spill_root / f"shard-{s:05d}.json") if done else None
-    pending_shards = [(stage_dir, s, config) for s, st in shard_stats.items() if st is None]
-    results = _run_all(write_shard, pending_shards, config.workers, "shard: writing")
-    for (_, s, _), result in zip(pending_shards, results, strict=True):
-        shard_stats[s] = result
-
-    stats = _stage_stats(read, list(shard_stats.values()))
+    stats = _stage_stats(read, shard_stats)
     files = [
-        file_entry(stage_dir, part_path(split, s), rows=shard_stats[s][split]["documents"])
+        file_entry(stage.directory, part_path(split, s), rows=shard_stats[s][split]["documents"])
         for split in SPLITS
         for s in range(config.num_shards)
     ]
