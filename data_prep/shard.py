@@ -30,6 +30,7 @@ import multiprocessing
 import re
 import shutil
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -260,6 +261,22 @@ class _SpillWriter:
             writer.close()
 
 
+def _read_unit(unit: InputUnit, config: ShardConfig, spill: _SpillWriter, stats: Counter) -> None:
+    for source, paragraphs in iter_unit_documents(unit, config.doc_boundary, config.text_field, stats):
+        sentences = [
+            s
+            for paragraph in paragraphs
+            for s in split_sentences(paragraph, config.language, config.max_sentence_chars, stats)
+        ]
+        if not sentences:
+            stats["dropped_empty"] += 1
+            continue
+        stats["documents_read"] += 1
+        digest = content_digest(sentences)
+        shard, _ = placement(digest, config.seed, config.num_shards, config.valid_fraction)
+        spill.add(shard, digest, source, sentences)
+
+
 def read_task(task_index: int, units: list[InputUnit], config: ShardConfig, spill_root: str) -> dict:
     """Pass 1 for one group of inputs: documents into spill files; returns (and records) its stats."""
     spill_root = Path(spill_root)
@@ -273,19 +290,14 @@ def read_task(task_index: int, units: list[InputUnit], config: ShardConfig, spil
     for unit in units:
         stats["input_units"] += 1
         stats["input_bytes"] += unit.size
-        for source, paragraphs in iter_unit_documents(unit, config.doc_boundary, config.text_field, stats):
-            sentences = [
-                s
-                for paragraph in paragraphs
-                for s in split_sentences(paragraph, config.language, config.max_sentence_chars, stats)
-            ]
-            if not sentences:
-                stats["dropped_empty"] += 1
-                continue
-            stats["documents_read"] += 1
-            digest = content_digest(sentences)
-            shard, _ = placement(digest, config.seed, config.num_shards, config.valid_fraction)
-            spill.add(shard, digest, source, sentences)
+        try:
+            _read_unit(unit, config, spill, stats)
+        except (OSError, EOFError, zlib.error, pa.ArrowInvalid) as e:
+            # a truncated .gz or corrupt Parquet file: keep the documents read before the damage
+            log.warning(
+                "stopped reading %s at a damaged spot (%s); its earlier documents are kept", unit.location, e
+            )
+            stats["unreadable_files"] += 1
     spill.close()
     partial.rename(final)
     result = dict(stats)
@@ -308,6 +320,7 @@ def _split_stats(table: pa.Table) -> dict:
 
 
 def part_path(split: str, shard: int) -> str:
+    """A part file's path inside the stage directory, e.g. ``train/part-00003.parquet``."""
     return f"{split}/part-{shard:05d}.parquet"
 
 
@@ -494,6 +507,7 @@ def _stage_stats(read: Counter, shard_stats: list[dict]) -> dict:
         "decode_fallback_files": read["decode_fallback_files"],
         "decode_fallback_lines": read["decode_fallback_lines"],
         "binary_files_skipped": read["binary_files_skipped"],
+        "unreadable_files": read["unreadable_files"],
         "long_sentences_split": read["long_sentences_split"],
         "splits": {split: dict(counts) for split, counts in splits.items()},
     }

@@ -54,6 +54,7 @@ class Vocab:
 
     @property
     def size(self) -> int:
+        """Number of ids."""
         return len(self.tokens)
 
 
@@ -99,6 +100,7 @@ def read_vocab_txt(path: str | os.PathLike) -> list[str]:
 
 
 def write_vocab_txt(path: str | os.PathLike, tokens: list[str]) -> None:
+    """Write tokens one per line in id order (BERT's vocab.txt)."""
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(f"{t}\n" for t in tokens))
 
@@ -236,6 +238,7 @@ class VocabConfig:
             raise ValueError(f"limit_alphabet must be at least 1, got {self.limit_alphabet}")
 
     def output_config(self) -> dict:
+        """The settings that decide the output: the stage fingerprint's config."""
         values = asdict(self)
         for key in ("corpus", "out", "force", "from_path"):
             values.pop(key)

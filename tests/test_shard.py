@@ -243,6 +243,17 @@ def test_binary_file_is_skipped_and_counted(tmp_path, caplog):
     assert "image.txt" in caplog.text
 
 
+def test_truncated_gzip_keeps_earlier_documents_and_is_counted(tmp_path):
+    path = tmp_path / "in" / "cut.txt.gz"
+    path.parent.mkdir()
+    docs = [f"Document number {i} is here. It has two sentences." for i in range(2000)]
+    data = gzip.compress("\n\n".join(docs).encode())
+    path.write_bytes(data[: len(data) // 2])
+    manifest = run(tmp_path, [path])
+    assert manifest["stats"]["unreadable_files"] == 1
+    assert 0 < manifest["stats"]["documents"] < 2000
+
+
 def test_fifty_megabyte_single_line_is_chunked_quickly(tmp_path):
     path = tmp_path / "in" / "huge.txt"
     path.parent.mkdir()
