@@ -40,9 +40,9 @@ def make_vocab(directory: Path, num_words: int = NUM_WORDS, prefix: str = "w") -
 
 
 def _segment(rng: np.random.Generator, length: int, num_words: int) -> list[int]:
-    # A learnable sequence: mostly "next word = previous + 1", with a little noise.
-    start = int(rng.integers(0, num_words))
-    words = [(start + i) % num_words for i in range(length)]
+    # Learnable text: mostly a cycle through 10 words ("next = previous + 1"), 10% noise over the vocabulary.
+    start = int(rng.integers(0, 10))
+    words = [(start + i) % 10 for i in range(length)]
     noise = rng.random(length) < 0.1
     words = [int(rng.integers(0, num_words)) if n else w for w, n in zip(words, noise, strict=True)]
     return [5 + w for w in words]

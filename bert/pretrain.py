@@ -1,0 +1,557 @@
+"""MLM + NSP pretraining on every rank: ``setup`` (config, process group) → ``main`` (model, data) → ``fit``.
+
+Run it as ``deepspeed --module bert.pretrain --config FILE`` (every rank), as ``python -m bert.pretrain
+--config FILE`` (one process: still DeepSpeed, a world of one over gloo), or call ``main(TrainConfig(...))``.
+
+OUT/ holds: train_config.json, deepspeed_config.json (resolved), checkpoints/<step-N>/ (DeepSpeed's, plus
+bertpipe_state.json) and checkpoints/latest, hf/ (transformers-loadable model + tokenizer), metrics.jsonl,
+tensorboard/, data_log/rank<R>.jsonl (on request), logs/error-rank<R>.txt (when a rank fails), result.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bert import engine as eng
+from bert.data import (
+    Collator,
+    DataPosition,
+    ExampleShards,
+    RankBatches,
+    open_split,
+    read_vocab_tokens,
+    vocab_dir_of,
+)
+from bert.model import BertConfig, BertForPreTraining
+from bert.optim import build_optimizer, lr_multiplier
+from bert.train_config import BatchSizes, TrainConfig
+from data_prep.schema import SPECIAL_ID_NAMES, ExampleMetadata, vocab_fingerprint
+
+log = logging.getLogger("bert.pretrain")
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "bertpipe_state.json"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class PretrainResult:
+    """What a run did: where it stopped and why, its last metrics, its checkpoint and export."""
+
+    out: str
+    step: int
+    stop_reason: str  # max_steps | time_budget | sigterm
+    metrics: dict = field(default_factory=dict)
+    eval_metrics: dict | None = None
+    checkpoint: str | None = None
+    hf_dir: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything ``fit`` needs, built by ``main``."""
+
+    config: TrainConfig
+    out: Path
+    rank: int
+    world_size: int
+    batch: BatchSizes
+    model_config: BertConfig
+    metadata: ExampleMetadata
+    vocab_dir: Path
+    tokens: list[str]
+    train: ExampleShards
+    valid: ExampleShards | None
+    collator: Collator
+    engine: eng.Engine | None = None
+    batches: RankBatches | None = None
+
+
+# --- setup: what the examples, tokenizer and model must agree on --------------------------------------
+
+
+def special_ids_of(tokens: list[str]) -> dict[str, int]:
+    return {name: tokens.index(tok) for tok, name in SPECIAL_ID_NAMES.items() if tok in tokens}
+
+
+def build_model_config(spec: str, metadata: ExampleMetadata, overrides: dict) -> BertConfig:
+    """A preset (vocabulary size and [PAD] from the examples) or an HF config.json, plus overrides."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_dir() or path.exists():
+        if not (path / "config.json" if path.is_dir() else path).exists():
+            raise ValueError(f"model config {spec} does not exist: give a preset name or an HF config.json")
+        return BertConfig.from_json_file(path, **overrides)
+    sizes = {"vocab_size": metadata.vocab_size, "pad_token_id": metadata.special_ids.get("pad", 0)}
+    return BertConfig.preset(spec, **{**sizes, **overrides})
+
+
+def agreement_problems(
+    metadata: ExampleMetadata, model_config: BertConfig, tokens: list[str], where_tokens: str
+) -> list[str]:
+    """Every way the examples disagree with the tokenizer and the model (empty when they agree)."""
+    problems = metadata.mismatches(
+        vocab_size=model_config.vocab_size,
+        special_ids=special_ids_of(tokens),
+        max_position_embeddings=model_config.max_position_embeddings,
+        vocab_fingerprint=vocab_fingerprint(tokens),
+    )
+    if len(tokens) > model_config.vocab_size:
+        problems.append(
+            f"the tokenizer {where_tokens} has {len(tokens)} ids, the model only {model_config.vocab_size}"
+        )
+    pad = metadata.special_ids.get("pad")
+    if model_config.pad_token_id is not None and pad is not None and model_config.pad_token_id != pad:
+        problems.append(
+            f"[PAD] is id {pad} in the examples, the model's pad_token_id is {model_config.pad_token_id}"
+        )
+    return problems
+
+
+def resolve_init(init_from: str) -> Path:
+    """The HF directory to start from: the directory itself, or a run directory's hf/ export."""
+    path = Path(init_from)
+    for candidate in (path, path / "hf"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise ValueError(
+        f"--init-from {init_from} is neither a Hugging Face directory (config.json + weights) nor a "
+        "pretraining run directory with an hf/ export"
+    )
+
+
+def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
+    """Open the shards and check examples, tokenizer and model agree; ValueError listing every mismatch."""
+    batch = config.batch_sizes(world_size)
+    train = open_split(config.examples, "train")
+    if train is None:
+        raise ValueError(f"{config.examples} has no train/*.arrow shards")
+    valid = open_split(config.examples, "valid")
+    metadata = train.metadata
+    if valid is not None and valid.metadata != metadata:
+        raise ValueError(f"{config.examples}: the valid shards' metadata differs from the train shards'")
+    vocab_dir = Path(config.vocab) if config.vocab else vocab_dir_of(config.examples, metadata)
+    if vocab_dir is None:
+        raise ValueError(
+            f"the examples manifest in {config.examples} does not record its vocabulary: pass --vocab DIR "
+            "(the vocab stage directory the examples were made with)"
+        )
+    tokens = read_vocab_tokens(vocab_dir)
+    if vocab_dir.is_file():
+        vocab_dir = vocab_dir.parent
+    problems: list[str] = []
+    if config.init_from:
+        init_dir = resolve_init(config.init_from)
+        model_config = BertConfig.from_json_file(init_dir, **config.model_overrides)
+        problems += agreement_problems(metadata, model_config, tokens, f"at {vocab_dir}")
+        if any((init_dir / name).exists() for name in ("vocab.txt", "tokenizer.json")):
+            init_tokens = read_vocab_tokens(init_dir)
+            if vocab_fingerprint(init_tokens) != vocab_fingerprint(tokens):
+                problems.append(
+                    f"--init-from {init_dir} was trained with another vocabulary than {vocab_dir}"
+                )
+    else:
+        model_config = build_model_config(config.model_config, metadata, config.model_overrides)
+        problems += agreement_problems(metadata, model_config, tokens, f"at {vocab_dir}")
+    if problems:
+        raise ValueError(
+            f"the examples in {config.examples} do not match the model and tokenizer; nothing was trained:\n  - "
+            + "\n  - ".join(problems)
+        )
+    collator = Collator(metadata, config.seed, config.pad_to_multiple_of, tokens)
+    return Run(config, Path(config.out), rank, world_size, batch, model_config, metadata, vocab_dir, tokens,
+               train, valid, collator)  # fmt: skip
+
+
+# --- checkpoints and export -----------------------------------------------------------------------------
+
+
+def checkpoint_tags(checkpoint_dir: Path) -> list[str]:
+    """Tags of the saved checkpoints, oldest first."""
+    tags = [p.name for p in checkpoint_dir.glob("step-*") if (p / STATE_FILE).exists()]
+    return sorted(tags, key=lambda t: int(t.split("-")[1]))
+
+
+def save_checkpoint(run: Run) -> Path:
+    """A DeepSpeed checkpoint on every rank, the data position in client_state; keeps the last N."""
+    engine, step = run.engine, run.engine.global_step
+    checkpoint_dir = run.out / CHECKPOINTS
+    tag = f"step-{step}"
+    state = {
+        "step": step,
+        "data": run.batches.position.to_dict(),
+        "seed": run.config.seed,
+        "global_batch_size": run.batch.global_batch_size,
+        "world_size": run.world_size,
+        "zero_stage": engine.zero_stage,
+        "precision": engine.precision,
+    }
+    engine.save(checkpoint_dir, tag, {"bertpipe": state})
+    eng.barrier()
+    if run.rank == 0:
+        from data_prep.manifest import write_json_atomic
+
+        write_json_atomic(checkpoint_dir / tag / STATE_FILE, state)
+        for old in checkpoint_tags(checkpoint_dir)[: -run.config.keep_last]:
+            shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
+    eng.barrier()
+    log.info("saved checkpoint %s", checkpoint_dir / tag)
+    return checkpoint_dir / tag
+
+
+def resume(run: Run) -> DataPosition:
+    """Load the latest checkpoint, refusing one it cannot continue exactly; the data position to go on from."""
+    checkpoint_dir = run.out / CHECKPOINTS
+    latest = checkpoint_dir / "latest"
+    if not latest.exists():
+        log.warning("--resume: %s holds no checkpoint yet, starting from step 0", checkpoint_dir)
+        return DataPosition()
+    tag = latest.read_text().strip()
+    state_file = checkpoint_dir / tag / STATE_FILE
+    if not state_file.exists():
+        raise ValueError(
+            f"checkpoint {checkpoint_dir / tag} is incomplete (no {STATE_FILE}): delete it to resume from an earlier one"
+        )
+    state = json.loads(state_file.read_text())
+    partitioned = state["zero_stage"] > 0 or run.engine.zero_stage > 0 or state["precision"] == "bf16"
+    if state["world_size"] != run.world_size and partitioned:
+        raise ValueError(
+            f"checkpoint {tag} was written by {state['world_size']} ranks with ZeRO stage {state['zero_stage']} "
+            f"({state['precision']}): its optimizer state is partitioned for that world size and cannot be "
+            f"resumed on {run.world_size} ranks. Resume with the same number of ranks, or start a new run with "
+            f"--init-from (weights only, fresh optimizer)"
+        )
+    if state["global_batch_size"] != run.batch.global_batch_size:
+        raise ValueError(
+            f"checkpoint {tag} was trained with a global batch of {state['global_batch_size']}, this run asks for "
+            f"{run.batch.global_batch_size}: resume with the same global batch (micro × accumulation × ranks)"
+        )
+    client_state = run.engine.load(checkpoint_dir, tag)
+    data = client_state["bertpipe"]["data"]
+    log.info(
+        "resumed from %s at step %d (epoch %d, sample %d)",
+        tag,
+        run.engine.global_step,
+        data["epoch"],
+        data["cursor"],
+    )
+    return DataPosition(**data)
+
+
+def export_hf(run: Run, checkpoint: Path) -> Path:
+    """OUT/hf: config.json + model.safetensors (ZeRO partitions merged, fp32) + the tokenizer files."""
+    eng.barrier()
+    hf_dir = run.out / "hf"
+    if run.rank == 0:
+        state = run.engine.consolidated_state_dict(checkpoint.parent, checkpoint.name)
+        model = BertForPreTraining(run.model_config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in model.tied_weights]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
+            )
+        tmp = run.out / ".hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        write_tokenizer_files(run, tmp)
+        old = run.out / ".hf.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if hf_dir.exists():
+            hf_dir.rename(old)
+        tmp.rename(hf_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("exported %s", hf_dir)
+    eng.barrier()
+    return hf_dir
+
+
+def write_tokenizer_files(run: Run, directory: Path) -> None:
+    """Copy the vocabulary's tokenizer files; write vocab.txt / tokenizer_config.json when it has none."""
+    for name in TOKENIZER_FILES:
+        if (run.vocab_dir / name).exists():
+            shutil.copyfile(run.vocab_dir / name, directory / name)
+    if not (directory / "vocab.txt").exists():
+        (directory / "vocab.txt").write_text("\n".join(run.tokens) + "\n", encoding="utf-8")
+    if not (directory / "tokenizer_config.json").exists():
+        tokenizer_config = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": bool(run.metadata.lowercase) if run.metadata.lowercase is not None else True,
+            "model_max_length": run.model_config.max_position_embeddings,
+            "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+        }  # fmt: skip
+        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Remembers a SIGTERM; the loop checks it between steps and checkpoints before leaving."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluation_batches(run: Run) -> list[dict]:
+    """This rank's share of the first ``eval_samples`` valid examples (masking seeded as in epoch 0)."""
+    n = min(run.config.eval_samples, len(run.valid)) // run.world_size * run.world_size
+    mine = np.arange(n)[run.rank :: run.world_size]
+    size = run.batch.micro_batch_size
+    return [run.collator(run.valid, mine[i : i + size], epoch=0) for i in range(0, len(mine), size)]
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard + a progress bar, on rank 0 only."""
+
+    def __init__(self, run: Run, start_step: int):
+        self.active = run.rank == 0
+        self.path = run.out / "metrics.jsonl"
+        self.writer = self.bar = None
+        if not self.active:
+            return
+        if self.path.exists():  # a resumed run: drop records past the checkpoint it continues from
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= start_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if run.config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=start_step + 1)
+        if run.config.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.config.max_steps, initial=start_step, desc="pretrain", unit="step",
+                            dynamic_ncols=True, mininterval=1.0, file=sys.stderr)  # fmt: skip
+
+    def write(self, record: dict, prefix: str = "train") -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self.bar is not None and prefix == "train":
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(run: Run) -> PretrainResult:
+    """Train until max_steps, the time budget or SIGTERM; checkpoint, evaluate and export on the way."""
+    config, engine = run.config, run.engine
+    metrics_log = MetricsLog(run, engine.global_step)
+    data_log = None
+    if config.log_example_indices:
+        (run.out / "data_log").mkdir(parents=True, exist_ok=True)
+        data_log = open(run.out / "data_log" / f"rank{run.rank}.jsonl", "a")  # noqa: SIM115
+    budget = config.time_budget_seconds
+    started = time.monotonic()
+    last_step_s, record, eval_metrics, checkpoint, hf_dir = 0.0, {}, None, None, None
+    saved_step = exported_step = None
+    with StopSignal() as stop:
+        while True:
+            if config.max_steps is not None and engine.global_step >= config.max_steps:
+                stop_reason = "max_steps"
+                break
+            out_of_time = budget is not None and time.monotonic() - started + last_step_s >= budget
+            code = eng.agree_stop(2 if stop.received else 1 if out_of_time else 0)
+            if code:
+                stop_reason = "sigterm" if code == 2 else "time_budget"
+                break
+            t0 = time.perf_counter()
+            epoch, micro_indices = run.batches.next()
+            micro_batches = [run.collator(run.train, indices, epoch) for indices in micro_indices]
+            metrics = engine.step(micro_batches)
+            last_step_s = time.perf_counter() - t0
+            step = engine.global_step
+            record = {"step": step, "epoch": epoch, **metrics}
+            record.update(
+                step_time_s=last_step_s,
+                tokens_per_s=metrics["tokens"] / last_step_s,
+                tokens_per_s_per_rank=metrics["tokens"] / last_step_s / run.world_size,
+                samples_per_s=metrics["samples"] / last_step_s,
+            )
+            if data_log is not None:
+                data_log.write(
+                    json.dumps(
+                        {"step": step, "epoch": epoch, "indices": [int(i) for b in micro_indices for i in b]}
+                    )
+                    + "\n"
+                )
+            if step % config.log_every == 0:
+                metrics_log.write(record)
+            if config.save_every and step % config.save_every == 0:
+                checkpoint, saved_step = save_checkpoint(run), step
+            if config.eval_every and step % config.eval_every == 0 and run.valid is not None:
+                eval_metrics = {"step": step, **engine.evaluate(evaluation_batches(run))}
+                metrics_log.write(
+                    {f"eval_{k}" if k != "step" else k: v for k, v in eval_metrics.items()}, "eval"
+                )
+            if config.export_every and step % config.export_every == 0:
+                if saved_step != step:
+                    checkpoint, saved_step = save_checkpoint(run), step
+                hf_dir, exported_step = export_hf(run, checkpoint), step
+        step = engine.global_step
+        if saved_step != step and step > 0:
+            checkpoint = save_checkpoint(run)
+        if stop_reason != "sigterm" and step > 0:
+            if run.valid is not None and (eval_metrics is None or eval_metrics["step"] != step):
+                eval_metrics = {"step": step, **engine.evaluate(evaluation_batches(run))}
+                metrics_log.write(
+                    {f"eval_{k}" if k != "step" else k: v for k, v in eval_metrics.items()}, "eval"
+                )
+            if exported_step != step:
+                hf_dir = export_hf(run, checkpoint)
+    metrics_log.close()
+    if data_log is not None:
+        data_log.close()
+    log.info("stopped at step %d (%s)", step, stop_reason)
+    return PretrainResult(str(run.out), step, stop_reason, record, eval_metrics,
+                          str(checkpoint) if checkpoint else None, str(hf_dir) if hf_dir else None)  # fmt: skip
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
+    """Build everything for ``config`` on this rank, then train (or, with ``do_train=False``, return the Run)."""
+    rank, world_size = eng.init_distributed()
+    run = load_run_inputs(config, rank, world_size)  # refuses mismatched examples before any training
+    out = run.out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if not config.resume and (out / CHECKPOINTS / "latest").exists():
+        raise ValueError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+        )
+    ds_config, _ = eng.fill_deepspeed_config(
+        eng.load_deepspeed_config(config.deepspeed_config), config, run.batch, run.model_config.hidden_size
+    )
+    if config.init_from:
+        model = BertForPreTraining.from_pretrained(resolve_init(config.init_from), **config.model_overrides)
+        model.train()
+    else:
+        torch.manual_seed(config.seed)  # the same initial weights on every rank and every run
+        model = BertForPreTraining(run.model_config)
+    optimizer = build_optimizer(
+        model, config.optimizer, config.lr, config.betas, config.eps, config.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        schedule = lr_multiplier(step, config.warmup_steps, config.total_schedule_steps, config.decay,
+                                 config.decay_power, config.min_lr_ratio)  # fmt: skip
+        return config.lr * schedule
+
+    run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed)
+    position = resume(run) if config.resume else DataPosition()
+    run.batches = RankBatches(run.train, config.seed, rank, world_size, run.batch.micro_batch_size,
+                              run.batch.gradient_accumulation_steps, config.bucket_batches, position)  # fmt: skip
+    if rank == 0:
+        from data_prep.manifest import write_json_atomic
+
+        write_json_atomic(out / "train_config.json", config.to_dict())
+        write_json_atomic(out / "deepspeed_config.json", ds_config)
+        log.info(
+            "world %d, global batch %d = micro %d × accumulation %d × %d ranks; %d train examples (%d steps/epoch); "
+            "model %s, %d parameters; %s, ZeRO-%d",
+            world_size, run.batch.global_batch_size, run.batch.micro_batch_size,
+            run.batch.gradient_accumulation_steps, world_size, len(run.train), run.batches.batches_per_epoch,
+            config.model_config if not config.init_from else config.init_from, model.num_parameters(),
+            run.engine.precision, run.engine.zero_stage,
+        )  # fmt: skip
+    if not do_train:
+        return run
+    result = fit(run)
+    if rank == 0:
+        from data_prep.manifest import write_json_atomic
+
+        write_json_atomic(out / "result.json", asdict(result))
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """``--config FILE`` (TrainConfig JSON) with a few overrides; the launcher's --local_rank is accepted."""
+    parser = argparse.ArgumentParser(prog="bert.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="TrainConfig JSON (bertpipe pretrain writes one)")
+    parser.add_argument("--resume", action="store_true", default=None)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--time-budget")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    values = json.loads(Path(args.config).read_text())
+    for key in ("resume", "max_steps", "time_budget"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    return TrainConfig.from_dict(values), args
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Per-rank entry point; a failure is written to OUT/logs/error-rank<R>.txt for the launcher's caller."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
+    out = None
+    try:
+        config, _ = parse_args(argv)
+        out = Path(config.out)
+        result = main(config)
+        log.info("done: %s", json.dumps({"step": result.step, "stop_reason": result.stop_reason}))
+        return 0
+    except (ValueError, FileNotFoundError) as e:  # a user mistake: one clear message, no traceback
+        message, detail = str(e), traceback.format_exc()
+        log.error("%s", message)
+        code = 2
+    except Exception as e:
+        message, detail = f"{type(e).__name__}: {e}", traceback.format_exc()
+        log.error("%s", detail)
+        code = 1
+    if out is not None:
+        try:
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+            (out / "logs" / f"error-rank{rank}.txt").write_text(message + "\n\n" + detail)
+        except OSError:
+            pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
