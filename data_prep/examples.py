@@ -91,42 +91,50 @@ def segment_document(
     doc_id = block.doc_ids[doc]
     pool_cum, pool_bounds, pool_ids = pool.sent_offsets, pool.doc_bounds, pool.doc_ids
     num_pool_docs = len(pool_ids)
+    rand = rng.random  # draw_int inlined below: this loop runs once per example
+    a_start, a_lens, a_doc = out.a_start.append, out.a_len.append, out.a_doc_id.append
+    b_start, b_lens, b_doc = out.b_start.append, out.b_len.append, out.b_doc_id.append
+    random_next, short_target = out.is_random_next.append, out.short_target.append
     i = first
     while i < end:
         target = max_num_tokens
-        short = rng.random() < short_seq_prob
+        short = rand() < short_seq_prob
         if short:
-            target = draw_int(rng, 2, max_num_tokens)
+            target = 2 + int(rand() * (max_num_tokens - 1))  # uniform in [2, max_num_tokens]
         # First sentence boundary k with cum[k] - cum[i] >= target: the chunk is sentences i .. k - 1.
-        chunk_end = min(bisect_left(cum, cum[i] + target, i + 1, end + 1), end)
+        chunk_end = bisect_left(cum, cum[i] + target, i + 1, end + 1)
+        if chunk_end > end:
+            chunk_end = end
         num_segments = chunk_end - i
-        a_end = i + (1 if num_segments == 1 else draw_int(rng, 1, num_segments - 1))
+        a_end = i + (1 if num_segments == 1 else 1 + int(rand() * (num_segments - 1)))
         a_len = cum[a_end] - cum[i]
-        out.a_start.append(cum[i])
-        out.a_len.append(a_len)
-        out.a_doc_id.append(doc_id)
-        out.short_target.append(short)
-        if num_segments == 1 or rng.random() < 0.5:
+        a_start(cum[i])
+        a_lens(a_len)
+        a_doc(doc_id)
+        short_target(short)
+        if num_segments == 1 or rand() < 0.5:
             # Google tries ten times for a document other than this one.
-            other = draw_int(rng, 0, num_pool_docs - 1)
+            other = int(rand() * num_pool_docs)
             for _ in range(9):
                 if pool_ids[other] != doc_id:
                     break
-                other = draw_int(rng, 0, num_pool_docs - 1)
+                other = int(rand() * num_pool_docs)
             p_first, p_end = pool_bounds[other], pool_bounds[other + 1] - 1
-            start = draw_int(rng, p_first, p_end - 1)
+            start = p_first + int(rand() * (p_end - p_first))
             # Whole sentences from ``start`` until at least target - len(A) tokens (at least one sentence).
-            stop = min(bisect_left(pool_cum, pool_cum[start] + target - a_len, start + 1, p_end + 1), p_end)
-            out.b_start.append(pool_cum[start])
-            out.b_len.append(pool_cum[stop] - pool_cum[start])
-            out.b_doc_id.append(pool_ids[other])
-            out.is_random_next.append(1)
+            stop = bisect_left(pool_cum, pool_cum[start] + target - a_len, start + 1, p_end + 1)
+            if stop > p_end:
+                stop = p_end
+            b_start(pool_cum[start])
+            b_lens(pool_cum[stop] - pool_cum[start])
+            b_doc(pool_ids[other])
+            random_next(1)
             i = a_end  # the chunk's sentences after A were not used: put them back
         else:
-            out.b_start.append(cum[a_end])
-            out.b_len.append(cum[chunk_end] - cum[a_end])
-            out.b_doc_id.append(doc_id)
-            out.is_random_next.append(0)
+            b_start(cum[a_end])
+            b_lens(cum[chunk_end] - cum[a_end])
+            b_doc(doc_id)
+            random_next(0)
             i = chunk_end
 
 
@@ -208,12 +216,13 @@ def assemble_examples(
     ids[starts + len_a + 1] = sep_id
     ids[offsets[1:] - 1] = sep_id
     ids[segment_index(starts + 1, len_a)] = block_ids[segment_index(a_start, len_a)]
+    token_type_ids = np.zeros(len(ids), dtype=np.uint8)
+    token_type_ids[offsets[1:] - 1] = 1
     random_next = spans["is_random_next"].astype(bool)
     for source, rows in ((block_ids, ~random_next), (pool_ids, random_next)):
         b_dest = segment_index((starts + len_a + 2)[rows], len_b[rows])
         ids[b_dest] = source[segment_index(b_start[rows], len_b[rows])]
-    position = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)
-    token_type_ids = (position >= np.repeat(len_a + 2, lengths)).astype(np.uint8)
+        token_type_ids[b_dest] = 1
     return ExampleArrays(
         input_ids=ids,
         token_type_ids=token_type_ids,
@@ -245,23 +254,26 @@ def _special_positions(examples: ExampleArrays) -> tuple[np.ndarray, np.ndarray,
 
 
 def _choose_tokens(
-    row: np.ndarray, position: np.ndarray, special: np.ndarray, wanted: np.ndarray, width: int, rng
-) -> np.ndarray:
-    """A uniformly random set of ``wanted[row]`` candidate tokens per example (a boolean per token).
+    lengths: np.ndarray, len_a: np.ndarray, wanted: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A uniformly random set of ``wanted[i]`` candidate positions per example: (row, position), ascending.
 
-    Each token gets a random 64-bit key with its position in the low bits (so keys never tie); the chosen
-    tokens are those at or below the ``wanted``-th smallest key of their row.
+    On an (examples × max length) grid every position gets a random 64-bit key with the position in its low
+    bits (so keys never tie); [CLS], [SEP] and padding get the largest key. The chosen positions are those
+    at or below the ``wanted``-th smallest key of their row.
     """
-    keys = rng.integers(0, np.iinfo(np.int64).max, size=len(row), dtype=np.int64).astype(np.uint64)
-    keys = (keys >> np.uint64(COLUMN_BITS) << np.uint64(COLUMN_BITS)) | position.astype(np.uint64)
-    never = np.iinfo(np.uint64).max
-    keys[special] = never
-    grid = np.full((len(wanted), width), never, dtype=np.uint64)
-    grid[row, position] = keys
+    num_examples, width = len(lengths), int(lengths.max())
+    column = np.arange(width, dtype=np.uint64)
+    keys = rng.bit_generator.random_raw((num_examples, width))
+    keys &= np.uint64(~((1 << COLUMN_BITS) - 1) & 0xFFFFFFFFFFFFFFFF)
+    keys |= column
+    col = column.astype(np.int64)
+    never = (col == 0) | (col == (len_a + 1)[:, None]) | (col >= (lengths - 1)[:, None])
+    keys[never] = np.iinfo(np.uint64).max
     most = int(wanted.max())
-    smallest = np.sort(np.partition(grid, most - 1, axis=1)[:, :most], axis=1)
-    threshold = smallest[np.arange(len(wanted)), wanted - 1]
-    return keys <= threshold[row]
+    smallest = np.sort(np.partition(keys, most - 1, axis=1)[:, :most], axis=1)
+    threshold = smallest[np.arange(num_examples), wanted - 1]
+    return np.nonzero(keys <= threshold[:, None])
 
 
 def _choose_whole_words(
@@ -319,27 +331,31 @@ def mask_examples(
     from ``replacement_ids`` (no special tokens), 10% unchanged. With ``is_continuation`` (a bool per vocab
     id, True for "##" pieces) whole words are chosen, never split. Positions come out ascending.
     """
-    row, position, special = _special_positions(examples)
     lengths = examples.lengths
     uncapped = np.maximum(1, np.rint(lengths * masked_lm_prob).astype(np.int64))
     wanted = np.minimum(num_to_predict(lengths, masked_lm_prob, max_predictions_per_seq), lengths - 3)
     ids = examples.input_ids
     if is_continuation is None:
-        chosen = _choose_tokens(row, position, special, wanted, int(lengths.max()), rng)
+        row, position = _choose_tokens(lengths, examples.len_a, wanted, rng)
+        selected = examples.offsets[row] + position
+        candidates = int((lengths - 3).sum())
     else:
+        token_row, token_position, special = _special_positions(examples)
         after_special = np.zeros(len(ids), dtype=bool)
         after_special[1:] = special[:-1]
         # A "##" piece right after [CLS]/[SEP] (front truncation) starts a word of its own.
         word_start = ~special & (~is_continuation[ids] | after_special)
-        chosen = _choose_whole_words(row, special, word_start, wanted, rng)
-    selected = np.flatnonzero(chosen)  # ascending, so positions are ascending within each example
-    labels = ids[selected].copy()
+        selected = np.flatnonzero(_choose_whole_words(token_row, special, word_start, wanted, rng))
+        row, position = token_row[selected], token_position[selected]
+        candidates = int((~special).sum())
+    # ``selected`` is ascending, so positions are ascending within each example.
+    labels = ids[selected]  # fancy indexing copies
     draw = rng.random(len(selected))
     to_mask, to_random = draw < 0.8, draw >= 0.9
     ids[selected[to_mask]] = mask_id
     ids[selected[to_random]] = replacement_ids[rng.integers(0, len(replacement_ids), int(to_random.sum()))]
-    counts = np.bincount(row[selected], minlength=examples.num_examples)
-    examples.masked_lm_positions = position[selected].astype(np.uint16)
+    counts = np.bincount(row, minlength=examples.num_examples)
+    examples.masked_lm_positions = position.astype(np.uint16)
     examples.masked_lm_ids = labels
     examples.masked_lm_offsets = np.zeros(examples.num_examples + 1, dtype=np.int64)
     np.cumsum(counts, out=examples.masked_lm_offsets[1:])
@@ -348,7 +364,7 @@ def mask_examples(
         "masked_as_mask": int(to_mask.sum()),
         "masked_as_random": int(to_random.sum()),
         "capped": int((uncapped > max_predictions_per_seq).sum()),
-        "candidates": int((~special).sum()),
+        "candidates": candidates,
     }
 
 
