@@ -542,8 +542,16 @@ def main(config: FinetuneConfig) -> dict[str, Any]:
     hp = resolve_hyperparameters(config, task)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    try:
+        return _run(config, task, hp, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: FinetuneConfig, task: T.Task, hp: dict[str, Any], out: Path) -> dict[str, Any]:
     labels, data = prepare_data(config, task, hp)
     pad_id = (
         json.loads(Path(config.model, "config.json").read_text(encoding="utf-8")).get("pad_token_id") or 0
