@@ -170,6 +170,13 @@ def examples(
 # --- finetune ---------------------------------------------------------------------------------------
 
 
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 @app.command()
 def finetune(
     task: str = typer.Option(
@@ -226,7 +233,7 @@ def finetune(
     try:
         config = FinetuneConfig(
             task=task, model=model, out=out, train=train, eval=eval_,
-            seeds=tuple(int(s) for s in seeds.split(",") if s.strip()),
+            seeds=_parse_seeds(seeds),
             epochs=epochs, lr=lr, batch_size=batch_size, max_seq_length=max_seq_length,
             eval_batch_size=eval_batch_size, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, doc_stride=doc_stride, max_answer_length=max_answer_length,
