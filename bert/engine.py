@@ -290,7 +290,7 @@ def checkpoint_state_dict(
         if not files:
             raise ValueError(f"{tag_dir} holds no model states: not a DeepSpeed checkpoint")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in state.items()}
+    return {k: v.detach().float() for k, v in state.items()}
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

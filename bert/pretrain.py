@@ -508,6 +508,93 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
     return result
 
 
+# --- the launcher: `bertpipe pretrain` runs this in the parent process ----------------------------------
+
+
+class LaunchError(ValueError):
+    """A run that failed on some rank; the message is that rank's error."""
+
+
+def world_size_of(num_gpus: int | None, hostfile: str | None) -> int:
+    """Ranks the launcher will start: --num-gpus, or the slots of a hostfile ("host slots=N" lines)."""
+    if hostfile is None:
+        return num_gpus or 1
+    path = Path(hostfile)
+    if not path.exists():
+        raise ValueError(f"hostfile {hostfile} does not exist")
+    total = 0
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            slots = [part.split("=")[1] for part in line.split() if part.startswith("slots=")]
+            if not slots:
+                raise ValueError(f"hostfile line {line!r} has no slots=N")
+            total += int(slots[0])
+    if total < 1:
+        raise ValueError(f"hostfile {hostfile} lists no slots")
+    return total
+
+
+def launcher_command(
+    config_file: Path, num_gpus: int | None, hostfile: str | None, master_port: int
+) -> list[str]:
+    """The `deepspeed` launcher command that runs this module on every rank."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
+    if launcher is None:
+        raise ValueError(
+            "the `deepspeed` launcher is not installed in this environment: pip install deepspeed"
+        )
+    where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(num_gpus or 1)]
+    return [launcher, *where, "--master_port", str(master_port), "--module", "bert.pretrain",
+            "--config", str(config_file)]  # fmt: skip
+
+
+def launch(config: TrainConfig, num_gpus: int | None = None, hostfile: str | None = None) -> PretrainResult:
+    """Check the inputs, run every rank through the deepspeed launcher, return rank 0's result.
+
+    Raises LaunchError with the failing rank's message (the earliest error file) when a rank fails.
+    """
+    import socket
+    import subprocess
+
+    world_size = world_size_of(num_gpus, hostfile)
+    load_run_inputs(config, 0, world_size)  # mismatches and batch arithmetic fail here, before any launch
+    out = Path(config.out)
+    if not config.resume and (out / CHECKPOINTS / "latest").exists():
+        raise ValueError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "logs").glob("error-rank*.txt"):
+        stale.unlink()
+    (out / "result.json").unlink(missing_ok=True)
+    config_file = out / "launch_config.json"
+    config.to_json_file(config_file)
+    with socket.socket() as s:  # a free port: other runs on this machine may hold 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = launcher_command(config_file, num_gpus, hostfile, port)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    log.info("launching: %s", " ".join(command))
+    process = subprocess.Popen(command, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    try:
+        code = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0 or not (out / "result.json").exists():
+        errors = sorted((out / "logs").glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
+        if errors:
+            rank = errors[0].stem.removeprefix("error-rank")
+            message = errors[0].read_text().split("\n\n")[0].strip()
+            raise LaunchError(f"rank {rank} failed: {message}\n(full traceback: {errors[0]})")
+        raise LaunchError(f"the deepspeed launcher exited with code {code}; see the ranks' output above")
+    return PretrainResult(**json.loads((out / "result.json").read_text()))
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     """``--config FILE`` (TrainConfig JSON) with a few overrides; the launcher's --local_rank is accepted."""
     parser = argparse.ArgumentParser(prog="bert.pretrain", description=__doc__.splitlines()[0])

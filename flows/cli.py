@@ -250,3 +250,89 @@ def finetune(
         typer.echo(f"{out}/metrics.json: {summary['task']} median over seeds: {scores}")
     if summary["degenerate_seeds"]:
         typer.echo(f"degenerate seeds (not scored): {summary['degenerate_seeds']}", err=True)
+
+
+# --- pretrain ----------------------------------------------------------------------------------------------
+@app.command()
+def pretrain(
+    examples: Path = typer.Option(None, "--examples", help="A finished `bertpipe examples` directory."),
+    out: Path = typer.Option(None, "--out", help="Run directory (checkpoints/, hf/, metrics.jsonl)."),
+    model_config: str = typer.Option(
+        None, "--model-config", help="Preset (tiny/mini/small/base/large) or config.json."
+    ),
+    deepspeed_config: Path = typer.Option(
+        None, "--deepspeed-config", help="DeepSpeed JSON (deepspeed_configs/)."
+    ),
+    num_gpus: int = typer.Option(
+        None, "--num-gpus", help="Ranks on this machine (CPU: processes over gloo)."
+    ),
+    hostfile: Path = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for several nodes."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps from the start of training."),
+    time_budget: str = typer.Option(None, "--time-budget", help="Wall time of this run, e.g. 2h, 90m."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/latest."),
+    init_from: Path = typer.Option(None, "--init-from", help="Phase 2: start from this HF dir or run dir."),
+    vocab: Path = typer.Option(None, "--vocab", help="Vocabulary (default: the one the examples record)."),
+    config_file: Path = typer.Option(None, "--config", help="TrainConfig JSON; the flags override it."),
+    global_batch_size: int = typer.Option(None, "--global-batch-size", help="micro × accumulation × ranks."),
+    micro_batch_size: int = typer.Option(
+        None, "--micro-batch-size", help="Examples per rank per micro step."
+    ),
+    accumulation: int = typer.Option(
+        None, "--gradient-accumulation-steps", help="Micro steps per optimizer step."
+    ),
+    optimizer: str = typer.Option(None, "--optimizer", help="adamw or lamb."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help="Linear warmup steps."),
+    decay: str = typer.Option(None, "--decay", help="linear, polynomial or constant."),
+    schedule_steps: int = typer.Option(
+        None, "--schedule-steps", help="Schedule length (default --max-steps)."
+    ),
+    precision: str = typer.Option(None, "--precision", help="auto (the DeepSpeed JSON's), fp32, bf16, fp16."),
+    seed: int = typer.Option(None, "--seed", help="Data order, masking, dropout."),
+    save_every: int = typer.Option(None, "--save-every", help="Checkpoint every N steps (0: at the end)."),
+    keep_last: int = typer.Option(None, "--keep-last", help="Checkpoints to keep."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Evaluate every N steps (0: at the end)."),
+    export_every: int = typer.Option(None, "--export-every", help="HF export every N steps (0: at the end)."),
+    log_example_indices: bool = typer.Option(
+        None, "--log-example-indices", help="OUT/data_log/rank<R>.jsonl."
+    ),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on rank 0."),
+) -> None:
+    """Pretrain (MLM + NSP) with DeepSpeed on every rank → OUT/checkpoints, OUT/hf, OUT/metrics.jsonl."""
+    import json
+
+    try:
+        values = json.loads(config_file.read_text()) if config_file else {}
+    except (OSError, json.JSONDecodeError) as e:
+        fail(f"cannot read --config {config_file}: {e}")
+    flags = dict(
+        examples=examples, out=out, model_config=model_config, deepspeed_config=deepspeed_config,
+        max_steps=max_steps, time_budget=time_budget, init_from=init_from, vocab=vocab,
+        global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=accumulation, optimizer=optimizer, lr=lr, warmup_steps=warmup_steps,
+        decay=decay, schedule_steps=schedule_steps, precision=precision, seed=seed, save_every=save_every,
+        keep_last=keep_last, eval_every=eval_every, export_every=export_every,
+        log_example_indices=log_example_indices, progress_bar=progress,
+    )  # fmt: skip
+    values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
+    values["resume"] = resume or values.get("resume", False)
+    if num_gpus is not None and hostfile is not None:
+        fail("give --num-gpus or --hostfile, not both")
+    for name in ("examples", "out"):
+        if not values.get(name):
+            fail(f"--{name} is required")
+    from bert.pretrain import launch
+    from bert.train_config import TrainConfig
+    from data_prep.manifest import StageError
+
+    try:
+        config = TrainConfig.from_dict(values)
+        result = launch(config, num_gpus=num_gpus, hostfile=str(hostfile) if hostfile else None)
+    except (StageError, ValueError, OSError) as e:
+        fail(str(e))
+    loss = result.metrics.get("loss")
+    typer.echo(
+        f"{result.out}: stopped at step {result.step} ({result.stop_reason})"
+        + (f", loss {loss:.4f}" if loss is not None else "")
+        + (f"; model in {result.hf_dir}" if result.hf_dir else "")
+    )

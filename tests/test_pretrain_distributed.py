@@ -1,0 +1,143 @@
+"""Pretraining through real processes: two ranks via the `deepspeed` launcher (gloo, ZeRO-2), SIGTERM, rank errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import make_examples, make_vocab
+
+from bert.engine import checkpoint_state_dict
+from bert.model import BertConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BERTPIPE = Path(sys.executable).parent / "bertpipe"
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("distributed")
+    examples = make_examples(root / "examples", make_vocab(root / "vocab"), num_train=256, num_valid=32)
+    model_config = root / "model.json"
+    BertConfig.preset("tiny", vocab_size=100, **TINY).to_json_file(model_config)
+    return examples, model_config
+
+
+def bertpipe(*args: str, timeout: int = 500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(BERTPIPE), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_zero2_learn_from_different_data_and_export(stage, tmp_path: Path):
+    examples, model_config = stage
+    out = tmp_path / "run"
+    common = ["--examples", str(examples), "--out", str(out), "--model-config", str(model_config),
+              "--deepspeed-config", str(REPO / "deepspeed_configs/zero2_fp32.json"), "--num-gpus", "2",
+              "--micro-batch-size", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-2",
+              "--warmup-steps", "3", "--schedule-steps", "34", "--log-example-indices", "--no-progress"]  # fmt: skip
+    done = bertpipe("pretrain", *common, "--max-steps", "30")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stopped at step 30 (max_steps)" in done.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert all(r["samples"] == 16 for r in train)  # 4 × 2 × 2 ranks
+    assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]]) - 0.5
+
+    logs = [
+        [json.loads(line) for line in (out / f"data_log/rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert len(logs[0]) == len(logs[1]) == 30
+    for a, b in zip(*logs, strict=True):
+        assert a["step"] == b["step"] and len(a["indices"]) == len(b["indices"]) == 8
+        assert not set(a["indices"]) & set(b["indices"])  # the ranks saw different examples
+    epoch0 = [i for log in logs for entry in log if entry["epoch"] == 0 for i in entry["indices"]]
+    assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 256  # an epoch covers every example once
+
+    checkpoint = out / "checkpoints/step-30"
+    assert {p.name for p in checkpoint.glob("*optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.BertForPreTraining.from_pretrained(out / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    merged = checkpoint_state_dict(out / "checkpoints")
+    assert np.allclose(model.state_dict()["bert.encoder.layer.1.output.dense.weight"].numpy(),
+                       merged["bert.encoder.layer.1.output.dense.weight"].numpy())  # fmt: skip
+
+    resumed = bertpipe("pretrain", *common, "--max-steps", "34", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s > 30] == [31, 32, 33, 34, 34]  # four more steps, then the final evaluation
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_failing_rank_is_reported_in_one_clear_message(stage, tmp_path: Path):
+    examples, model_config = stage
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 7}}))
+    done = bertpipe("pretrain", "--examples", str(examples), "--out", str(tmp_path / "run"), "--model-config",
+                    str(model_config), "--deepspeed-config", str(bad), "--num-gpus", "1", "--max-steps", "2")  # fmt: skip
+    assert done.returncode != 0
+    message = done.stderr[
+        done.stderr.index("error: rank 0 failed:") :
+    ]  # the CLI's message, after the rank logs
+    assert "stage" in message and "Input should be 0, 1, 2, 3" in message
+    assert message.strip().splitlines()[-1].startswith("(full traceback:")
+    assert "Traceback" not in message
+
+
+def test_mismatched_examples_fail_before_the_launch(stage, tmp_path: Path):
+    examples, _ = stage
+    other = make_vocab(tmp_path / "other", prefix="x")
+    done = bertpipe("pretrain", "--examples", str(examples), "--out", str(tmp_path / "run"), "--vocab", str(other),
+                    "--max-steps", "2", "--num-gpus", "2")  # fmt: skip
+    assert done.returncode == 2
+    assert "error: the examples" in done.stderr and "fingerprint" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run/checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(stage, tmp_path: Path):
+    examples, model_config = stage
+    out = tmp_path / "run"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"examples": str(examples), "out": str(out), "model_config": str(model_config),
+                                  "max_steps": 100000, "decay": "constant", "micro_batch_size": 4,
+                                  "progress_bar": False, "tensorboard": False}))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "bert.pretrain", "--config", str(config)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["stop_reason"] == "sigterm" and result["step"] >= 3
+    tag = (out / "checkpoints/latest").read_text().strip()
+    assert tag == f"step-{result['step']}"
+    assert checkpoint_state_dict(out / "checkpoints")  # loadable
+    state = json.loads((out / "checkpoints" / tag / "bertpipe_state.json").read_text())
+    assert state["data"]["cursor"] == (result["step"] * 4) % 256 or state["data"]["epoch"] > 0
