@@ -260,16 +260,18 @@ class Engine:
         return client_state or {}
 
     def consolidated_state_dict(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
-        """The full fp32 weights of a saved checkpoint (ZeRO partitions merged); call on one rank."""
-        return checkpoint_state_dict(
-            checkpoint_dir, tag, from_optimizer=self.zero_stage > 0 or self.precision != "fp32"
-        )
+        """The full weights of a saved checkpoint (ZeRO partitions merged); call on one rank."""
+        return checkpoint_state_dict(checkpoint_dir, tag)
 
 
 def checkpoint_state_dict(
-    checkpoint_dir: str | os.PathLike, tag: str | None = None, from_optimizer: bool | None = None
+    checkpoint_dir: str | os.PathLike, tag: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """fp32 weights from a DeepSpeed checkpoint: the ZeRO/bf16 fp32 partitions merged, else the module."""
+    """fp32 weights of a DeepSpeed checkpoint (``latest`` when no tag).
+
+    ZeRO-1/2/3 checkpoints: the fp32 master partitions merged (deepspeed.utils.zero_to_fp32). ZeRO-0: the
+    module's weights, which under bf16/fp16 are the 16-bit working copy (cast to fp32).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     if tag is None:
         latest = checkpoint_dir / "latest"
@@ -278,18 +280,16 @@ def checkpoint_state_dict(
                 f"{checkpoint_dir} has no 'latest' file: it is not a DeepSpeed checkpoint directory"
             )
         tag = latest.read_text().strip()
-    tag_dir = checkpoint_dir / tag
-    if from_optimizer is None:
-        from_optimizer = any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-    if from_optimizer:
+    files = sorted((checkpoint_dir / tag).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ValueError(f"{checkpoint_dir / tag} holds no model states: not a DeepSpeed checkpoint")
+    model_states = torch.load(files[0], map_location="cpu", weights_only=False)
+    if model_states.get("param_shapes") is not None:  # written by a ZeRO optimizer
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     else:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ValueError(f"{tag_dir} holds no model states: not a DeepSpeed checkpoint")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = model_states["module"]
     return {k: v.detach().float() for k, v in state.items()}
 
 

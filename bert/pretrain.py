@@ -481,6 +481,7 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
                                  config.decay_power, config.min_lr_ratio)  # fmt: skip
         return config.lr * schedule
 
+    num_parameters = model.num_parameters()  # before ZeRO-3 partitions the tensors away
     run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed)
     position = resume(run) if config.resume else DataPosition()
     run.batches = RankBatches(run.train, config.seed, rank, world_size, run.batch.micro_batch_size,
@@ -495,7 +496,7 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
             "model %s, %d parameters; %s, ZeRO-%d",
             world_size, run.batch.global_batch_size, run.batch.micro_batch_size,
             run.batch.gradient_accumulation_steps, world_size, len(run.train), run.batches.batches_per_epoch,
-            config.model_config if not config.init_from else config.init_from, model.num_parameters(),
+            config.model_config if not config.init_from else config.init_from, num_parameters,
             run.engine.precision, run.engine.zero_stage,
         )  # fmt: skip
     if not do_train:
