@@ -336,3 +336,33 @@ def pretrain(
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f"; model in {result.hf_dir}" if result.hf_dir else "")
     )
+
+
+# --- run (the whole pipeline) --------------------------------------------------------------------------------
+@app.command()
+def run(
+    config: Path = typer.Option(
+        Path("configs/pipeline/demo.json"), "--config", help="Pipeline preset (configs/pipeline/*.json)."
+    ),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for every stage's output."),
+    shared: Path = typer.Option(
+        None, "--shared", help="Where relative corpus/task paths are read from: SHARED/data (default ../shared)."
+    ),
+    stages: str = typer.Option(
+        ",".join(("shard", "vocab", "examples", "pretrain", "finetune")),
+        "--stages",
+        help="Comma-separated stages to run, in pipeline order.",
+    ),
+) -> None:
+    """Run the pipeline end to end; complete stages are skipped, so a re-run finishes an interrupted one."""
+    import json as _json
+
+    from flows.pipeline import PipelineConfig, run_pipeline
+
+    shared_data = (shared or default_shared()) / "data"
+    try:
+        pipeline = PipelineConfig.from_json_file(config)
+        summary = run_pipeline(pipeline, shared_data, out, tuple(s.strip() for s in stages.split(",") if s.strip()))
+    except (ValueError, FileNotFoundError) as e:  # StageError and config errors are ValueErrors
+        fail(str(e))
+    typer.echo(_json.dumps(summary, indent=2, default=str))
