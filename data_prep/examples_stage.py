@@ -58,7 +58,7 @@ class ExamplesConfig:
     workers: int = 1  # processes; the output is the same for any value
     cache_dir: Path | None = None  # token cache root; None: <out>/../.bertpipe-cache
     batch_size: int = 4096  # examples per Arrow record batch
-    negative_pool_tokens: int = 1 << 22  # random next segments come from a sample of the split this big
+    negative_pool_tokens: int = 1 << 21  # random next segments come from a sample of the split this big
 
     def __post_init__(self) -> None:
         self.corpus, self.vocab, self.out = Path(self.corpus), Path(self.vocab), Path(self.out)

@@ -31,8 +31,8 @@ from data_prep.schema import token_id_type
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-BLOCK_SENTENCES = 32768  # sentences per tokenizer call and per cache record batch
-CORPUS_READ_ROWS = 64  # documents read from a corpus shard at a time
+BLOCK_SENTENCES = 8192  # sentences per tokenizer call and per cache record batch (bounds memory)
+CORPUS_READ_ROWS = 8  # documents read from a corpus shard at a time (books are big)
 
 
 def cache_schema(vocab_size: int) -> pa.Schema:
