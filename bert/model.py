@@ -37,6 +37,7 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
+RUNTIME_SWITCHES = {"use_sdpa", "unpad", "unpad_attention", "gradient_checkpointing"}  # not in config.json
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # name: (num_hidden_layers, hidden_size, num_attention_heads, intermediate_size)
@@ -105,6 +106,9 @@ class BertConfig:
     """Attention through torch.nn.functional.scaled_dot_product_attention (False: explicit softmax)."""
     unpad: bool = True
     """Run the dense layers on non-padding tokens only (same values, less work when there is padding)."""
+    unpad_attention: str = "auto"
+    """With unpad: "per_sequence" (a loop over sequences, exact lengths, best on CPU), "padded" (pad back to
+    (B, T) and mask, one kernel, best on GPU), or "auto" (per_sequence on CPU, padded elsewhere)."""
     gradient_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint) to save activation memory."""
 
@@ -133,6 +137,10 @@ class BertConfig:
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})"
+            )
+        if self.unpad_attention not in ("auto", "per_sequence", "padded"):
+            raise ValueError(
+                f"unpad_attention must be 'auto', 'per_sequence' or 'padded', got {self.unpad_attention!r}"
             )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES} (or None)")
@@ -185,7 +193,7 @@ class BertConfig:
             raise ValueError(
                 "decoder / cross-attention BERT configs are not supported (is_decoder must be false)"
             )
-        known = {f.name for f in fields(cls)} - {"use_sdpa", "unpad", "gradient_checkpointing"}
+        known = {f.name for f in fields(cls)} - RUNTIME_SWITCHES
         kwargs = {k: v for k, v in data.items() if k in known}
         unknown = sorted(set(data) - known - _HF_IGNORED_KEYS)
         if unknown:
@@ -212,7 +220,7 @@ class BertConfig:
         """The config.json dict transformers reads (runtime switches left out)."""
         out: dict[str, Any] = {"architectures": self.architectures, "model_type": "bert"}
         for f in fields(self):
-            if f.name not in ("architectures", "use_sdpa", "unpad", "gradient_checkpointing"):
+            if f.name != "architectures" and f.name not in RUNTIME_SWITCHES:
                 out[f.name] = getattr(self, f.name)
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out.update(position_embedding_type="absolute", tie_word_embeddings=True, is_decoder=False)
@@ -236,6 +244,7 @@ class Packing:
     indices: torch.Tensor  # (N,) flat positions b * T + t of the non-padding tokens
     batch_size: int
     seq_len: int
+    lengths: list[int] | None = None  # tokens per sequence, when attention runs sequence by sequence
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (B, T, C) with zeros at padding."""
@@ -285,6 +294,16 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.use_sdpa = config.use_sdpa
 
+    def attend(self, q, k, v, key_mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v over (..., nh, T, hd), keys masked where key_mask is False."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.use_sdpa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (..., nh, T, T)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+        return F.dropout(scores.softmax(-1), dropout_p, self.training) @ v
+
     def forward(
         self, x: torch.Tensor, key_mask: torch.Tensor | None, packing: Packing | None
     ) -> torch.Tensor:
@@ -292,21 +311,19 @@ class BertSelfAttention(nn.Module):
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         qkv = F.linear(x, weight, bias)  # (..., 3H)
+        nh, hd = self.num_heads, self.head_dim
+        if packing is not None and packing.lengths is not None:
+            # one sequence at a time, no padding and no mask: on CPU the (nh, len, len) scores stay in cache
+            outs = []
+            for chunk in qkv.split(packing.lengths):  # views of (len, 3H)
+                q, k, v = chunk.view(-1, 3, nh, hd).permute(1, 2, 0, 3)  # each (nh, len, hd)
+                outs.append(self.attend(q, k, v, None).transpose(0, 1).reshape(-1, nh * hd))
+            return torch.cat(outs)  # (N, H)
         if packing is not None:
             qkv = packing.pad(qkv)  # (B, T, 3H)
         B, T, _ = qkv.shape
-        q, k, v = qkv.view(B, T, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4
-        )  # each (B, nh, T, hd)
-        dropout_p = self.dropout_p if self.training else 0.0
-        if self.use_sdpa:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
-        else:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
-            y = F.dropout(scores.softmax(-1), dropout_p, self.training) @ v
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
+        q, k, v = qkv.view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hd)
+        y = self.attend(q, k, v, key_mask).transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
         return packing.unpad(y) if packing is not None else y
 
 
@@ -524,7 +541,11 @@ class BertModel(BertPreTrainedModel):
             key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
             if self.config.unpad:
                 indices = attention_mask.view(-1).nonzero().squeeze(1)  # (N,)
-                packing = Packing(indices, B, T)
+                per_sequence = self.config.unpad_attention == "per_sequence" or (
+                    self.config.unpad_attention == "auto" and input_ids.device.type == "cpu"
+                )
+                lengths = [n for n in attention_mask.sum(1).tolist() if n] if per_sequence else None
+                packing = Packing(indices, B, T, lengths)
 
         if packing is not None:
             x = self.embeddings(

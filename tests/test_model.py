@@ -72,13 +72,14 @@ def assert_close(a, b, tol=TOL):
 
 
 SWITCHES = [
-    dict(unpad=True, use_sdpa=True),
+    dict(unpad=True, use_sdpa=True, unpad_attention="per_sequence"),
+    dict(unpad=True, use_sdpa=True, unpad_attention="padded"),
     dict(unpad=False, use_sdpa=True),
     dict(unpad=True, use_sdpa=False),
 ]
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: f"unpad={s['unpad']},sdpa={s['use_sdpa']}")
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_bert_model_matches_transformers(switches):
     torch.manual_seed(0)
     ours = BertModel(tiny_config(**switches)).eval()
@@ -93,6 +94,20 @@ def test_bert_model_matches_transformers(switches):
         assert a.last_hidden_state[~real].abs().max() == 0
     else:
         assert_close(a.last_hidden_state, b.last_hidden_state)
+
+
+@pytest.mark.parametrize("layout", ["per_sequence", "padded"])
+def test_left_padding_matches_transformers(layout):
+    torch.manual_seed(14)
+    ours = BertModel(tiny_config(unpad_attention=layout)).eval()
+    theirs = hf_twin(ours, transformers.BertModel)
+    ids, mask, types, _, _ = batch()
+    ids, mask, types = ids.flip(1), mask.flip(1), types.flip(1)  # real tokens at the end of each row
+    a = ours(ids, attention_mask=mask, token_type_ids=types)
+    b = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    real = mask.bool()
+    assert_close(a.last_hidden_state[real], b.last_hidden_state[real])
+    assert_close(a.pooler_output[0], b.pooler_output[0])  # row 0 is full; others pool a [PAD] position
 
 
 def test_bert_model_without_mask_or_segments_matches_transformers():
