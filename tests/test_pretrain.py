@@ -122,6 +122,16 @@ def test_resume_continues_exactly(stage, tmp_path: Path):
         main(tiny_config(examples, tmp_path / "split", max_steps=14))
 
 
+def test_time_budget_stops_between_steps_with_a_checkpoint_and_export(stage, tmp_path: Path):
+    examples, _ = stage
+    config = tiny_config(examples, tmp_path / "run", max_steps=None, time_budget="4s", decay="constant")
+    result = main(config)
+    assert result.stop_reason == "time_budget" and result.step >= 1
+    assert (tmp_path / f"run/checkpoints/step-{result.step}").is_dir() and (
+        tmp_path / "run/hf/config.json"
+    ).exists()
+
+
 def test_zero2_checkpoint_from_another_world_size_is_refused(stage, tmp_path: Path):
     examples, _ = stage
     zero2 = str(REPO / "deepspeed_configs/zero2_fp32.json")
@@ -199,3 +209,26 @@ def test_deepspeed_config_auto_values_are_filled_and_disagreements_listed():
     for expected in ("train_batch_size", "gradient_clipping", "bf16.enabled", "optimizer.type", "optimizer.params.lr",
                      "zero_optimization.sub_group_size"):  # fmt: skip
         assert expected in message, expected
+
+
+@pytest.mark.slow
+def test_real_stages_pretrain_and_export_a_loadable_tokenizer(shared_data: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    bertpipe = str(Path(sys.executable).parent / "bertpipe")
+    corpus, vocab, examples = tmp_path / "corpus", tmp_path / "vocab", tmp_path / "examples"
+    for args in (
+        ["shard", "--input", str(shared_data / "corpus/inaugural"), "--out", str(corpus), "--num-shards", "2",
+         "--doc-boundary", "file"],
+        ["vocab", "--corpus", str(corpus), "--out", str(vocab), "--vocab-size", "2000"],
+        ["examples", "--corpus", str(corpus), "--vocab", str(vocab), "--out", str(examples), "--max-seq-length", "64",
+         "--masking", "static"],
+    ):  # fmt: skip
+        subprocess.run([bertpipe, *args], check=True, capture_output=True)
+    result = main(tiny_config(examples, tmp_path / "run", vocab=str(vocab), max_steps=3, micro_batch_size=8))
+    assert result.step == 3 and np.isfinite(result.metrics["loss"])
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "run/hf")
+    assert tokenizer.vocab_size == len((vocab / "vocab.txt").read_text().splitlines())
+    assert tokenizer("We the people")["input_ids"][0] == tokenizer.cls_token_id
