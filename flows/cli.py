@@ -346,7 +346,9 @@ def run(
     ),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for every stage's output."),
     shared: Path = typer.Option(
-        None, "--shared", help="Where relative corpus/task paths are read from: SHARED/data (default ../shared)."
+        None,
+        "--shared",
+        help="Where relative corpus/task paths are read from: SHARED/data (default ../shared).",
     ),
     stages: str = typer.Option(
         ",".join(("shard", "vocab", "examples", "pretrain", "finetune")),
@@ -362,7 +364,9 @@ def run(
     shared_data = (shared or default_shared()) / "data"
     try:
         pipeline = PipelineConfig.from_json_file(config)
-        summary = run_pipeline(pipeline, shared_data, out, tuple(s.strip() for s in stages.split(",") if s.strip()))
+        summary = run_pipeline(
+            pipeline, shared_data, out, tuple(s.strip() for s in stages.split(",") if s.strip())
+        )
     except (ValueError, FileNotFoundError) as e:  # StageError and config errors are ValueErrors
         fail(str(e))
     typer.echo(_json.dumps(summary, indent=2, default=str))

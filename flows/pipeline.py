@@ -86,7 +86,7 @@ def run_examples(config: PipelineConfig, corpus: Path, vocab: Path, out: Path) -
     return out / "examples"
 
 
-def run_pretrain(config: PipelineConfig, examples: Path, out: Path) -> Path:
+def run_pretrain(config: PipelineConfig, examples: Path, vocab: Path, out: Path) -> Path:
     """Pretrain through the deepspeed launcher; a finished run is kept, an interrupted one resumed."""
     from bert.pretrain import launch
     from bert.train_config import TrainConfig
@@ -101,6 +101,7 @@ def run_pretrain(config: PipelineConfig, examples: Path, out: Path) -> Path:
             log.info("pretrain: %s already finished %d steps; skipping", run_dir, result["step"])
             return run_dir / "hf"
     resume = (run_dir / "checkpoints" / "latest").exists()
+    settings.setdefault("vocab", str(vocab))
     train_config = TrainConfig(examples=str(examples), out=str(run_dir), resume=resume, **settings)
     result = launch(train_config, num_gpus=num_gpus)
     return Path(result.hf_dir or run_dir / "hf")
@@ -150,7 +151,7 @@ def run_pipeline(
     if "examples" in stages:
         examples = outputs["examples"] = timed("examples", run_examples, config, corpus, vocab, out)
     if "pretrain" in stages and config.pretrain:
-        model = outputs["model"] = timed("pretrain", run_pretrain, config, examples, out)
+        model = outputs["model"] = timed("pretrain", run_pretrain, config, examples, vocab, out)
     if "finetune" in stages and config.finetune:
         outputs["finetune"] = timed("finetune", run_finetune, config, model, shared_data, out)
     summary = {"out": str(out), "timings_s": timings, **{k: v for k, v in outputs.items() if k != "finetune"}}
