@@ -9,10 +9,13 @@ shard, document, dupe round) or (seed, split, shard, batch), so the output does 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import datetime as _dt
 import json
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +25,12 @@ import numpy as np
 from data_prep import examples as ex
 from data_prep import tokcache
 from data_prep.manifest import (
+    INPROGRESS,
+    MANIFEST,
+    Stage,
     StageError,
     begin_stage,
+    bertpipe_version,
     file_entry,
     read_manifest,
     require_complete,
@@ -36,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
 MASKING_MODES = ("static", "dynamic")
+VOCAB_DIR = "vocab"  # the tokenizer files copied beside the examples, so the trainer needs nothing else
+VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -453,9 +462,10 @@ def generate_examples(config: ExamplesConfig) -> dict:
             file_entry(stage.directory, f"{part.split}/{part.out_file.name}", rows=stats["examples"])
         )
         ordered.append((part.split, stats))
+    files += _copy_vocab(config.vocab, vocab, stage.directory)
     summary = _summarise(ordered, config)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    manifest = stage.commit(files, summary)
+    manifest = _commit(stage, files, summary, {"vocab_dir": VOCAB_DIR})
     for part in parts:
         _stats_file(part.out_file).unlink(missing_ok=True)
     if summary["example"]:
@@ -469,6 +479,58 @@ def generate_examples(config: ExamplesConfig) -> dict:
         summary["seconds"],
         config.out,
     )
+    return manifest
+
+
+def _copy_vocab(source: Path, vocab, stage_dir: Path) -> list[dict]:
+    """Copy the tokenizer files of ``source`` into ``<stage_dir>/vocab`` (atomically); their manifest entries.
+
+    A directory gives its BERT tokenizer files, a single file itself; vocab.txt is written from the loaded
+    tokens when the source has none (a tokenizer.json alone), so BERT-style loaders find it too.
+    """
+    if source.is_dir():
+        found = {name: source / name for name in VOCAB_FILES if (source / name).is_file()}
+    else:
+        found = {"tokenizer.json" if source.suffix == ".json" else "vocab.txt": source}
+    target = stage_dir / VOCAB_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{VOCAB_DIR}.", suffix=".tmp", dir=stage_dir))
+    try:
+        for name, path in found.items():
+            shutil.copyfile(path, tmp / name)
+        if "vocab.txt" not in found:
+            from data_prep.vocab import write_vocab_txt
+
+            write_vocab_txt(tmp / "vocab.txt", vocab.tokens)
+        for path in tmp.iterdir():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        if target.exists():  # left by an interrupted run of the same fingerprint
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    names = sorted(p.name for p in target.iterdir())
+    return [file_entry(stage_dir, f"{VOCAB_DIR}/{name}") for name in names]
+
+
+def _commit(stage: Stage, files: list[dict], stats: dict, extra: dict) -> dict:
+    """Stage.commit with ``extra`` top-level keys (``vocab_dir``, read by bert.data.vocab_dir_of)."""
+    manifest = {
+        "stage": stage.stage,
+        "format_version": stage.format_version,
+        "config": stage.config,
+        "fingerprint": stage.fingerprint,
+        "inputs": stage.inputs,
+        **extra,
+        "files": sorted(files, key=lambda f: f["path"]),
+        "stats": stats,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bertpipe_version": bertpipe_version(),
+    }
+    write_json_atomic(stage.directory / MANIFEST, manifest)
+    (stage.directory / INPROGRESS).unlink(missing_ok=True)
+    stage.complete = True
     return manifest
 
 

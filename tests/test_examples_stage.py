@@ -70,9 +70,14 @@ def toy(tmp_path):
 
 
 def config(toy, out: str, **kwargs) -> ExamplesConfig:
-    values = {"max_seq_length": 32, "dupe_factor": 2, "cache_dir": toy["tmp"] / "cache"}
+    values = {
+        "vocab": toy["vocab"],
+        "max_seq_length": 32,
+        "dupe_factor": 2,
+        "cache_dir": toy["tmp"] / "cache",
+    }
     values.update(kwargs)
-    return ExamplesConfig(corpus=toy["corpus"], vocab=toy["vocab"], out=toy["tmp"] / out, **values)
+    return ExamplesConfig(corpus=toy["corpus"], out=toy["tmp"] / out, **values)
 
 
 def digests(directory: Path) -> dict[str, str]:
@@ -91,6 +96,7 @@ def test_stage_writes_readable_examples_and_stats(toy):
         "train/part-00001.arrow",
         "train/part-00002.arrow",
         "valid/part-00000.arrow",
+        "vocab/vocab.txt",
     }
     meta = reader.read_metadata(toy["tmp"] / "out")
     assert isinstance(meta, ExampleMetadata) and meta.max_seq_length == 32 and meta.special_ids["mask"] == 4
@@ -110,6 +116,36 @@ def test_stage_writes_readable_examples_and_stats(toy):
         for row in reader.iter_examples(toy["tmp"] / "out", split):
             docs.update((row["a_doc_id"], row["b_doc_id"]))
     assert not train_docs & valid_docs  # negatives never cross the split
+
+
+def test_examples_directory_carries_its_vocabulary(toy):
+    from bert.data import vocab_dir_of
+    from data_prep.vocab import load_vocab
+
+    manifest = generate_examples(config(toy, "out"))
+    out = toy["tmp"] / "out"
+    assert manifest["vocab_dir"] == "vocab" and vocab_dir_of(out) == out / "vocab"
+    meta = reader.read_metadata(out)
+    assert load_vocab(out / "vocab").fingerprint == meta.vocab_fingerprint
+    assert (out / "vocab" / "vocab.txt").read_bytes() == (toy["vocab"] / "vocab.txt").read_bytes()
+    assert not list(out.glob(".vocab.*"))  # no temporary directory left behind
+
+
+def test_vocab_from_tokenizer_json_alone_gets_a_vocab_txt(toy):
+    from data_prep.vocab import load_vocab
+
+    source = toy["tmp"] / "hf"
+    source.mkdir()
+    load_vocab(toy["vocab"]).tokenizer.save(str(source / "tokenizer.json"))
+    manifest = generate_examples(config(toy, "out", vocab=source))
+    out = toy["tmp"] / "out"
+    assert {f["path"] for f in manifest["files"] if f["path"].startswith("vocab/")} == {
+        "vocab/tokenizer.json",
+        "vocab/vocab.txt",
+    }
+    fingerprint = reader.read_metadata(out).vocab_fingerprint
+    assert load_vocab(out / "vocab" / "vocab.txt").fingerprint == fingerprint
+    assert load_vocab(out / "vocab").fingerprint == fingerprint
 
 
 def test_rerun_with_same_config_does_nothing(toy):
