@@ -1,9 +1,11 @@
 """The examples stage: corpus shards + vocabulary → MLM/NSP example shards (Arrow IPC), restartable.
 
 ``generate_examples(ExamplesConfig(...))`` runs in three steps: make sure every corpus shard is tokenised
-in the cache (tokcache), draw each split's negative pool, then build one output file per corpus shard,
-``<out>/<split>/<shard name>.arrow``, in a process pool. Every random draw is seeded from (seed, split,
-shard, document, dupe round) or (seed, split, shard, batch), so the output does not depend on --workers.
+in the cache (tokcache), draw each split's negative pool, then build the examples of consecutive cache
+blocks of about PART_TOKENS tokens per output file, ``<out>/<split>/<shard name>[-NNN].arrow``, in a process
+pool. Work is split by cache blocks, not whole shards, so one huge book does not leave a worker idle. Every
+random draw is seeded from (seed, split, shard, document, dupe round) or (seed, split, shard, block, batch),
+so the output does not depend on --workers.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SPLITS = ("train", "valid")
 MASKING_MODES = ("static", "dynamic")
 VOCAB_DIR = "vocab"  # the tokenizer files copied beside the examples, so the trainer needs nothing else
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PART_TOKENS = 1 << 19  # cache tokens per output file / unit of work (whole cache blocks, at least one)
 
 
 @dataclass
@@ -115,14 +118,31 @@ class ExamplesConfig:
 
 @dataclass
 class _Part:
-    """One unit of work: the examples of one corpus shard."""
+    """One unit of work: the examples of cache blocks ``first_block .. stop_block - 1`` of one corpus shard."""
 
     split: str
     split_index: int
     shard_index: int
     cache_file: Path
+    first_block: int
+    stop_block: int
     out_file: Path
     tokens: int
+
+
+def plan_parts(block_tokens: list[int], part_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive block ranges ``(first, stop)`` of about ``part_tokens`` tokens (a function of the cache
+    only, so file names and contents do not depend on --workers)."""
+    part_tokens = PART_TOKENS if part_tokens is None else part_tokens
+    ranges, first, tokens = [], 0, 0
+    for block, count in enumerate(block_tokens):
+        if tokens and tokens + count > part_tokens:
+            ranges.append((first, block))
+            first, tokens = block, 0
+        tokens += count
+    if first < len(block_tokens):
+        ranges.append((first, len(block_tokens)))
+    return ranges
 
 
 @dataclass
@@ -239,10 +259,11 @@ def _generate_part(part: _Part, context: _Context | None = None) -> dict:
     stats = _empty_stats()
     batch_index = 0
 
-    def emit(spans: ex.SpanLists, count: int, block: ex.DocumentBlock, writer) -> None:
+    def emit(spans: ex.SpanLists, count: int, block: ex.DocumentBlock, block_index: int, writer) -> None:
         nonlocal batch_index
         taken = spans.take(count)
-        rng = ex.batch_rng(config.seed, part.split_index, part.shard_index, batch_index)
+        # Batches never span blocks: (block, batch within block) names the rng whatever the parts.
+        rng = ex.batch_rng(config.seed, part.split_index, part.shard_index, (block_index << 32) | batch_index)
         batch_index += 1
         arrays = ex.assemble_examples(
             taken, block.ids, pool.ids, max_num_tokens, special["cls"], special["sep"], rng
@@ -266,8 +287,9 @@ def _generate_part(part: _Part, context: _Context | None = None) -> dict:
     with open_example_file(part.out_file, schema) as writer:
         if pool.num_docs == 0:
             log.warning("%s split has no documents: %s stays empty", part.split, part.out_file.name)
-        for block in tokcache.iter_blocks(part.cache_file) if pool.num_docs else ():
-            spans = ex.SpanLists()
+        blocks = tokcache.iter_blocks(part.cache_file, part.first_block, part.stop_block)
+        for block_index, block in enumerate(blocks if pool.num_docs else (), start=part.first_block):
+            spans, batch_index = ex.SpanLists(), 0
             for dupe_round in range(config.dupe_factor):
                 for doc in range(block.num_docs):
                     rng = ex.document_rng(
@@ -275,9 +297,9 @@ def _generate_part(part: _Part, context: _Context | None = None) -> dict:
                     )
                     ex.segment_document(block, doc, pool, max_num_tokens, config.short_seq_prob, rng, spans)
                     while len(spans) >= config.batch_size:
-                        emit(spans, config.batch_size, block, writer)
+                        emit(spans, config.batch_size, block, block_index, writer)
             if len(spans):
-                emit(spans, len(spans), block, writer)
+                emit(spans, len(spans), block, block_index, writer)
     log.info("%s/%s: %d examples", part.split, part.out_file.name, stats["examples"])
     write_json_atomic(_stats_file(part.out_file), stats)
     return stats
@@ -427,20 +449,26 @@ def generate_examples(config: ExamplesConfig) -> dict:
     parts, part_stats, todo = [], {}, []
     for split_index, split in enumerate(SPLITS):
         for shard_index, (name, cache_file, counts) in enumerate(cached[split]):
-            part = _Part(
-                split,
-                split_index,
-                shard_index,
-                cache_file,
-                stage.path(f"{split}/{name}.arrow"),
-                counts["tokens"],
-            )
-            parts.append(part)
-            done = _read_part_stats(part.out_file)
-            if done is not None:
-                part_stats[part.out_file] = done
-            else:
-                todo.append(part)
+            block_tokens = counts["block_tokens"]
+            ranges = plan_parts(block_tokens)
+            for k, (first, stop) in enumerate(ranges):
+                file_name = f"{name}.arrow" if len(ranges) == 1 else f"{name}-{k:03d}.arrow"
+                part = _Part(
+                    split,
+                    split_index,
+                    shard_index,
+                    cache_file,
+                    first,
+                    stop,
+                    stage.path(f"{split}/{file_name}"),
+                    sum(block_tokens[first:stop]),
+                )
+                parts.append(part)
+                done = _read_part_stats(part.out_file)
+                if done is not None:
+                    part_stats[part.out_file] = done
+                else:
+                    todo.append(part)
     if len(todo) < len(parts):
         log.info("reusing %d example files of an interrupted run", len(parts) - len(todo))
     todo.sort(key=lambda p: -p.tokens)

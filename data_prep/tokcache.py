@@ -16,23 +16,28 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 from collections.abc import Iterator
 from itertools import chain
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.examples import DocumentBlock
+from data_prep.examples import DocumentBlock, segment_index
 from data_prep.manifest import atomic_path, fingerprint, write_json_atomic
 from data_prep.schema import token_id_type
+from data_prep.writer import list_offsets, numpy_type, to_arrow, to_numpy
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: block token counts in the sidecar (work is split by blocks)
 BLOCK_SENTENCES = 8192  # sentences per tokenizer call and per cache record batch (bounds memory)
 CORPUS_READ_ROWS = 8  # documents read from a corpus shard at a time (books are big)
+PARQUET_BUFFER_BYTES = 1 << 20  # stream a row group's pages instead of loading the whole column chunk
 
 
 def cache_schema(vocab_size: int) -> pa.Schema:
@@ -60,30 +65,37 @@ def cache_directory(cache_root: str | Path, corpus_fingerprint: str, vocab) -> P
     return directory
 
 
-def tokenize_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(flat ids int64, tokens per sentence) of a batch of sentences, without special tokens."""
+def encode_sentences(tokenizer, sentences: list[str]) -> list:
+    """The tokenizer's encodings of a batch of sentences, without special tokens (releases the GIL)."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    encodings = encode(sentences, add_special_tokens=False)
-    id_lists = [e.ids for e in encodings]
-    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    flat = np.fromiter(chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+    return encode(sentences, add_special_tokens=False)
+
+
+def ids_of(encodings: list, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """(flat ids, tokens per sentence) of encodings: one pass, no per-encoding list kept alive."""
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    flat = np.fromiter(
+        chain.from_iterable(map(attrgetter("ids"), encodings)), dtype=dtype, count=int(lengths.sum())
+    )
     return flat, lengths
 
 
-def _tokenize_documents(
-    tokenizer, doc_ids: list[int], documents: list[list[str]], schema: pa.Schema
+def tokenize_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat ids int64, tokens per sentence) of a batch of sentences, without special tokens."""
+    return ids_of(encode_sentences(tokenizer, sentences))
+
+
+def _cache_batch(
+    doc_ids: list[int], sentences_per_doc: np.ndarray, flat: np.ndarray, lengths: np.ndarray, schema
 ) -> pa.RecordBatch:
-    """One cache record batch from sentence-split documents."""
-    id_dtype = schema.field("ids").type.value_type.to_pandas_dtype()
-    sentences = [s for doc in documents for s in doc]
-    flat, lengths = tokenize_sentences(tokenizer, sentences)
-    sentences_per_doc = np.array([len(doc) for doc in documents], dtype=np.int64)
-    sentence_doc = np.repeat(np.arange(len(documents)), sentences_per_doc)
+    """One cache record batch from the tokenised sentences of whole documents."""
+    num_docs = len(doc_ids)
+    sentence_doc = np.repeat(np.arange(num_docs), sentences_per_doc)
     kept = lengths > 0
     lengths, sentence_doc = lengths[kept], sentence_doc[kept]
-    kept_per_doc = np.bincount(sentence_doc, minlength=len(documents))
+    kept_per_doc = np.bincount(sentence_doc, minlength=num_docs)
     nonempty = kept_per_doc > 0
-    tokens_per_doc = np.bincount(sentence_doc, weights=lengths, minlength=len(documents)).astype(np.int64)
+    tokens_per_doc = np.bincount(sentence_doc, weights=lengths, minlength=num_docs).astype(np.int64)
     token_offsets = np.zeros(int(nonempty.sum()) + 1, dtype=np.int32)
     np.cumsum(tokens_per_doc[nonempty], out=token_offsets[1:])
     # Per document its own sentence boundaries starting at 0: num_sentences + 1 values each.
@@ -96,50 +108,101 @@ def _tokenize_documents(
     bounds = np.zeros(int(bound_offsets[-1]), dtype=np.int32)
     sentence_slot = np.arange(len(lengths)) + np.repeat(np.arange(len(kept_counts)), kept_counts) + 1
     bounds[sentence_slot] = within
+    ids_type, bounds_type = schema.field("ids").type, schema.field("sentence_offsets").type
     return pa.RecordBatch.from_arrays(
         [
-            pa.array(np.asarray(doc_ids, dtype=np.int64)[nonempty]),
-            pa.ListArray.from_arrays(token_offsets, pa.array(flat.astype(id_dtype))),
-            pa.ListArray.from_arrays(bound_offsets, pa.array(bounds)),
+            to_arrow(np.asarray(doc_ids, dtype=np.int64)[nonempty], pa.int64()),
+            pa.ListArray.from_arrays(
+                to_arrow(token_offsets, pa.int32()), to_arrow(flat, ids_type.value_type), type=ids_type
+            ),
+            pa.ListArray.from_arrays(
+                to_arrow(bound_offsets, pa.int32()), to_arrow(bounds, pa.int32()), type=bounds_type
+            ),
         ],
         schema=schema,
     )
+
+
+def _corpus_blocks(corpus_file: Path) -> Iterator[tuple[list[int], list[list[str]]]]:
+    """(doc ids, sentence-split documents) of a corpus shard, about BLOCK_SENTENCES sentences at a time."""
+    parquet = pq.ParquetFile(corpus_file, buffer_size=PARQUET_BUFFER_BYTES)
+    doc_ids: list[int] = []
+    docs: list[list[str]] = []
+    num_sentences = 0
+    for rows in parquet.iter_batches(batch_size=CORPUS_READ_ROWS, columns=["doc_id", "sentences"]):
+        doc_ids.extend(rows.column("doc_id").to_pylist())
+        new = rows.column("sentences").to_pylist()
+        docs.extend(new)
+        num_sentences += sum(map(len, new))
+        if num_sentences >= BLOCK_SENTENCES:
+            yield doc_ids, docs
+            doc_ids, docs, num_sentences = [], [], 0
+    if docs:
+        yield doc_ids, docs
+
+
+_DONE = object()
+
+
+def _encoded_blocks(corpus_file: Path, tokenizer) -> Iterator[tuple[list[int], np.ndarray, list]]:
+    """(doc ids, sentences per document, encodings) per block; a thread reads and encodes the next block
+    meanwhile (the tokenizer releases the GIL), so reading ids out and writing overlap with tokenising."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for doc_ids, docs in _corpus_blocks(corpus_file):
+                sentences_per_doc = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+                encodings = encode_sentences(tokenizer, list(chain.from_iterable(docs)))
+                del docs
+                if not put((doc_ids, sentences_per_doc, encodings)):
+                    return
+            put(_DONE)
+        except BaseException as error:  # re-raised in the consumer
+            put(error)
+
+    thread = threading.Thread(target=produce, name="tokenise", daemon=True)
+    thread.start()
+    try:
+        while (item := handoff.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def build_shard_cache(corpus_file: Path, cache_file: Path, vocab) -> dict:
     """Tokenise one corpus shard into its cache file (atomically); returns its counts."""
     corpus_file, cache_file = Path(corpus_file), Path(cache_file)
     schema = cache_schema(vocab.size)
-    counts = {"documents": 0, "sentences": 0, "tokens": 0}
-    pending_ids: list[int] = []
-    pending_docs: list[list[str]] = []
-
-    def flush(writer) -> None:
-        batch = _tokenize_documents(vocab.tokenizer, pending_ids, pending_docs, schema)
-        writer.write_batch(batch)
-        counts["documents"] += batch.num_rows
-        counts["sentences"] += len(batch.column("sentence_offsets").values) - batch.num_rows
-        counts["tokens"] += len(batch.column("ids").values)
-        pending_ids.clear()
-        pending_docs.clear()
-
+    id_type = numpy_type(schema.field("ids").type.value_type)
+    counts = {"documents": 0, "sentences": 0, "tokens": 0, "block_tokens": []}
     with (
         atomic_path(cache_file) as tmp,
         pa.OSFile(str(tmp), "wb") as sink,
         pa.ipc.new_file(sink, schema) as writer,
     ):
-        parquet = pq.ParquetFile(corpus_file)
-        pending_sentences = 0
-        for rows in parquet.iter_batches(batch_size=CORPUS_READ_ROWS, columns=["doc_id", "sentences"]):
-            pending_ids.extend(rows.column("doc_id").to_pylist())
-            docs = rows.column("sentences").to_pylist()
-            pending_docs.extend(docs)
-            pending_sentences += sum(map(len, docs))
-            if pending_sentences >= BLOCK_SENTENCES:
-                flush(writer)
-                pending_sentences = 0
-        if pending_docs:
-            flush(writer)
+        for doc_ids, sentences_per_doc, encodings in _encoded_blocks(corpus_file, vocab.tokenizer):
+            flat, lengths = ids_of(encodings, id_type)
+            del encodings
+            batch = _cache_batch(doc_ids, sentences_per_doc, flat, lengths, schema)
+            writer.write_batch(batch)
+            counts["documents"] += batch.num_rows
+            counts["sentences"] += int((lengths > 0).sum())
+            counts["tokens"] += len(flat)
+            counts["block_tokens"].append(len(flat))
     write_json_atomic(cache_file.with_suffix(".json"), counts)
     return counts
 
@@ -155,29 +218,31 @@ def shard_counts(cache_file: Path) -> dict | None:
         return None
 
 
+def _block_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, sentence offsets into ids, per-document counts of boundaries, doc ids) of a cache batch."""
+    ids_col, bounds_col = batch.column("ids"), batch.column("sentence_offsets")
+    token_offsets = list_offsets(ids_col).astype(np.int64)
+    ids = to_numpy(ids_col.values)[token_offsets[0] : token_offsets[-1]]
+    bound_offsets = list_offsets(bounds_col).astype(np.int64)
+    local = to_numpy(bounds_col.values)[bound_offsets[0] : bound_offsets[-1]].astype(np.int64)
+    bounds_per_doc = np.diff(bound_offsets)
+    sent_offsets = local + np.repeat(token_offsets[:-1] - token_offsets[0], bounds_per_doc)
+    return ids, sent_offsets, bounds_per_doc, to_numpy(batch.column("doc_id"))
+
+
 def block_from_batch(batch: pa.RecordBatch) -> DocumentBlock:
     """A DocumentBlock view of one cache record batch (ids zero-copy, boundaries as Python lists)."""
-    ids_col = batch.column("ids")
-    bounds_col = batch.column("sentence_offsets")
-    token_offsets = ids_col.offsets.to_numpy().astype(np.int64)
-    ids = ids_col.values.to_numpy()
-    bound_offsets = bounds_col.offsets.to_numpy().astype(np.int64)
-    local = bounds_col.values.to_numpy()[bound_offsets[0] : bound_offsets[-1]].astype(np.int64)
-    bound_offsets = bound_offsets - bound_offsets[0]
-    sent_offsets = local + np.repeat(token_offsets[:-1], np.diff(bound_offsets))
-    return DocumentBlock(
-        ids=ids,
-        sent_offsets=sent_offsets.tolist(),
-        doc_bounds=bound_offsets.tolist(),
-        doc_ids=batch.column("doc_id").to_pylist(),
-    )
+    ids, sent_offsets, bounds_per_doc, doc_ids = _block_arrays(batch)
+    doc_bounds = np.zeros(len(bounds_per_doc) + 1, dtype=np.int64)
+    np.cumsum(bounds_per_doc, out=doc_bounds[1:])
+    return DocumentBlock(ids, sent_offsets.tolist(), doc_bounds.tolist(), doc_ids.tolist())
 
 
-def iter_blocks(cache_file: Path) -> Iterator[DocumentBlock]:
-    """The cache file's record batches as DocumentBlocks, read one at a time (not memory-mapped)."""
-    with pa.OSFile(str(cache_file), "rb") as source:
+def iter_blocks(cache_file: Path, first: int = 0, stop: int | None = None) -> Iterator[DocumentBlock]:
+    """Record batches ``first .. stop - 1`` of a cache file as DocumentBlocks, memory-mapped."""
+    with pa.memory_map(str(cache_file)) as source:
         reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
+        for i in range(first, reader.num_record_batches if stop is None else stop):
             yield block_from_batch(reader.get_batch(i))
 
 
@@ -199,35 +264,47 @@ def sample_pool(cache_files: list[Path], total_tokens: int, max_tokens: int, see
     current shard) while a worker's memory stays bounded by ``max_tokens``.
     """
     keep_share = 1.0 if total_tokens <= max_tokens else max_tokens / total_tokens
-    id_parts, bound_parts, doc_parts, count_parts = [], [], [], []
+    id_parts, bound_parts, count_parts, doc_parts = [], [], [], []
     token_base = 0
     for cache_file in cache_files:
-        with pa.OSFile(str(cache_file), "rb") as source:
+        with pa.memory_map(str(cache_file)) as source:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
+                ids, sent_offsets, bounds_per_doc, doc_ids = _block_arrays(reader.get_batch(i))
                 if keep_share < 1.0:
-                    doc_ids = batch.column("doc_id").to_numpy()
-                    batch = batch.filter(pa.array(_unit_hash(doc_ids, seed) < keep_share))
-                if batch.num_rows == 0:
+                    keep = _unit_hash(doc_ids, seed) < keep_share
+                    if not keep.any():
+                        continue
+                    first = np.cumsum(bounds_per_doc) - bounds_per_doc
+                    kept_bounds = sent_offsets[segment_index(first[keep], bounds_per_doc[keep])]
+                    doc_starts, doc_ends = (
+                        sent_offsets[first[keep]],
+                        sent_offsets[first[keep] + bounds_per_doc[keep] - 1],
+                    )
+                    ids = ids[segment_index(doc_starts, doc_ends - doc_starts)]
+                    shift = np.repeat(
+                        np.cumsum(doc_ends - doc_starts) - (doc_ends - doc_starts) - doc_starts,
+                        bounds_per_doc[keep],
+                    )
+                    sent_offsets, bounds_per_doc, doc_ids = (
+                        kept_bounds + shift,
+                        bounds_per_doc[keep],
+                        doc_ids[keep],
+                    )
+                if len(doc_ids) == 0:
                     continue
-                ids_col = batch.column("ids")
-                token_offsets = ids_col.offsets.to_numpy().astype(np.int64)
-                ids = ids_col.values.to_numpy()[token_offsets[0] : token_offsets[-1]]
-                bounds_col = batch.column("sentence_offsets")
-                bound_offsets = bounds_col.offsets.to_numpy().astype(np.int64)
-                local = bounds_col.values.to_numpy()[bound_offsets[0] : bound_offsets[-1]].astype(np.int64)
-                starts = token_offsets[:-1] - token_offsets[0] + token_base
-                bound_parts.append(local + np.repeat(starts, np.diff(bound_offsets)))
-                count_parts.append(np.diff(bound_offsets))
-                id_parts.append(np.array(ids))
-                doc_parts.append(batch.column("doc_id").to_numpy())
+                bound_parts.append(sent_offsets + token_base)
+                count_parts.append(bounds_per_doc)
+                id_parts.append(np.array(ids))  # a copy: the memory map closes
+                doc_parts.append(np.array(doc_ids))
                 token_base += len(ids)
     if not doc_parts:
         return DocumentBlock(np.zeros(0, dtype=np.uint16), [0], [0], [])
-    bounds = np.concatenate(bound_parts)
     doc_bounds = np.zeros(sum(len(c) for c in count_parts) + 1, dtype=np.int64)
     np.cumsum(np.concatenate(count_parts), out=doc_bounds[1:])
     return DocumentBlock(
-        np.concatenate(id_parts), bounds.tolist(), doc_bounds.tolist(), np.concatenate(doc_parts).tolist()
+        np.concatenate(id_parts),
+        np.concatenate(bound_parts).tolist(),
+        doc_bounds.tolist(),
+        np.concatenate(doc_parts).tolist(),
     )

@@ -12,10 +12,45 @@ import pyarrow as pa
 from data_prep.examples import ExampleArrays
 from data_prep.manifest import atomic_path
 
+# Arrow → numpy integer types without DataType.to_pandas_dtype(), which imports pandas (~0.2 s at start-up).
+_NUMPY_TYPES = {
+    pa.int8(): np.int8,
+    pa.uint8(): np.uint8,
+    pa.uint16(): np.uint16,
+    pa.int32(): np.int32,
+    pa.int64(): np.int64,
+}
+
+
+def numpy_type(arrow_type: pa.DataType) -> type:
+    """The numpy integer type of an Arrow integer type."""
+    return _NUMPY_TYPES[arrow_type]
+
+
+# pa.array(ndarray) and Array.to_numpy() import pandas on first use; these two go through the buffers.
+def to_arrow(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A non-null Arrow integer array of ``values`` (converted to ``arrow_type``, zero-copy when it is)."""
+    values = np.ascontiguousarray(values, dtype=numpy_type(arrow_type))
+    return pa.Array.from_buffers(arrow_type, len(values), [None, pa.py_buffer(values)])
+
+
+def to_numpy(array: pa.Array) -> np.ndarray:
+    """A zero-copy numpy view of a non-null Arrow integer array."""
+    dtype = np.dtype(numpy_type(array.type))
+    return np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
+    )
+
+
+def list_offsets(array: pa.ListArray) -> np.ndarray:
+    """The ``len(array) + 1`` offsets of a list array as an int32 view."""
+    return np.frombuffer(array.buffers()[1], dtype=np.int32, count=len(array) + 1, offset=array.offset * 4)
+
 
 def _list_array(offsets: np.ndarray, values: np.ndarray, list_type: pa.ListType) -> pa.ListArray:
-    values = pa.array(values.astype(list_type.value_type.to_pandas_dtype(), copy=False))
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32, copy=False)), values, type=list_type)
+    return pa.ListArray.from_arrays(
+        to_arrow(offsets, pa.int32()), to_arrow(values, list_type.value_type), type=list_type
+    )
 
 
 def record_batch(examples: ExampleArrays, schema: pa.Schema) -> pa.RecordBatch:
@@ -39,11 +74,11 @@ def record_batch(examples: ExampleArrays, schema: pa.Schema) -> pa.RecordBatch:
         [
             _list_array(examples.offsets, examples.input_ids, types[0]),
             _list_array(examples.offsets, examples.token_type_ids, types[1]),
-            pa.array(examples.next_sentence_label.astype(np.int8, copy=False)),
+            to_arrow(examples.next_sentence_label, pa.int8()),
             _list_array(mlm_offsets, positions, types[3]),
             _list_array(mlm_offsets, labels, types[4]),
-            pa.array(examples.a_doc_id.astype(np.int64, copy=False)),
-            pa.array(examples.b_doc_id.astype(np.int64, copy=False)),
+            to_arrow(examples.a_doc_id, pa.int64()),
+            to_arrow(examples.b_doc_id, pa.int64()),
         ],
         schema=schema,
     )

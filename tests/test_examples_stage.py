@@ -161,6 +161,26 @@ def test_output_identical_for_one_and_two_workers(toy):
     assert len(one) == 4 and one == two
 
 
+def test_plan_parts_groups_whole_blocks_by_tokens():
+    assert examples_stage.plan_parts([5, 5, 5, 20, 1], part_tokens=10) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert examples_stage.plan_parts([3], part_tokens=1) == [(0, 1)]
+    assert examples_stage.plan_parts([], part_tokens=10) == []
+
+
+def test_work_split_by_blocks_is_identical_for_any_workers_and_cache_state(toy, monkeypatch):
+    monkeypatch.setattr(tokcache, "BLOCK_SENTENCES", 40)  # several blocks per shard
+    monkeypatch.setattr(examples_stage, "PART_TOKENS", 600)  # several parts per shard
+    generate_examples(config(toy, "cold", workers=1))  # tokenises
+    generate_examples(config(toy, "w1", workers=1))  # from the cache
+    generate_examples(config(toy, "w2", workers=2, cache_dir=toy["tmp"] / "cache2"))
+    cold, one, two = (digests(toy["tmp"] / name) for name in ("cold", "w1", "w2"))
+    assert len(one) > 6 and any("-001.arrow" in name for name in one)
+    assert cold == one == two
+    stats = json.loads((toy["tmp"] / "w1" / "manifest.json").read_text())["stats"]
+    rows = [r for split in ("train", "valid") for r in reader.iter_examples(toy["tmp"] / "w1", split)]
+    assert stats["examples"] == len(rows)
+
+
 def test_seeds_change_examples(toy):
     generate_examples(config(toy, "a", seed=1))
     generate_examples(config(toy, "b", seed=2))
@@ -169,8 +189,8 @@ def test_seeds_change_examples(toy):
 
 def test_second_run_reads_the_cache_and_never_tokenises(toy, monkeypatch):
     calls = []
-    original = tokcache.tokenize_sentences
-    monkeypatch.setattr(tokcache, "tokenize_sentences", lambda *a: calls.append(1) or original(*a))
+    original = tokcache.encode_sentences
+    monkeypatch.setattr(tokcache, "encode_sentences", lambda *a: calls.append(1) or original(*a))
     generate_examples(config(toy, "a", seed=1))
     assert len(calls) == 4  # one call per corpus shard
     calls.clear()
