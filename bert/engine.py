@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,14 +140,11 @@ def _auto_paths(obj, prefix: str = "") -> list[str]:
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); a single process without the launcher becomes a world of one."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            with socket.socket() as s:  # a free port for the one-process group
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" not in os.environ:
+            # A world of one needs no rendezvous: an in-memory store cannot lose a race for a TCP port.
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 

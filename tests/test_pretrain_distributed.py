@@ -130,6 +130,7 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(stage, tmp_path:
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert process.poll() is None, process.communicate()[0][-3000:]  # died before training
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
