@@ -11,7 +11,6 @@ so the output does not depend on --workers.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import datetime as _dt
 import json
 import logging
 import multiprocessing
@@ -27,12 +26,8 @@ import numpy as np
 from data_prep import examples as ex
 from data_prep import tokcache
 from data_prep.manifest import (
-    INPROGRESS,
-    MANIFEST,
-    Stage,
     StageError,
     begin_stage,
-    bertpipe_version,
     file_entry,
     read_manifest,
     require_complete,
@@ -493,7 +488,7 @@ def generate_examples(config: ExamplesConfig) -> dict:
     files += _copy_vocab(config.vocab, vocab, stage.directory)
     summary = _summarise(ordered, config)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    manifest = _commit(stage, files, summary, {"vocab_dir": VOCAB_DIR})
+    manifest = stage.commit(files, summary, extra={"vocab_dir": VOCAB_DIR})
     for part in parts:
         _stats_file(part.out_file).unlink(missing_ok=True)
     if summary["example"]:
@@ -540,26 +535,6 @@ def _copy_vocab(source: Path, vocab, stage_dir: Path) -> list[dict]:
         raise
     names = sorted(p.name for p in target.iterdir())
     return [file_entry(stage_dir, f"{VOCAB_DIR}/{name}") for name in names]
-
-
-def _commit(stage: Stage, files: list[dict], stats: dict, extra: dict) -> dict:
-    """Stage.commit with ``extra`` top-level keys (``vocab_dir``, read by bert.data.vocab_dir_of)."""
-    manifest = {
-        "stage": stage.stage,
-        "format_version": stage.format_version,
-        "config": stage.config,
-        "fingerprint": stage.fingerprint,
-        "inputs": stage.inputs,
-        **extra,
-        "files": sorted(files, key=lambda f: f["path"]),
-        "stats": stats,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "bertpipe_version": bertpipe_version(),
-    }
-    write_json_atomic(stage.directory / MANIFEST, manifest)
-    (stage.directory / INPROGRESS).unlink(missing_ok=True)
-    stage.complete = True
-    return manifest
 
 
 def _read_part_stats(out_file: Path) -> dict | None:

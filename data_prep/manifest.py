@@ -143,14 +143,18 @@ class Stage:
     def path(self, relpath: str) -> Path:
         return self.directory / relpath
 
-    def commit(self, files: list[dict], stats: dict) -> dict:
-        """Write manifest.json last and atomically; the directory is complete from this moment on."""
+    def commit(self, files: list[dict], stats: dict, extra: dict | None = None) -> dict:
+        """Write manifest.json last and atomically; the directory is complete from this moment on.
+
+        ``extra`` adds top-level keys that are not part of the fingerprint (e.g. the examples' vocab_dir).
+        """
         manifest = {
             "stage": self.stage,
             "format_version": self.format_version,
             "config": self.config,
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
+            **(extra or {}),
             "files": sorted(files, key=lambda f: f["path"]),
             "stats": stats,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
