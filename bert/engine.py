@@ -143,7 +143,10 @@ def init_distributed() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" not in os.environ:
             # A world of one needs no rendezvous: an in-memory store cannot lose a race for a TCP port.
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            # DeepSpeed looks for the launcher's variables (else it tries MPI); the port is never opened.
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0"
+            )
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
