@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep.manifest import fingerprint, sha256_file
+
 log = logging.getLogger("bertpipe.pipeline")
 
 STAGES = ("shard", "vocab", "examples", "pretrain", "finetune")
@@ -119,7 +121,18 @@ def run_finetune(config: PipelineConfig, model: Path, shared_data: Path, out: Pa
         if isinstance(settings.get("seeds"), list):
             settings["seeds"] = tuple(settings["seeds"])
         task_out = out / f"finetune-{settings['task']}"
+        # Fine-tuning writes no stage manifest; skip it when the same settings already ran on the same weights.
+        weights = Path(model) / "model.safetensors"
+        key = fingerprint(
+            {"settings": settings, "weights": sha256_file(weights) if weights.exists() else None}
+        )
+        done_file = task_out / ".pipeline_fingerprint"
+        if (task_out / "metrics.json").exists() and done_file.exists() and done_file.read_text() == key:
+            log.info("finetune %s: already done for these weights and settings; skipping", settings["task"])
+            summaries.append(json.loads((task_out / "metrics.json").read_text()))
+            continue
         summaries.append(main(FinetuneConfig(model=str(model), out=str(task_out), **settings)))
+        done_file.write_text(key)
     return summaries
 
 
