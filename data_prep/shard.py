@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -66,7 +67,8 @@ SPILL_SCHEMA = pa.schema(
 )
 SPILL_FLUSH_CHARS = 16 << 20  # a reading task buffers at most ~16 M characters before writing its spill
 TASK_MIN_BYTES, TASK_MAX_BYTES = 1 << 20, 256 << 20
-ROW_GROUP_DOCUMENTS = 1024  # small row groups let the examples stage stream a shard
+ROW_GROUP_DOCUMENTS = 1024  # at most this many documents per Parquet row group ...
+ROW_GROUP_BYTES = 16 << 20  # ... and at most ~16 MB of sentence text (a one-document group may exceed it)
 _LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]+)*")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s+)(?=[\"'(\[]*[A-Z0-9])")  # group 1: the gap to split at
 
@@ -319,6 +321,30 @@ def _split_stats(table: pa.Table) -> dict:
     }
 
 
+def row_group_bounds(table: pa.Table, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``(start, stop)`` of at most ``max_rows`` documents and ``max_bytes`` bytes of
+    sentence text each (a single document bigger than that is a group of its own).
+
+    A function of the rows only, so the files do not depend on --workers, and a reader that loads a row
+    group at a time holds a bounded amount whatever the size of the shard or of its books.
+    """
+    sentences = table.column("sentences")
+    num_rows = table.num_rows
+    lengths = pc.fill_null(pc.list_value_length(sentences), 0).to_numpy(zero_copy_only=False)
+    flat_bytes = pc.binary_length(pc.list_flatten(sentences)).to_numpy(zero_copy_only=False)
+    text = np.zeros(len(flat_bytes) + 1, dtype=np.int64)
+    np.cumsum(flat_bytes, out=text[1:])
+    row_end = text[np.cumsum(lengths.astype(np.int64))]  # bytes of text up to the end of each row
+    bounds, start = [], 0
+    while start < num_rows:
+        before = row_end[start - 1] if start else 0
+        stop = int(np.searchsorted(row_end, before + max_bytes, side="right"))
+        stop = min(max(stop, start + 1), start + max_rows, num_rows)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def part_path(split: str, shard: int) -> str:
     """A part file's path inside the stage directory, e.g. ``train/part-00003.parquet``."""
     return f"{split}/part-{shard:05d}.parquet"
@@ -355,8 +381,13 @@ def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
         ("train", corpus.filter(pc.invert(valid_mask))),
         ("valid", corpus.filter(valid_mask)),
     ):
-        with atomic_path(stage_dir / part_path(split, shard)) as tmp:
-            pq.write_table(part, tmp, row_group_size=ROW_GROUP_DOCUMENTS, compression="zstd")
+        with (
+            atomic_path(stage_dir / part_path(split, shard)) as tmp,
+            pq.ParquetWriter(tmp, CORPUS_SCHEMA, compression="zstd") as writer,
+        ):
+            groups = row_group_bounds(part, ROW_GROUP_DOCUMENTS, ROW_GROUP_BYTES) or [(0, 0)]
+            for start, stop in groups:  # an empty part: one empty row group, as before
+                writer.write_table(part.slice(start, stop - start), row_group_size=max(stop - start, 1))
         result[split] = _split_stats(part)
         result[split]["short_documents"] = int(
             pc.sum(pc.less(pc.list_value_length(part.column("sentences")), 2)).as_py() or 0

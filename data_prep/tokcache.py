@@ -35,8 +35,9 @@ from data_prep.writer import list_offsets, numpy_type, to_arrow, to_numpy
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 2  # 2: block token counts in the sidecar (work is split by blocks)
-BLOCK_SENTENCES = 8192  # sentences per tokenizer call and per cache record batch (bounds memory)
-CORPUS_READ_ROWS = 8  # documents read from a corpus shard at a time (books are big)
+BLOCK_SENTENCES = 8192  # sentences per cache record batch, at least (whole documents)
+ENCODE_SENTENCES = 1024  # sentences per tokenizer call, across document boundaries (bounds its output)
+CORPUS_READ_ROWS = 8  # documents read from a corpus shard at a time (books are big); blocks end on multiples
 PARQUET_BUFFER_BYTES = 1 << 20  # stream a row group's pages instead of loading the whole column chunk
 
 
@@ -123,30 +124,93 @@ def _cache_batch(
     )
 
 
-def _corpus_blocks(corpus_file: Path) -> Iterator[tuple[list[int], list[list[str]]]]:
-    """(doc ids, sentence-split documents) of a corpus shard, about BLOCK_SENTENCES sentences at a time."""
-    parquet = pq.ParquetFile(corpus_file, buffer_size=PARQUET_BUFFER_BYTES)
-    doc_ids: list[int] = []
-    docs: list[list[str]] = []
-    num_sentences = 0
-    for rows in parquet.iter_batches(batch_size=CORPUS_READ_ROWS, columns=["doc_id", "sentences"]):
-        doc_ids.extend(rows.column("doc_id").to_pylist())
-        new = rows.column("sentences").to_pylist()
-        docs.extend(new)
-        num_sentences += sum(map(len, new))
-        if num_sentences >= BLOCK_SENTENCES:
-            yield doc_ids, docs
-            doc_ids, docs, num_sentences = [], [], 0
-    if docs:
-        yield doc_ids, docs
+def _corpus_documents(corpus_file: Path) -> Iterator[tuple[int, pa.Array]]:
+    """(doc id, its sentences as an Arrow string array) of each document of a corpus shard, streamed.
+
+    No pre-buffering and no reader threads: pyarrow would otherwise read the compressed column chunks of
+    every row group ahead (memory that grows with the shard), and each reader thread keeps its own heap.
+    Sentences stay in Arrow (compact) until the tokenizer takes them, ENCODE_SENTENCES at a time.
+    """
+    parquet = pq.ParquetFile(corpus_file, buffer_size=PARQUET_BUFFER_BYTES, pre_buffer=False)
+    batches = parquet.iter_batches(
+        batch_size=CORPUS_READ_ROWS, columns=["doc_id", "sentences"], use_threads=False
+    )
+    for rows in batches:
+        sentences = rows.column("sentences")
+        offsets = list_offsets(sentences).astype(np.int64)
+        values = sentences.values
+        for i, doc_id in enumerate(rows.column("doc_id").to_pylist()):
+            yield doc_id, values.slice(offsets[i], offsets[i + 1] - offsets[i])
+
+
+class _BlockBuilder:
+    """Tokenises documents into one cache block, ENCODE_SENTENCES sentences per tokenizer call.
+
+    Sentences are encoded in fixed-size chunks whatever the document boundaries (a book is many chunks)
+    and only their ids are kept (``id_type``: 2 bytes a token for a BERT vocabulary), so neither the
+    tokenizer's heavy per-token Encoding objects nor Python strings exist for more than one chunk.
+    """
+
+    def __init__(self, tokenizer, id_type) -> None:
+        self.tokenizer, self.id_type = tokenizer, id_type
+        self.doc_ids: list[int] = []
+        self.sentences_per_doc: list[int] = []
+        self.pending: list[str] = []
+        self.id_parts: list[np.ndarray] = []
+        self.length_parts: list[np.ndarray] = []
+        self.num_sentences = 0
+
+    def add(self, doc_id: int, sentences: pa.Array) -> None:
+        self.doc_ids.append(doc_id)
+        self.sentences_per_doc.append(len(sentences))
+        self.num_sentences += len(sentences)
+        start = 0
+        while start < len(sentences):
+            take = min(ENCODE_SENTENCES - len(self.pending), len(sentences) - start)
+            self.pending.extend(sentences.slice(start, take).to_pylist())
+            start += take
+            if len(self.pending) >= ENCODE_SENTENCES:
+                self._encode()
+
+    def _encode(self) -> None:
+        if self.pending:
+            flat, lengths = ids_of(encode_sentences(self.tokenizer, self.pending), self.id_type)
+            self.id_parts.append(flat)
+            self.length_parts.append(lengths)
+            self.pending = []
+
+    def finish(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+        """(doc ids, sentences per document, flat ids, tokens per sentence) of the block."""
+        self._encode()
+        flat = np.concatenate(self.id_parts) if self.id_parts else np.zeros(0, dtype=self.id_type)
+        lengths = np.concatenate(self.length_parts) if self.length_parts else np.zeros(0, dtype=np.int64)
+        return self.doc_ids, np.asarray(self.sentences_per_doc, dtype=np.int64), flat, lengths
+
+
+def _blocks(
+    corpus_file: Path, tokenizer, id_type
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]:
+    """The tokenised blocks of a corpus shard: a block ends after a multiple of CORPUS_READ_ROWS documents
+    once it holds at least BLOCK_SENTENCES sentences (counted by row, so the blocks depend on the shard's
+    rows only, not on its Parquet row groups)."""
+    builder = _BlockBuilder(tokenizer, id_type)
+    for row, (doc_id, sentences) in enumerate(_corpus_documents(corpus_file), start=1):
+        builder.add(doc_id, sentences)
+        if row % CORPUS_READ_ROWS == 0 and builder.num_sentences >= BLOCK_SENTENCES:
+            yield builder.finish()
+            builder = _BlockBuilder(tokenizer, id_type)
+    if builder.doc_ids:
+        yield builder.finish()
 
 
 _DONE = object()
 
 
-def _encoded_blocks(corpus_file: Path, tokenizer) -> Iterator[tuple[list[int], np.ndarray, list]]:
-    """(doc ids, sentences per document, encodings) per block; a thread reads and encodes the next block
-    meanwhile (the tokenizer releases the GIL), so reading ids out and writing overlap with tokenising."""
+def _encoded_blocks(
+    corpus_file: Path, tokenizer, id_type
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]:
+    """``_blocks`` read and tokenised by a thread (the tokenizer releases the GIL), so building and writing
+    a block overlaps with tokenising the next; at most one finished block waits in the hand-off."""
     handoff: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -161,11 +225,8 @@ def _encoded_blocks(corpus_file: Path, tokenizer) -> Iterator[tuple[list[int], n
 
     def produce() -> None:
         try:
-            for doc_ids, docs in _corpus_blocks(corpus_file):
-                sentences_per_doc = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-                encodings = encode_sentences(tokenizer, list(chain.from_iterable(docs)))
-                del docs
-                if not put((doc_ids, sentences_per_doc, encodings)):
+            for block in _blocks(corpus_file, tokenizer, id_type):
+                if not put(block):
                     return
             put(_DONE)
         except BaseException as error:  # re-raised in the consumer
@@ -194,9 +255,9 @@ def build_shard_cache(corpus_file: Path, cache_file: Path, vocab) -> dict:
         pa.OSFile(str(tmp), "wb") as sink,
         pa.ipc.new_file(sink, schema) as writer,
     ):
-        for doc_ids, sentences_per_doc, encodings in _encoded_blocks(corpus_file, vocab.tokenizer):
-            flat, lengths = ids_of(encodings, id_type)
-            del encodings
+        for doc_ids, sentences_per_doc, flat, lengths in _encoded_blocks(
+            corpus_file, vocab.tokenizer, id_type
+        ):
             batch = _cache_batch(doc_ids, sentences_per_doc, flat, lengths, schema)
             writer.write_batch(batch)
             counts["documents"] += batch.num_rows

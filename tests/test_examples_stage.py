@@ -181,6 +181,29 @@ def test_work_split_by_blocks_is_identical_for_any_workers_and_cache_state(toy, 
     assert stats["examples"] == len(rows)
 
 
+def test_token_cache_is_the_same_for_any_encode_chunk_and_row_groups(toy, monkeypatch):
+    """Sentences are tokenised in fixed chunks across documents and blocks are cut by row, so neither the
+    chunk size (a memory knob) nor the corpus file's Parquet row groups change a byte of the cache."""
+    from data_prep.vocab import load_vocab
+
+    vocab = load_vocab(toy["vocab"])
+    corpus_file = toy["corpus"] / "train" / "part-00000.parquet"
+    regrouped = toy["tmp"] / "regrouped.parquet"
+    pq.write_table(pq.read_table(corpus_file), regrouped, row_group_size=3)  # not a multiple of 8 rows
+    assert pq.ParquetFile(regrouped).metadata.num_row_groups > 1
+    monkeypatch.setattr(tokcache, "BLOCK_SENTENCES", 40)  # several blocks per shard
+    reference = tokcache.build_shard_cache(corpus_file, toy["tmp"] / "reference.arrow", vocab)
+    assert len(reference["block_tokens"]) > 1
+    calls = []
+    original = tokcache.encode_sentences
+    monkeypatch.setattr(tokcache, "encode_sentences", lambda t, s: calls.append(len(s)) or original(t, s))
+    monkeypatch.setattr(tokcache, "ENCODE_SENTENCES", 7)
+    for source, name in ((corpus_file, "chunked.arrow"), (regrouped, "regrouped.arrow")):
+        assert tokcache.build_shard_cache(source, toy["tmp"] / name, vocab) == reference
+        assert sha256_file(toy["tmp"] / name) == sha256_file(toy["tmp"] / "reference.arrow")
+    assert max(calls) == 7 and len(calls) > 2 * len(reference["block_tokens"])
+
+
 def test_seeds_change_examples(toy):
     generate_examples(config(toy, "a", seed=1))
     generate_examples(config(toy, "b", seed=2))

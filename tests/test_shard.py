@@ -191,6 +191,37 @@ def test_output_identical_for_any_workers_and_input_order(tmp_path):
     assert one["stats"]["splits"]["valid"]["documents"] > 0
 
 
+def test_row_groups_are_bounded_by_documents_and_text_bytes():
+    docs = [["a" * 10] * 3, ["b" * 40], [], ["c" * 5, "d" * 5], ["e" * 100], ["f"]]
+    table = pa.table({"sentences": pa.array(docs, pa.list_(pa.string()))})
+    # 30, 40, 0, 10, 100, 1 bytes: groups fill up to 50 bytes or 2 rows; a bigger document stands alone
+    assert shard_mod.row_group_bounds(table, 2, 50) == [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6)]
+    assert shard_mod.row_group_bounds(table, 100, 80) == [(0, 4), (4, 5), (5, 6)]
+    assert shard_mod.row_group_bounds(table, 100, 1000) == [(0, 6)]
+    assert shard_mod.row_group_bounds(table.slice(0, 0), 2, 50) == []
+
+
+def test_shard_row_groups_bounded_by_bytes_hold_the_same_rows(tmp_path, monkeypatch):
+    files = _corpus(tmp_path)
+    run(tmp_path, files, "default", valid_fraction=0.3)
+    monkeypatch.setattr(shard_mod, "ROW_GROUP_BYTES", 200)
+    monkeypatch.setattr(shard_mod, "ROW_GROUP_DOCUMENTS", 5)
+    run(tmp_path, files, "small", valid_fraction=0.3)
+    default, small = _tables(tmp_path / "default"), _tables(tmp_path / "small")
+    assert default.keys() == small.keys()
+    for name, table in default.items():
+        assert small[name].equals(table), name
+        metadata = pq.ParquetFile(tmp_path / "small" / name).metadata
+        assert pq.ParquetFile(tmp_path / "default" / name).metadata.num_row_groups == 1
+        assert metadata.num_row_groups >= max(1, -(-table.num_rows // 5))
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            assert rows <= 5
+            sentences = pq.ParquetFile(tmp_path / "small" / name).read_row_group(group).column("sentences")
+            text = sum(len(s.encode()) for doc in sentences.to_pylist() for s in doc)
+            assert text <= 200 or rows == 1
+
+
 def test_exact_duplicates_are_dropped_keeping_the_smallest_source(tmp_path):
     a = write(tmp_path / "in" / "a.txt", "Same text here.\nWrapped.\n\nUnique one.\n")
     b = write(tmp_path / "in" / "b.txt", "Same   text here. Wrapped.\n\nUnique two.\n")
