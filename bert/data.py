@@ -21,7 +21,7 @@ import pyarrow.ipc as ipc
 import torch
 
 from data_prep.manifest import require_complete
-from data_prep.schema import ExampleMetadata
+from data_prep.schema import ExampleMetadata, continuation_table, replacement_ids
 
 LIST_COLUMNS = ("input_ids", "token_type_ids", "masked_lm_positions", "masked_lm_ids")
 IGNORE_INDEX = -100
@@ -256,17 +256,6 @@ def dynamic_mask(
     return masked, positions, originals
 
 
-def replacement_ids(vocab_size: int, special_ids, tokens: list[str] | None = None) -> np.ndarray:
-    """Ids a random replacement may take: not special, and not a bracketed reserved token like [unused0]."""
-    keep = np.ones(vocab_size, dtype=bool)
-    keep[np.asarray(list(special_ids), dtype=np.int64)] = False
-    if tokens is not None:
-        for i, token in enumerate(tokens[:vocab_size]):
-            if token.startswith("[") and token.endswith("]"):
-                keep[i] = False
-    return np.flatnonzero(keep)
-
-
 class Collator:
     """Turns examples into a padded batch of tensors; masks dynamically when the shards are unmasked."""
 
@@ -286,12 +275,15 @@ class Collator:
         self.mask_id = metadata.special_ids["mask"]
         self.special_ids = np.array(sorted(set(metadata.special_ids.values())), dtype=np.int64)
         self.dynamic = metadata.masking == "dynamic"
-        self.replacement_ids = replacement_ids(metadata.vocab_size, self.special_ids, tokens)
+        if tokens is not None:
+            self.replacement_ids = replacement_ids(tokens[: metadata.vocab_size], metadata.special_ids)
+        else:  # no token strings: every id but the special ones
+            self.replacement_ids = np.setdiff1d(np.arange(metadata.vocab_size), self.special_ids)
         self.is_continuation = None
         if self.dynamic and metadata.whole_word_mask:
             if tokens is None:
                 raise ValueError("whole-word dynamic masking needs the vocabulary's tokens")
-            self.is_continuation = np.array([t.startswith("##") for t in tokens], dtype=bool)
+            self.is_continuation = continuation_table(tokens)
 
     def __call__(self, dataset: ExampleShards, indices: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
         examples = [dataset[int(i)] for i in indices]

@@ -38,7 +38,7 @@ from bert.data import (
 from bert.model import BertConfig, BertForPreTraining
 from bert.optim import build_optimizer, lr_multiplier
 from bert.train_config import BatchSizes, TrainConfig
-from data_prep.schema import SPECIAL_ID_NAMES, ExampleMetadata, vocab_fingerprint
+from data_prep.schema import ExampleMetadata, special_ids_of, vocab_fingerprint
 
 log = logging.getLogger("bert.pretrain")
 
@@ -81,10 +81,6 @@ class Run:
 
 
 # --- setup: what the examples, tokenizer and model must agree on --------------------------------------
-
-
-def special_ids_of(tokens: list[str]) -> dict[str, int]:
-    return {name: tokens.index(tok) for tok, name in SPECIAL_ID_NAMES.items() if tok in tokens}
 
 
 def build_model_config(spec: str, metadata: ExampleMetadata, overrides: dict) -> BertConfig:

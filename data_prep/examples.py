@@ -368,22 +368,6 @@ def mask_examples(
     }
 
 
-def replacement_ids(tokens: list[str], special_ids: dict[str, int]) -> np.ndarray:
-    """Ids a random replacement may take: every id except special tokens and reserved ``[...]`` tokens."""
-    excluded = set(special_ids.values())
-    keep = [
-        i
-        for i, t in enumerate(tokens)
-        if i not in excluded and not (len(t) > 2 and t.startswith("[") and t.endswith("]"))
-    ]
-    return np.array(keep, dtype=np.int64)
-
-
-def continuation_table(tokens: list[str]) -> np.ndarray:
-    """True for WordPiece continuations ("##..."), which whole-word masking keeps with their word."""
-    return np.array([t.startswith("##") and len(t) > 2 for t in tokens], dtype=bool)
-
-
 def document_rng(seed: int, split: int, shard: int, doc_id: int, dupe_round: int) -> random.Random:
     """The rng of one document in one dupe round: a function of the seed and where the document is."""
     key = (((seed & 0xFFFFFFFF) << 128) | (split << 120) | (shard << 96) | (dupe_round << 64)) + (

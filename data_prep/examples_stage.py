@@ -33,7 +33,13 @@ from data_prep.manifest import (
     require_complete,
     write_json_atomic,
 )
-from data_prep.schema import FORMAT_VERSION, ExampleMetadata, example_schema
+from data_prep.schema import (
+    FORMAT_VERSION,
+    ExampleMetadata,
+    continuation_table,
+    example_schema,
+    replacement_ids,
+)
 from data_prep.writer import open_example_file, record_batch
 
 log = logging.getLogger(__name__)
@@ -437,8 +443,8 @@ def generate_examples(config: ExamplesConfig) -> dict:
         config=config,
         metadata=metadata,
         pools=pools,
-        replacement_ids=ex.replacement_ids(vocab.tokens, vocab.special_ids),
-        continuation=ex.continuation_table(vocab.tokens) if config.whole_word_mask else None,
+        replacement_ids=replacement_ids(vocab.tokens, vocab.special_ids),
+        continuation=continuation_table(vocab.tokens) if config.whole_word_mask else None,
         tokens=vocab.tokens,
     )
     parts, part_stats, todo = [], {}, []

@@ -22,6 +22,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 FORMAT_VERSION = 1
@@ -40,6 +41,31 @@ UINT16_VOCAB_LIMIT = 65536
 def token_id_type(vocab_size: int) -> pa.DataType:
     """uint16 ids when they fit (half the bytes of int32), int32 beyond."""
     return pa.uint16() if vocab_size <= UINT16_VOCAB_LIMIT else pa.int32()
+
+
+def special_ids_of(tokens: list[str]) -> dict[str, int]:
+    """{"pad", "unk", "cls", "sep", "mask"} -> id, for the special tokens present in ``tokens``."""
+    index = {token: i for i, token in enumerate(tokens)}
+    return {name: index[token] for token, name in SPECIAL_ID_NAMES.items() if token in index}
+
+
+def replacement_ids(tokens: list[str], special_ids: dict[str, int]) -> np.ndarray:
+    """Ids a random MLM replacement may take: all but special tokens and reserved ``[...]`` tokens.
+
+    Static masking (data_prep) and dynamic masking (the trainer's collator) both draw from this set.
+    """
+    excluded = set(special_ids.values())
+    keep = [
+        i
+        for i, t in enumerate(tokens)
+        if i not in excluded and not (len(t) > 2 and t.startswith("[") and t.endswith("]"))
+    ]
+    return np.array(keep, dtype=np.int64)
+
+
+def continuation_table(tokens: list[str]) -> np.ndarray:
+    """True for WordPiece continuations ("##..."), which whole-word masking keeps with their word."""
+    return np.array([t.startswith("##") and len(t) > 2 for t in tokens], dtype=bool)
 
 
 def vocab_fingerprint(tokens: list[str]) -> str:

@@ -23,10 +23,15 @@ from bert.data import (
     epoch_order,
     open_split,
     rank_micro_batches,
-    replacement_ids,
 )
 from data_prep.manifest import begin_stage, file_entry
-from data_prep.schema import SPECIAL_TOKENS, ExampleMetadata, example_schema, vocab_fingerprint
+from data_prep.schema import (
+    SPECIAL_TOKENS,
+    ExampleMetadata,
+    example_schema,
+    replacement_ids,
+    vocab_fingerprint,
+)
 
 NUM_WORDS = 95  # vocabulary: 5 special tokens + w0..w94 = 100 ids
 
@@ -202,8 +207,9 @@ def test_static_collation_pads_to_a_multiple_of_8_and_labels_only_predictions(tm
 def test_dynamic_masking_is_80_10_10_never_special_and_reproducible():
     rng = np.random.default_rng(0)
     special = np.arange(5)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]"] + ["w"] * 94
     replace = replacement_ids(
-        100, special, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]"] + ["w"] * 94
+        tokens, {name: i for i, name in enumerate(["pad", "unk", "cls", "sep", "mask"])}
     )
     assert 5 not in replace and 6 in replace and len(replace) == 94
     kinds = {"mask": 0, "random": 0, "same": 0}

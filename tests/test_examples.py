@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import examples as ex
+from data_prep.schema import continuation_table, replacement_ids
 
 CLS, SEP, MASK = 2, 3, 4
 SPECIAL = {"pad": 0, "unk": 1, "cls": CLS, "sep": SEP, "mask": MASK}
@@ -195,8 +196,8 @@ def test_truncation_sides_are_random():
 def masked(seed=0, whole_word=False, max_predictions=9, prob=0.15):
     block, taken, arrays = build(seed=seed)
     original = arrays.input_ids.copy()
-    continuation = ex.continuation_table(toy_tokens()) if whole_word else None
-    replacement = ex.replacement_ids(toy_tokens(), SPECIAL)
+    continuation = continuation_table(toy_tokens()) if whole_word else None
+    replacement = replacement_ids(toy_tokens(), SPECIAL)
     counts = ex.mask_examples(
         arrays, prob, max_predictions, MASK, replacement, np.random.default_rng(seed + 7), continuation
     )
@@ -235,12 +236,12 @@ def test_masking_statistics_and_invariants():
 def test_replacement_ids_exclude_special_and_reserved_tokens():
     tokens = ["[PAD]", "[unused0]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "[", "##b"]
     special = {"pad": 0, "unk": 2, "cls": 3, "sep": 4, "mask": 5}
-    assert ex.replacement_ids(tokens, special).tolist() == [6, 7, 8]
+    assert replacement_ids(tokens, special).tolist() == [6, 7, 8]
 
 
 def test_whole_word_masking_never_splits_a_word():
     original, arrays, counts = masked(seed=2, whole_word=True, max_predictions=12)
-    is_cont = ex.continuation_table(toy_tokens())
+    is_cont = continuation_table(toy_tokens())
     assert counts["masked"] > 1000
     per_example = np.diff(arrays.masked_lm_offsets)
     assert (per_example <= 12).all()
@@ -280,7 +281,5 @@ def test_tiny_lengths_still_valid(max_seq_length):
         taken, block.ids, block.ids, max_seq_length - 3, CLS, SEP, np.random.default_rng(0)
     )
     assert arrays.lengths.max() <= max_seq_length and (arrays.len_a >= 1).all()
-    ex.mask_examples(
-        arrays, 0.15, 1, MASK, ex.replacement_ids(toy_tokens(), SPECIAL), np.random.default_rng(1)
-    )
+    ex.mask_examples(arrays, 0.15, 1, MASK, replacement_ids(toy_tokens(), SPECIAL), np.random.default_rng(1))
     assert (np.diff(arrays.masked_lm_offsets) == 1).all()
