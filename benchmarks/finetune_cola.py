@@ -5,7 +5,9 @@ Same checkpoint folder, data, seeds and recipe on both sides (lr 1e-4, 3 epochs,
 evaluated after each epoch). Seeds run interleaved (ours s0, transformers s0, ours s1, ...) and the JSON is
 rewritten after each, so a run cut short still reports comparable pairs. Per seed: dev MCC of the final
 epoch and of the best epoch (ours keeps the best checkpoint), and wall seconds (model load + training +
-per-epoch evaluation). The transformers side is the test-only oracle; bertpipe never imports it.
+per-epoch evaluation). To time both sides under the same load, run them as two processes side by side
+(``--impl ours --threads 1`` and ``--impl transformers --threads 1``). The transformers side is the
+test-only oracle; bertpipe never imports it.
 
     python benchmarks/finetune_cola.py --out /tmp/finetune_cola.json
 """
@@ -152,7 +154,10 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=64)
     parser.add_argument("--max-train-examples", type=int, default=None, help="subsample (quick checks only)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file, rewritten after every seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.model = args.model or minilm_dir()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     impls = {"ours": run_ours, "transformers": run_transformers}

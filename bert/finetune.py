@@ -192,9 +192,9 @@ def make_optimizer(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
 
-    def factor(step: int) -> float:
+    def factor(step: int) -> float:  # the schedule of transformers' get_linear_schedule_with_warmup
         if step < warmup_steps:
-            return (step + 1) / warmup_steps  # reaches lr on the last warmup step
+            return step / warmup_steps  # 0 on the first step, lr after warmup_steps steps
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

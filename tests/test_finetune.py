@@ -208,3 +208,27 @@ def test_cli_reports_bad_input_in_one_line(tiny_model, tmp_path):
     output = result.output.strip()
     assert "Traceback" not in output and len(output.splitlines()) == 1
     assert "train.tsv:3: label 'maybe'" in output
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (37, 3), (20, 0)])
+def test_schedule_matches_transformers(total, warmup):
+    """Same recipe as a plain transformers loop: AdamW groups and get_linear_schedule_with_warmup's lr per step."""
+    import torch
+    import transformers
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer, scheduler = F.make_optimizer(model, 1e-3, 0.01, total, warmup)
+    reference_opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-3)
+    reference = transformers.get_linear_schedule_with_warmup(reference_opt, warmup, total)
+    ours, theirs = [], []
+    for _ in range(total):
+        ours.append(optimizer.param_groups[0]["lr"])
+        theirs.append(reference_opt.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+        reference_opt.step()
+        reference.step()
+    assert ours == pytest.approx(theirs, abs=1e-12)
+    decay, no_decay = optimizer.param_groups
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 0.01
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
