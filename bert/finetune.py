@@ -487,7 +487,10 @@ def summarise(task: T.Task, runs: list[SeedRun]) -> dict[str, Any]:
             scored.append(run.evaluation.scores)
         entry.update(best_epoch=run.best_epoch, train_seconds=round(run.train_seconds, 2), epochs=run.history)
         results.append(entry)
-    names = list(runs[0].evaluation.scores)
+    scored_names = list(runs[0].evaluation.scores)
+    names = [m for m in task.metrics if m in scored_names] + [
+        m for m in scored_names if m not in task.metrics
+    ]
     summary: dict[str, Any] = {
         "task": task.name,
         "metric": task.metric,

@@ -196,6 +196,13 @@ def test_summary_excludes_degenerate_from_median():
     assert summary["results"][1]["mcc"] is None
 
 
+def test_summary_leads_with_the_task_metric():
+    task = F.T.get_task("ner")
+    scores = {"precision": 0.5, "recall": 0.7, "f1": 0.6}  # the order metrics.entity_scores returns
+    summary = F.summarise(task, [F.SeedRun(0, F.Evaluation(scores, [], None), 1, [], 1.0, None)])
+    assert list(summary["median"]) == ["f1", "precision", "recall"] and summary["metric"] == "f1"
+
+
 def test_cli_reports_bad_input_in_one_line(tiny_model, tmp_path):
     from flows.cli import app
 
