@@ -11,6 +11,7 @@ tensorboard/, data_log/rank<R>.jsonl (on request), logs/error-rank<R>.txt (when 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -547,6 +548,64 @@ def launcher_command(
             "--config", str(config_file)]  # fmt: skip
 
 
+def _is_rank(args: list[str]) -> bool:
+    """A rank runs `python -u -m bert.pretrain ...`; the launcher only names the module (`--module bert.pretrain`)."""
+    return any(a == "-m" and b == "bert.pretrain" for a, b in zip(args, args[1:], strict=False))
+
+
+class GroupStop:
+    """SIGTERM, SIGHUP or Ctrl-C during a launch: stop every local rank cleanly, then let the launcher finish.
+
+    The ranks get SIGTERM directly (they agree on a step, checkpoint and exit 0, and the launcher exits
+    normally). Signalling the launcher instead would not do: the single-node `deepspeed` runner does not
+    forward SIGTERM (it dies and leaves the ranks running) and its child kills ranks that take over 30 s to
+    checkpoint. Before any rank exists (or for ranks on other nodes, which the pdsh runner signals itself)
+    the launcher's process group gets the SIGTERM. A second signal kills the group.
+    """
+
+    def __init__(self, process):
+        self.process = process
+        self.ranks: list = []  # the local rank processes when the first signal came
+        self.signals = 0
+
+    def handle(self, signum, frame) -> None:
+        import psutil
+
+        self.signals += 1
+        if self.signals > 1:
+            self._signal_group(signal.SIGKILL)
+            return
+        log.warning("stopping: every rank checkpoints after its current step (signal again to kill)")
+        self.ranks = []
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if _is_rank(p.cmdline()):
+                        self.ranks.append(p)
+        if not self.ranks:
+            self._signal_group(signal.SIGTERM)
+        for p in self.ranks:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)
+
+    def wait_for_ranks(self) -> None:
+        """Return once the signalled ranks have exited (the launcher may exit before them)."""
+        import psutil
+
+        def alive(p) -> bool:
+            try:
+                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        while any(alive(p) for p in self.ranks):
+            time.sleep(0.2)
+
+
 def launch(config: TrainConfig, num_gpus: int | None = None, hostfile: str | None = None) -> PretrainResult:
     """Check the inputs, run every rank through the deepspeed launcher, return rank 0's result.
 
@@ -576,20 +635,27 @@ def launch(config: TrainConfig, num_gpus: int | None = None, hostfile: str | Non
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     log.info("launching: %s", " ".join(command))
-    process = subprocess.Popen(command, env=env)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
+    # Its own session: Ctrl-C reaches this process only, and GroupStop decides what the ranks get.
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    stop = GroupStop(process)
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         code = process.wait()
+        stop.wait_for_ranks()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if code != 0 or not (out / "result.json").exists():
-        errors = sorted((out / "logs").glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
-        if errors:
-            rank = errors[0].stem.removeprefix("error-rank")
-            message = errors[0].read_text().split("\n\n")[0].strip()
-            raise LaunchError(f"rank {rank} failed: {message}\n(full traceback: {errors[0]})")
-        raise LaunchError(f"the deepspeed launcher exited with code {code}; see the ranks' output above")
-    return PretrainResult(**json.loads((out / "result.json").read_text()))
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if (out / "result.json").exists():
+        result = PretrainResult(**json.loads((out / "result.json").read_text()))
+        # On SIGTERM the deepspeed launcher terminates the ranks (which checkpoint first) and exits 1.
+        if code == 0 or result.stop_reason == "sigterm":
+            return result
+    errors = sorted((out / "logs").glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
+    if errors:
+        rank = errors[0].stem.removeprefix("error-rank")
+        message = errors[0].read_text().split("\n\n")[0].strip()
+        raise LaunchError(f"rank {rank} failed: {message}\n(full traceback: {errors[0]})")
+    raise LaunchError(f"the deepspeed launcher exited with code {code}; see the ranks' output above")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:

@@ -336,6 +336,8 @@ def pretrain(
         + (f", loss {loss:.4f}" if loss is not None else "")
         + (f"; model in {result.hf_dir}" if result.hf_dir else "")
     )
+    if result.stop_reason in ("sigterm", "time_budget"):
+        typer.echo(f"checkpointed at step {result.step}: run the same command with --resume to continue")
 
 
 # --- run (the whole pipeline) --------------------------------------------------------------------------------

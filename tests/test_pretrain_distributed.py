@@ -142,3 +142,55 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(stage, tmp_path:
     assert checkpoint_state_dict(out / "checkpoints")  # loadable
     state = json.loads((out / "checkpoints" / tag / "bertpipe_state.json").read_text())
     assert state["data"]["cursor"] == (result["step"] * 4) % 256 or state["data"]["epoch"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_through_the_launcher_then_resume_matches_a_straight_run(stage, tmp_path: Path):
+    """SIGTERM to `bertpipe pretrain --num-gpus 2`: both ranks stop at the same step, checkpoint, exit 0;
+    --resume then continues exactly where a run that was never stopped would be (losses, data order)."""
+    examples, model_config = stage
+    common = ["--examples", str(examples), "--model-config", str(model_config),
+              "--deepspeed-config", str(REPO / "deepspeed_configs/zero2_fp32.json"), "--num-gpus", "2",
+              "--micro-batch-size", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-2",
+              "--warmup-steps", "3", "--schedule-steps", "400", "--log-example-indices", "--no-progress"]  # fmt: skip
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([str(BERTPIPE), "pretrain", *common, "--out", str(stopped), "--max-steps", "400"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert process.poll() is None, process.communicate()[0][-3000:]  # died before training
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=200)
+    assert process.returncode == 0, output[-3000:]
+    assert "(sigterm)" in output and "--resume" in output and "Traceback" not in output
+    result = json.loads((stopped / "result.json").read_text())
+    k = result["step"]
+    assert result["stop_reason"] == "sigterm" and 3 <= k < 400
+    assert (stopped / "checkpoints/latest").read_text().strip() == f"step-{k}"
+    logs = [(stopped / f"data_log/rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
+    assert len(logs[0]) == len(logs[1]) == k  # both ranks stopped after the same step
+
+    end = str(k + 3)
+    resumed = bertpipe("pretrain", *common, "--out", str(stopped), "--max-steps", end, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = bertpipe("pretrain", *common, "--out", str(tmp_path / "straight"), "--max-steps", end)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    def losses(run: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    a, b = losses(stopped), losses(tmp_path / "straight")
+    assert sorted(a) == sorted(b) == list(range(1, k + 4))
+    assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(b)], rel=1e-5, abs=1e-6)
+    for r in (0, 1):  # the same examples on the same rank at every step
+        assert (stopped / f"data_log/rank{r}.jsonl").read_text() == (
+            tmp_path / f"straight/data_log/rank{r}.jsonl"
+        ).read_text()
+    weights = [checkpoint_state_dict(run / "checkpoints") for run in (stopped, tmp_path / "straight")]
+    name = "bert.encoder.layer.1.output.dense.weight"
+    assert np.allclose(weights[0][name].numpy(), weights[1][name].numpy(), atol=1e-6)
