@@ -42,6 +42,19 @@ def bertpipe(*args: str, timeout: int = 500) -> subprocess.CompletedProcess:
     return subprocess.run([str(BERTPIPE), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def sigterm_after_three_steps(command: list[str], metrics: Path) -> tuple[str, int]:
+    """Start a training command, SIGTERM it once metrics.jsonl holds 3 steps; its output and exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert process.poll() is None, process.communicate()[0][-3000:]  # died before training
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=200)
+    return output, process.returncode
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_zero2_learn_from_different_data_and_export(stage, tmp_path: Path):
@@ -124,17 +137,10 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(stage, tmp_path:
     config.write_text(json.dumps({"examples": str(examples), "out": str(out), "model_config": str(model_config),
                                   "max_steps": 100000, "decay": "constant", "micro_batch_size": 4,
                                   "progress_bar": False, "tensorboard": False}))  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "bert.pretrain", "--config", str(config)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        assert process.poll() is None, process.communicate()[0][-3000:]  # died before training
-        time.sleep(0.5)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output[-3000:]
+    output, returncode = sigterm_after_three_steps(
+        [sys.executable, "-m", "bert.pretrain", "--config", str(config)], out / "metrics.jsonl"
+    )
+    assert returncode == 0, output[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["stop_reason"] == "sigterm" and result["step"] >= 3
     tag = (out / "checkpoints/latest").read_text().strip()
@@ -155,17 +161,11 @@ def test_sigterm_through_the_launcher_then_resume_matches_a_straight_run(stage, 
               "--micro-batch-size", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-2",
               "--warmup-steps", "3", "--schedule-steps", "400", "--log-example-indices", "--no-progress"]  # fmt: skip
     stopped = tmp_path / "stopped"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([str(BERTPIPE), "pretrain", *common, "--out", str(stopped), "--max-steps", "400"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    metrics = stopped / "metrics.jsonl"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        assert process.poll() is None, process.communicate()[0][-3000:]  # died before training
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=200)
-    assert process.returncode == 0, output[-3000:]
+    output, returncode = sigterm_after_three_steps(
+        [str(BERTPIPE), "pretrain", *common, "--out", str(stopped), "--max-steps", "400"],
+        stopped / "metrics.jsonl",
+    )
+    assert returncode == 0, output[-3000:]
     assert "(sigterm)" in output and "--resume" in output and "Traceback" not in output
     result = json.loads((stopped / "result.json").read_text())
     k = result["step"]
