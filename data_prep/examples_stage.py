@@ -2,18 +2,19 @@
 
 ``generate_examples(ExamplesConfig(...))`` runs in three steps: make sure every corpus shard is tokenised
 in the cache (tokcache), draw each split's negative pool, then build the examples of consecutive cache
-blocks of about PART_TOKENS tokens per output file, ``<out>/<split>/<shard name>[-NNN].arrow``, in a process
-pool. Work is split by cache blocks, not whole shards, so one huge book does not leave a worker idle. Every
-random draw is seeded from (seed, split, shard, document, dupe round) or (seed, split, shard, block, batch),
+blocks of about PART_TOKENS tokens per output file, ``<out>/<split>/<shard name>[-NNN].arrow``. Both the
+tokenising and the part jobs go through a mapper (``data_prep.parallel``): a local process pool by default,
+Prefect tasks or a Dask cluster when an orchestrator passes one; each job carries all it needs. Work is
+split by cache blocks, not whole shards, so one huge book does not leave a worker idle. Every random draw
+is seeded from (seed, split, shard, document, dupe round) or (seed, split, shard, block, batch),
 so the output does not depend on --workers.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -31,8 +32,10 @@ from data_prep.manifest import (
     file_entry,
     read_manifest,
     require_complete,
+    stage_fingerprint,
     write_json_atomic,
 )
+from data_prep.parallel import Mapper, local_mapper
 from data_prep.schema import (
     FORMAT_VERSION,
     ExampleMetadata,
@@ -148,7 +151,7 @@ def plan_parts(block_tokens: list[int], part_tokens: int | None = None) -> list[
 
 @dataclass
 class _Context:
-    """What every worker needs, built once in the parent (inherited by forked workers)."""
+    """What every part job needs besides its _Part, built once in the parent and passed with each job."""
 
     config: ExamplesConfig
     metadata: ExampleMetadata
@@ -156,62 +159,6 @@ class _Context:
     replacement_ids: np.ndarray
     continuation: np.ndarray | None
     tokens: list[str]
-
-
-_WORKER_CONTEXT: _Context | None = None  # set in forked workers only (ProcessPoolExecutor initializer)
-
-
-def _set_worker_context(context: _Context | None, threads: int) -> None:
-    global _WORKER_CONTEXT
-    _WORKER_CONTEXT = context
-    os.environ["RAYON_NUM_THREADS"] = str(threads)  # tokenizers' thread pool starts lazily in the child
-
-
-def _build_cache_part(args: tuple) -> dict:
-    corpus_file, cache_file, vocab = args
-    if vocab is None:
-        vocab = _WORKER_VOCAB
-    return tokcache.build_shard_cache(corpus_file, cache_file, vocab)
-
-
-_WORKER_VOCAB = None
-
-
-def _set_worker_vocab(vocab, threads: int) -> None:
-    global _WORKER_VOCAB
-    _WORKER_VOCAB = vocab
-    os.environ["RAYON_NUM_THREADS"] = str(threads)
-
-
-def _pool_executor(workers: int, initializer, initargs) -> cf.ProcessPoolExecutor:
-    # fork: workers inherit the vocabulary and the negative pools without pickling them.
-    context = multiprocessing.get_context("fork")
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    return cf.ProcessPoolExecutor(
-        workers, mp_context=context, initializer=initializer, initargs=(*initargs, threads)
-    )
-
-
-def _run_parallel(function, jobs: list, workers: int, initializer, initargs, what: str) -> list:
-    """Results of ``function`` over ``jobs`` in job order; in-process when one worker suffices."""
-    from tqdm import tqdm
-
-    progress = tqdm(total=len(jobs), desc=what, unit="shard", disable=None, leave=False)
-    results: list = [None] * len(jobs)
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for i, job in enumerate(jobs):
-                results[i] = function(job)
-                progress.update()
-            return results
-        with _pool_executor(min(workers, len(jobs)), initializer, initargs) as executor:
-            futures = {executor.submit(function, job): i for i, job in enumerate(jobs)}
-            for future in cf.as_completed(futures):
-                results[futures[future]] = future.result()
-                progress.update()
-        return results
-    finally:
-        progress.close()
 
 
 def _corpus_files(corpus_manifest: dict) -> dict[str, list[str]]:
@@ -224,8 +171,14 @@ def _corpus_files(corpus_manifest: dict) -> dict[str, list[str]]:
     return {split: sorted(paths) for split, paths in files.items()}
 
 
-def ensure_token_cache(config: ExamplesConfig, corpus_manifest: dict, vocab) -> dict[str, list[tuple]]:
-    """Tokenise every corpus shard that is not cached yet; returns split → [(name, cache file, counts)]."""
+def ensure_token_cache(
+    config: ExamplesConfig, corpus_manifest: dict, vocab, map_jobs: Mapper | None = None
+) -> dict[str, list[tuple]]:
+    """Tokenise every corpus shard that is not cached yet; returns split → [(name, cache file, counts)].
+
+    ``map_jobs`` runs one ``tokcache.build_shard_cache`` job per missing shard; None: ``config.workers``
+    local processes.
+    """
     cache = tokcache.cache_directory(config.resolved_cache_dir(), corpus_manifest["fingerprint"], vocab)
     shards = []
     for split, paths in _corpus_files(corpus_manifest).items():
@@ -234,13 +187,10 @@ def ensure_token_cache(config: ExamplesConfig, corpus_manifest: dict, vocab) -> 
     missing = [s for s in shards if tokcache.shard_counts(s[2]) is None]
     if missing:
         log.info("tokenising %d of %d corpus shards into %s", len(missing), len(shards), cache)
-        in_process = config.workers <= 1 or len(missing) <= 1
-        jobs = [
-            (config.corpus / path, cache_file, vocab if in_process else None)
-            for _, path, cache_file in missing
-        ]
+        jobs = [(config.corpus / path, cache_file, vocab) for _, path, cache_file in missing]
         jobs.sort(key=lambda job: -job[0].stat().st_size)  # biggest first: better balance
-        _run_parallel(_build_cache_part, jobs, config.workers, _set_worker_vocab, (vocab,), "tokenising")
+        with _mapper(config, map_jobs) as run_jobs:
+            run_jobs(tokcache.build_shard_cache, jobs, "tokenising")
     else:
         log.info("all %d corpus shards found tokenised in %s", len(shards), cache)
     result: dict[str, list[tuple]] = {split: [] for split in SPLITS}
@@ -249,9 +199,18 @@ def ensure_token_cache(config: ExamplesConfig, corpus_manifest: dict, vocab) -> 
     return result
 
 
-def _generate_part(part: _Part, context: _Context | None = None) -> dict:
-    """Write the examples of one corpus shard (all dupe rounds); returns its stats."""
-    context = context or _WORKER_CONTEXT
+def _mapper(config: ExamplesConfig, map_jobs: Mapper | None) -> contextlib.AbstractContextManager[Mapper]:
+    """``map_jobs``, or the default: ``config.workers`` forked processes that inherit the jobs' arguments
+    (the vocabulary, the negative pools) instead of unpickling them per job."""
+    return (
+        local_mapper(config.workers, start_method="fork")
+        if map_jobs is None
+        else contextlib.nullcontext(map_jobs)
+    )
+
+
+def _generate_part(part: _Part, context: _Context) -> dict:
+    """Write the examples of one part (all dupe rounds) and its stats sidecar; returns its stats."""
     config, metadata = context.config, context.metadata
     schema = example_schema(metadata)
     pool = context.pools[part.split]
@@ -400,8 +359,24 @@ def _summarise(part_stats: list[dict], config: ExamplesConfig) -> dict:
     return summary
 
 
-def generate_examples(config: ExamplesConfig) -> dict:
-    """Run the examples stage; returns its manifest (the existing one when nothing changed)."""
+def _stage_inputs(corpus_manifest: dict, vocab) -> dict[str, str]:
+    return {"corpus": corpus_manifest["fingerprint"], "vocab": vocab.fingerprint}
+
+
+def expected_fingerprint(config: ExamplesConfig) -> str:
+    """The fingerprint the stage directory will have (the corpus and vocabulary must be complete)."""
+    from data_prep.vocab import load_vocab
+
+    inputs = _stage_inputs(require_complete(config.corpus, "shard"), load_vocab(config.vocab))
+    return stage_fingerprint("examples", config.stage_config(), inputs, FORMAT_VERSION)
+
+
+def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) -> dict:
+    """Run the examples stage; returns its manifest (the existing one when nothing changed).
+
+    ``map_jobs`` runs the tokenising jobs and then the part jobs (``data_prep.parallel``: each job carries
+    all it needs); None: ``config.workers`` local processes.
+    """
     from data_prep.vocab import load_vocab
 
     started = time.perf_counter()
@@ -426,13 +401,13 @@ def generate_examples(config: ExamplesConfig) -> dict:
             "negative_pool_tokens": config.negative_pool_tokens,
         },
     )
-    inputs = {"corpus": corpus_manifest["fingerprint"], "vocab": vocab.fingerprint}
+    inputs = _stage_inputs(corpus_manifest, vocab)
     stage = begin_stage(config.out, "examples", config.stage_config(), inputs, FORMAT_VERSION)
     if stage.complete:
         log.info("%s is complete for this configuration: nothing to do", config.out)
         return read_manifest(config.out)
 
-    cached = ensure_token_cache(config, corpus_manifest, vocab)
+    cached = ensure_token_cache(config, corpus_manifest, vocab, map_jobs)
     pools = {}
     for split, shards in cached.items():
         total = sum(counts["tokens"] for _, _, counts in shards)
@@ -473,15 +448,8 @@ def generate_examples(config: ExamplesConfig) -> dict:
     if len(todo) < len(parts):
         log.info("reusing %d example files of an interrupted run", len(parts) - len(todo))
     todo.sort(key=lambda p: -p.tokens)
-    in_process = config.workers <= 1 or len(todo) <= 1
-    results = _run_parallel(
-        (lambda part: _generate_part(part, context)) if in_process else _generate_part,
-        todo,
-        config.workers,
-        _set_worker_context,
-        (context,),
-        "examples",
-    )
+    with _mapper(config, map_jobs) as run_jobs:
+        results = run_jobs(_generate_part, [(part, context) for part in todo], "examples")
     part_stats.update(zip((p.out_file for p in todo), results, strict=True))
 
     files, ordered = [], []

@@ -21,18 +21,14 @@ Documents of fewer than two sentences are kept (as Google's generator does: they
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import re
 import shutil
-import sys
 import zlib
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +37,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencex
-from tqdm import tqdm
 
 from data_prep.manifest import (
     StageError,
@@ -50,8 +45,10 @@ from data_prep.manifest import (
     file_entry,
     fingerprint,
     read_manifest,
+    stage_fingerprint,
     write_json_atomic,
 )
+from data_prep.parallel import Mapper, local_mapper
 from data_prep.schema import CORPUS_SCHEMA
 from data_prep.textio import InputUnit, discover_inputs, iter_unit_documents
 
@@ -399,36 +396,13 @@ def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
 # --- the stage ---------------------------------------------------------------------------------------------
 
 
-def _run_all(fn, jobs: list[tuple], pool: concurrent.futures.Executor | None, desc: str) -> list:
-    """``fn(*job)`` for every job, inline or in ``pool``, with a progress bar on stderr."""
-    progress = tqdm(total=len(jobs), desc=desc, unit="job", file=sys.stderr, disable=None, leave=False)
-    try:
-        if pool is None or len(jobs) <= 1:
-            results = []
-            for job in jobs:
-                results.append(fn(*job))
-                progress.update()
-            return results
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for _ in concurrent.futures.as_completed(futures):
-            progress.update()
-        return [f.result() for f in futures]
-    finally:
-        progress.close()
+def _local_mapper(workers: int) -> contextlib.AbstractContextManager[Mapper]:
+    """One pool for both passes (inline for one worker).
 
-
-@contextlib.contextmanager
-def _process_pool(workers: int) -> Iterator[concurrent.futures.Executor | None]:
-    """One pool for both passes (None for one worker: everything runs in this process)."""
-    if workers == 1:
-        yield None
-        return
-    # forkserver, not fork: the parent may hold pyarrow/tokenizers threads, which fork would copy mid-lock.
-    # The server imports the entry point and this module once; each worker is a cheap fork of it.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield pool
+    forkserver, not fork: the parent may hold pyarrow/tokenizers threads, which fork would copy mid-lock.
+    The server imports the entry point and this module once; each worker is a cheap fork of it.
+    """
+    return local_mapper(workers, start_method="forkserver", preload=("__main__", __name__))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -438,35 +412,33 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _read_inputs(units: list[InputUnit], config: ShardConfig, spill_root: Path, pool) -> Counter:
+def _read_inputs(units: list[InputUnit], config: ShardConfig, spill_root: Path, map_jobs: Mapper) -> Counter:
     """Pass 1 over the input tasks not finished by an earlier run; the summed reading stats."""
     tasks = group_units(units)
     task_stats = {i: _read_json(spill_root / f"task-{i:05d}.json") for i in range(len(tasks))}
     pending = [(i, tasks[i], config, str(spill_root)) for i, s in task_stats.items() if s is None]
     if len(pending) < len(tasks):
         log.info("shard: resuming, %d of %d read tasks already done", len(tasks) - len(pending), len(tasks))
-    results = _run_all(read_task, pending, pool, "shard: reading")
+    results = map_jobs(read_task, pending, "shard: reading")
     for (i, *_), result in zip(pending, results, strict=True):
         task_stats[i] = result
     return sum((Counter(s) for s in task_stats.values()), Counter())
 
 
-def _write_shards(stage_dir: Path, config: ShardConfig, pool) -> list[dict]:
+def _write_shards(stage_dir: Path, config: ShardConfig, map_jobs: Mapper) -> list[dict]:
     """Pass 2 over the shards not finished by an earlier run; each shard's stats."""
     shard_stats: dict[int, dict | None] = {}
     for s in range(config.num_shards):
         done = all((stage_dir / part_path(split, s)).exists() for split in SPLITS)
         shard_stats[s] = _read_json(stage_dir / SPILL_DIR / f"shard-{s:05d}.json") if done else None
     pending = [(str(stage_dir), s, config) for s, st in shard_stats.items() if st is None]
-    for (_, s, _), result in zip(
-        pending, _run_all(write_shard, pending, pool, "shard: writing"), strict=True
-    ):
+    for (_, s, _), result in zip(pending, map_jobs(write_shard, pending, "shard: writing"), strict=True):
         shard_stats[s] = result
     return [shard_stats[s] for s in range(config.num_shards)]
 
 
-def shard_corpus(config: ShardConfig) -> dict:
-    """Run the shard stage (or find it already done) and return its manifest."""
+def _stage_inputs(config: ShardConfig) -> tuple[list[InputUnit], dict[str, str]]:
+    """(the input units, the inputs' fingerprint): StageError when the inputs hold no file."""
     units, skipped = discover_inputs(config.inputs)
     if skipped:
         log.info("skipping %d files with unknown suffixes (e.g. %s)", len(skipped), skipped[0])
@@ -475,25 +447,39 @@ def shard_corpus(config: ShardConfig) -> dict:
             f"no input files found in {', '.join(config.inputs)}: expected .txt, .gz, .jsonl, .json, "
             ".parquet files or a saved Hugging Face dataset"
         )
-    inputs_fp = fingerprint([u.fingerprint() for u in units])
-    stage = begin_stage(
-        config.out, STAGE, config.output_config(), {"raw": inputs_fp}, FORMAT_VERSION, force=config.force
-    )
+    return units, {"raw": fingerprint([u.fingerprint() for u in units])}
+
+
+def expected_fingerprint(config: ShardConfig) -> str:
+    """The fingerprint the stage directory will have, from the settings and the inputs' sizes and mtimes."""
+    _, inputs = _stage_inputs(config)
+    return stage_fingerprint(STAGE, config.output_config(), inputs, FORMAT_VERSION)
+
+
+def shard_corpus(config: ShardConfig, map_jobs: Mapper | None = None) -> dict:
+    """Run the shard stage (or find it already done) and return its manifest.
+
+    ``map_jobs`` runs the read tasks and then the shard writes (``data_prep.parallel``: jobs carry all they
+    need); None: ``config.workers`` local processes.
+    """
+    units, inputs = _stage_inputs(config)
+    stage = begin_stage(config.out, STAGE, config.output_config(), inputs, FORMAT_VERSION, force=config.force)
     spill_root = stage.path(SPILL_DIR)
     if stage.complete:
         log.info("shard: %s is already complete for this configuration and input; nothing to do", config.out)
         shutil.rmtree(spill_root, ignore_errors=True)
         return read_manifest(config.out)
 
-    with _process_pool(config.workers) as pool:
-        read = _read_inputs(units, config, spill_root, pool)
+    mapper = _local_mapper(config.workers) if map_jobs is None else contextlib.nullcontext(map_jobs)
+    with mapper as map_jobs:
+        read = _read_inputs(units, config, spill_root, map_jobs)
         if read["documents_read"] == 0:
             raise StageError(
                 f"empty corpus: {read['input_units']} inputs under {', '.join(config.inputs)} hold no text "
                 f"documents ({read['binary_files_skipped']} binary files skipped, {read['bad_records']} "
                 f"records without a {config.text_field!r} text field)"
             )
-        shard_stats = _write_shards(stage.directory, config, pool)
+        shard_stats = _write_shards(stage.directory, config, map_jobs)
 
     stats = _stage_stats(read, shard_stats)
     files = [
