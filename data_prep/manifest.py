@@ -272,3 +272,17 @@ def verify(directory: str | os.PathLike, manifest: dict | None = None, check_sha
             digest = sha256_file(full)
             if digest != entry["sha256"]:
                 raise StageError(f"{full} does not match the sha256 in its manifest: re-run the stage")
+
+
+def invalidate(directory: str | os.PathLike) -> None:
+    """Mark a complete stage directory whose files no longer match its manifest as unfinished.
+
+    The next ``begin_stage`` then clears and rebuilds it (an unfinished run of another fingerprint),
+    instead of trusting the manifest or refusing the directory as foreign.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return
+    write_json_atomic(directory / INPROGRESS, {"stage": manifest.get("stage"), "fingerprint": None})
+    (directory / MANIFEST).unlink(missing_ok=True)

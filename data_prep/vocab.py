@@ -28,6 +28,7 @@ from data_prep.manifest import (
     fingerprint,
     read_manifest,
     require_complete,
+    stage_fingerprint,
     write_json_atomic,
 )
 from data_prep.schema import SPECIAL_ID_NAMES, SPECIAL_TOKENS, vocab_fingerprint
@@ -334,15 +335,27 @@ def _write_outputs(directory: Path, vocab: Vocab) -> None:
     write_json_atomic(directory / "special_tokens_map.json", special)
 
 
-def train_vocab(config: VocabConfig) -> dict:
-    """Run the vocab stage (train WordPiece, or adopt ``from_path``), or find it done; return the manifest."""
-    corpus = Path(config.corpus)
-    corpus_manifest = require_complete(corpus, "shard")
+def _stage_inputs(config: VocabConfig) -> tuple[dict, dict[str, str], Vocab | None]:
+    """(the corpus manifest, the inputs' fingerprints, the adopted vocabulary or None)."""
+    corpus_manifest = require_complete(Path(config.corpus), "shard")
     inputs = {"corpus": corpus_manifest["fingerprint"]}
     adopted = None
     if config.from_path is not None:
         adopted = load_vocab(config.from_path)
         inputs["from"] = fingerprint(adopted.tokenizer.to_str())
+    return corpus_manifest, inputs, adopted
+
+
+def expected_fingerprint(config: VocabConfig) -> str:
+    """The fingerprint the stage directory will have, computed before any training (the corpus must exist)."""
+    _, inputs, _ = _stage_inputs(config)
+    return stage_fingerprint(STAGE, config.output_config(), inputs, FORMAT_VERSION)
+
+
+def train_vocab(config: VocabConfig) -> dict:
+    """Run the vocab stage (train WordPiece, or adopt ``from_path``), or find it done; return the manifest."""
+    corpus = Path(config.corpus)
+    corpus_manifest, inputs, adopted = _stage_inputs(config)
     stage = begin_stage(config.out, STAGE, config.output_config(), inputs, FORMAT_VERSION, force=config.force)
     if stage.complete:
         log.info("vocab: %s is already complete for this configuration and corpus; nothing to do", config.out)
