@@ -2,6 +2,7 @@
 
 Run it as ``deepspeed --module bert.pretrain --config FILE`` (every rank), as ``python -m bert.pretrain
 --config FILE`` (one process: still DeepSpeed, a world of one over gloo), or call ``main(TrainConfig(...))``.
+``bert.launch`` (behind ``bertpipe pretrain`` and the Prefect task) runs the deepspeed launcher for you.
 
 OUT/ holds: train_config.json, deepspeed_config.json (resolved), checkpoints/<step-N>/ (DeepSpeed's, plus
 bertpipe_state.json) and checkpoints/latest, hf/ (transformers-loadable model + tokenizer), metrics.jsonl,
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from bert import engine as eng
@@ -45,6 +47,7 @@ log = logging.getLogger("bert.pretrain")
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "bertpipe_state.json"
+PARENT_PID_ENV = "BERTPIPE_PARENT_PID"  # set by bert.launch: the ranks stop when that process dies
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -297,11 +300,20 @@ def write_tokenizer_files(run: Run, directory: Path) -> None:
 
 
 class StopSignal:
-    """Remembers a SIGTERM; the loop checks it between steps and checkpoints before leaving."""
+    """Remembers a SIGTERM, or that the launching process died; the loop checks it between steps.
+
+    ``bert.launch`` puts its pid in BERTPIPE_PARENT_PID: when that process is gone (killed with SIGKILL, say)
+    the ranks stop as on SIGTERM, agreeing on a step and checkpointing, instead of training on unattended.
+    """
 
     def __init__(self):
-        self.received = False
+        self._received = False
         self._previous = None
+        self._parent_pid = int(os.environ.get(PARENT_PID_ENV) or 0) or None
+        self._parent = None  # a psutil.Process, so that a reused pid is not mistaken for the launcher
+        if self._parent_pid is not None:
+            with contextlib.suppress(psutil.Error):
+                self._parent = psutil.Process(self._parent_pid)
 
     def __enter__(self):
         try:
@@ -311,7 +323,24 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        self._received = True
+
+    @property
+    def received(self) -> bool:
+        if not self._received and self._parent_gone():
+            log.warning("the launching process %d is gone: stopping as on SIGTERM", self._parent_pid)
+            self._received = True
+        return self._received
+
+    def _parent_gone(self) -> bool:
+        if self._parent_pid is None:
+            return False
+        if self._parent is None:  # already gone when the loop started
+            return True
+        try:  # a zombie (dead, not yet reaped by its own parent) is gone too
+            return not self._parent.is_running() or self._parent.status() == psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return True
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -504,158 +533,6 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
 
         write_json_atomic(out / "result.json", asdict(result))
     return result
-
-
-# --- the launcher: `bertpipe pretrain` runs this in the parent process ----------------------------------
-
-
-class LaunchError(ValueError):
-    """A run that failed on some rank; the message is that rank's error."""
-
-
-def world_size_of(num_gpus: int | None, hostfile: str | None) -> int:
-    """Ranks the launcher will start: --num-gpus, or the slots of a hostfile ("host slots=N" lines)."""
-    if hostfile is None:
-        return num_gpus or 1
-    path = Path(hostfile)
-    if not path.exists():
-        raise ValueError(f"hostfile {hostfile} does not exist")
-    total = 0
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            slots = [part.split("=")[1] for part in line.split() if part.startswith("slots=")]
-            if not slots:
-                raise ValueError(f"hostfile line {line!r} has no slots=N")
-            total += int(slots[0])
-    if total < 1:
-        raise ValueError(f"hostfile {hostfile} lists no slots")
-    return total
-
-
-def launcher_command(
-    config_file: Path, num_gpus: int | None, hostfile: str | None, master_port: int
-) -> list[str]:
-    """The `deepspeed` launcher command that runs this module on every rank."""
-    beside = Path(sys.executable).parent / "deepspeed"
-    launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
-    if launcher is None:
-        raise ValueError(
-            "the `deepspeed` launcher is not installed in this environment: pip install deepspeed"
-        )
-    where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(num_gpus or 1)]
-    return [launcher, *where, "--master_port", str(master_port), "--module", "bert.pretrain",
-            "--config", str(config_file)]  # fmt: skip
-
-
-def _is_rank(args: list[str]) -> bool:
-    """A rank runs `python -u -m bert.pretrain ...`; the launcher only names the module (`--module bert.pretrain`)."""
-    return any(a == "-m" and b == "bert.pretrain" for a, b in zip(args, args[1:], strict=False))
-
-
-class GroupStop:
-    """SIGTERM, SIGHUP or Ctrl-C during a launch: stop every local rank cleanly, then let the launcher finish.
-
-    The ranks get SIGTERM directly (they agree on a step, checkpoint and exit 0, and the launcher exits
-    normally). Signalling the launcher instead would not do: the single-node `deepspeed` runner does not
-    forward SIGTERM (it dies and leaves the ranks running) and its child kills ranks that take over 30 s to
-    checkpoint. Before any rank exists (or for ranks on other nodes, which the pdsh runner signals itself)
-    the launcher's process group gets the SIGTERM. A second signal kills the group.
-    """
-
-    def __init__(self, process):
-        self.process = process
-        self.ranks: list = []  # the local rank processes when the first signal came
-        self.signals = 0
-
-    def handle(self, signum, frame) -> None:
-        import psutil
-
-        self.signals += 1
-        if self.signals > 1:
-            self._signal_group(signal.SIGKILL)
-            return
-        log.warning("stopping: every rank checkpoints after its current step (signal again to kill)")
-        self.ranks = []
-        with contextlib.suppress(psutil.Error):
-            for p in psutil.Process(self.process.pid).children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    if _is_rank(p.cmdline()):
-                        self.ranks.append(p)
-        if not self.ranks:
-            self._signal_group(signal.SIGTERM)
-        for p in self.ranks:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGTERM)
-
-    def _signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signum)
-
-    def wait_for_ranks(self) -> None:
-        """Return once the signalled ranks have exited (the launcher may exit before them)."""
-        import psutil
-
-        def alive(p) -> bool:
-            try:
-                return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                return False
-
-        while any(alive(p) for p in self.ranks):
-            time.sleep(0.2)
-
-
-def launch(config: TrainConfig, num_gpus: int | None = None, hostfile: str | None = None) -> PretrainResult:
-    """Check the inputs, run every rank through the deepspeed launcher, return rank 0's result.
-
-    Raises LaunchError with the failing rank's message (the earliest error file) when a rank fails.
-    """
-    import socket
-    import subprocess
-
-    world_size = world_size_of(num_gpus, hostfile)
-    load_run_inputs(config, 0, world_size)  # mismatches and batch arithmetic fail here, before any launch
-    out = Path(config.out)
-    if not config.resume and (out / CHECKPOINTS / "latest").exists():
-        raise ValueError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "logs").glob("error-rank*.txt"):
-        stale.unlink()
-    (out / "result.json").unlink(missing_ok=True)
-    config_file = out / "launch_config.json"
-    config.to_json_file(config_file)
-    with socket.socket() as s:  # a free port: other runs on this machine may hold 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = launcher_command(config_file, num_gpus, hostfile, port)
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    log.info("launching: %s", " ".join(command))
-    # Its own session: Ctrl-C reaches this process only, and GroupStop decides what the ranks get.
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    stop = GroupStop(process)
-    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        code = process.wait()
-        stop.wait_for_ranks()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if (out / "result.json").exists():
-        result = PretrainResult(**json.loads((out / "result.json").read_text()))
-        # On SIGTERM the deepspeed launcher terminates the ranks (which checkpoint first) and exits 1.
-        if code == 0 or result.stop_reason == "sigterm":
-            return result
-    errors = sorted((out / "logs").glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
-    if errors:
-        rank = errors[0].stem.removeprefix("error-rank")
-        message = errors[0].read_text().split("\n\n")[0].strip()
-        raise LaunchError(f"rank {rank} failed: {message}\n(full traceback: {errors[0]})")
-    raise LaunchError(f"the deepspeed launcher exited with code {code}; see the ranks' output above")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:

@@ -1,0 +1,300 @@
+"""Pretraining from a parent process: the `deepspeed` launcher as a watched subprocess, one rank per device.
+
+``launch(config, num_gpus)`` is what ``bertpipe pretrain`` and the Prefect task call. It checks the inputs
+before any rank starts, runs ``deepspeed --module bert.pretrain`` in a session of its own and returns rank 0's
+PretrainResult, or raises LaunchError with the failing rank's message. It may run in any thread:
+
+- ``on_line`` receives every line the launcher and the ranks print (without it they go to the terminal);
+- SIGTERM/SIGINT/SIGHUP (when called from the main thread), ``stop_event`` and ``deadline_s`` stop the run
+  gracefully: the ranks agree on a step, checkpoint and exit, and the result's stop_reason is "sigterm";
+- however launch is left (a return, an error, any exception in the waiting thread) no launcher or rank
+  outlives it: what still runs gets the graceful stop for ``stop_grace_s`` seconds, then SIGKILL;
+- when this process dies without cleaning up (SIGKILL, the OOM killer) the ranks see that the pid in
+  BERTPIPE_PARENT_PID is gone and stop as on SIGTERM; the launcher then exits by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+
+from bert.pretrain import CHECKPOINTS, PARENT_PID_ENV, PretrainResult, load_run_inputs
+from bert.train_config import TrainConfig
+
+log = logging.getLogger("bert.launch")
+
+POLL_S = 0.2  # how often the waiting thread looks at the launcher, stop_event and the deadline
+
+
+class LaunchError(ValueError):
+    """A run that failed on some rank; the message is that rank's error."""
+
+
+def world_size_of(num_gpus: int | None, hostfile: str | None) -> int:
+    """Ranks the launcher will start: --num-gpus, or the slots of a hostfile ("host slots=N" lines)."""
+    if hostfile is None:
+        return num_gpus or 1
+    path = Path(hostfile)
+    if not path.exists():
+        raise ValueError(f"hostfile {hostfile} does not exist")
+    total = 0
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            slots = [part.split("=")[1] for part in line.split() if part.startswith("slots=")]
+            if not slots:
+                raise ValueError(f"hostfile line {line!r} has no slots=N")
+            total += int(slots[0])
+    if total < 1:
+        raise ValueError(f"hostfile {hostfile} lists no slots")
+    return total
+
+
+def launcher_command(
+    config_file: Path, num_gpus: int | None, hostfile: str | None, master_port: int
+) -> list[str]:
+    """The `deepspeed` launcher command that runs bert.pretrain on every rank."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
+    if launcher is None:
+        raise ValueError(
+            "the `deepspeed` launcher is not installed in this environment: pip install deepspeed"
+        )
+    where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(num_gpus or 1)]
+    return [launcher, *where, "--master_port", str(master_port), "--module", "bert.pretrain",
+            "--config", str(config_file)]  # fmt: skip
+
+
+def _is_rank(args: list[str]) -> bool:
+    """A rank runs `python -u -m bert.pretrain ...`; the launcher only names the module (`--module bert.pretrain`)."""
+    return any(a == "-m" and b == "bert.pretrain" for a, b in zip(args, args[1:], strict=False))
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class GroupStop:
+    """SIGTERM, SIGHUP, Ctrl-C, stop_event or the deadline: stop every local rank cleanly, then let the launcher finish.
+
+    The ranks get SIGTERM directly (they agree on a step, checkpoint and exit 0, and the launcher exits
+    normally). Signalling the launcher instead would not do: the single-node `deepspeed` runner does not
+    forward SIGTERM (it dies and leaves the ranks running) and its child kills ranks that take over 30 s to
+    checkpoint. Before any rank exists (or for ranks on other nodes, which the pdsh runner signals itself)
+    the launcher's process group gets the SIGTERM. A second request kills the group.
+    """
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.ranks: list[psutil.Process] = []  # the local rank processes when the first request came
+        self.signals = 0
+        self.reason: str | None = None  # why the first request came
+
+    def handle(self, signum, frame) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
+        """The first request stops the ranks gracefully, a second one kills the launcher's process group."""
+        self.signals += 1
+        if self.signals > 1:
+            self._signal_group(signal.SIGKILL)
+            return
+        self.reason = reason
+        log.warning(
+            "stopping (%s): every rank checkpoints after its current step (signal again to kill)", reason
+        )
+        self.ranks = []
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if _is_rank(p.cmdline()):
+                        self.ranks.append(p)
+        if not self.ranks:
+            self._signal_group(signal.SIGTERM)
+        for p in self.ranks:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)
+
+    def wait_for_ranks(self) -> None:
+        """Return once the signalled ranks have exited (the launcher may exit before them)."""
+        while any(_alive(p) for p in self.ranks):
+            time.sleep(POLL_S)
+
+
+class LineReader(threading.Thread):
+    """Hands every line of the launcher's merged output to ``on_line``; after ``on_line`` raises it keeps
+    draining the pipe (a full pipe would block the ranks mid-step) and keeps the error for the waiting thread."""
+
+    def __init__(self, stream, on_line: Callable[[str], object]):
+        super().__init__(name="bertpipe-launch-output", daemon=True)
+        self.stream, self.on_line = stream, on_line
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        for line in self.stream:
+            if self.error is None:
+                try:
+                    self.on_line(line.rstrip("\n"))
+                except BaseException as e:  # launch re-raises it in the waiting thread
+                    self.error = e
+
+
+def run_processes(process: subprocess.Popen) -> list[psutil.Process]:
+    """The launcher and every live process below it or in its session (ranks whose launcher died included)."""
+    found: dict[int, psutil.Process] = {}
+    if process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            launcher = psutil.Process(process.pid)
+            found = {p.pid: p for p in (launcher, *launcher.children(recursive=True))}
+    for p in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if p.pid not in found and os.getsid(p.pid) == process.pid:
+                found[p.pid] = p
+    return [p for p in found.values() if _alive(p)]
+
+
+def stop_leftovers(process: subprocess.Popen, stop: GroupStop, grace_s: float) -> None:
+    """Leave nothing of the run running: the graceful stop (checkpoint) for up to ``grace_s`` s, then SIGKILL."""
+    try:
+        if run_processes(process):
+            if not stop.signals:
+                stop.request("launch is being left")
+            give_up = time.monotonic() + grace_s
+            while time.monotonic() < give_up and run_processes(process):
+                time.sleep(POLL_S)
+    finally:  # a second exception during the grace period still ends here
+        leftovers = run_processes(process)
+        if leftovers:
+            log.warning("killing %d processes of the run that did not stop in time", len(leftovers))
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            for p in leftovers:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            psutil.wait_procs(leftovers, timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+
+
+def wait_for_launcher(
+    process: subprocess.Popen,
+    stop: GroupStop,
+    reader: LineReader | None,
+    stop_event: threading.Event | None,
+    deadline_s: float | None,
+) -> int:
+    """The launcher's exit code, once it and the ranks asked to stop have exited; polls so that a stop_event,
+    the deadline and the output reader's errors are noticed within ``POLL_S``."""
+    give_up = None if deadline_s is None else time.monotonic() + deadline_s
+    while (code := process.poll()) is None:
+        if reader is not None and reader.error is not None:
+            raise reader.error
+        if not stop.signals:
+            if stop_event is not None and stop_event.is_set():
+                stop.request("stop_event set")
+            elif give_up is not None and time.monotonic() >= give_up:
+                log.warning("deadline of %g s reached: stopping the run", deadline_s)
+                stop.request(f"deadline of {deadline_s:g} s")
+        time.sleep(POLL_S)
+    stop.wait_for_ranks()
+    return code
+
+
+def launch(
+    config: TrainConfig,
+    num_gpus: int | None = None,
+    hostfile: str | None = None,
+    *,
+    on_line: Callable[[str], object] | None = None,
+    stop_event: threading.Event | None = None,
+    deadline_s: float | None = None,
+    stop_grace_s: float = 60.0,
+) -> PretrainResult:
+    """Check the inputs, run every rank through the deepspeed launcher, return rank 0's result.
+
+    Raises LaunchError with the failing rank's message (the earliest error file) when a rank fails, and
+    re-raises an exception of ``on_line``. See the module docstring for the stop and clean-up rules.
+    """
+    world_size = world_size_of(num_gpus, hostfile)
+    load_run_inputs(config, 0, world_size)  # mismatches and batch arithmetic fail here, before any launch
+    out = Path(config.out)
+    if not config.resume and (out / CHECKPOINTS / "latest").exists():
+        raise ValueError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "logs").glob("error-rank*.txt"):
+        stale.unlink()
+    (out / "result.json").unlink(missing_ok=True)
+    config_file = out / "launch_config.json"
+    config.to_json_file(config_file)
+    with socket.socket() as s:  # a free port: other runs on this machine may hold 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = launcher_command(config_file, num_gpus, hostfile, port)
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # the ranks stop if this process dies
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    log.info("launching: %s", " ".join(command))
+    piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    # Its own session: Ctrl-C reaches this process only, and GroupStop decides what the ranks get.
+    process = subprocess.Popen(command, env=env, start_new_session=True, **(piped if on_line else {}))
+    stop = GroupStop(process)
+    reader = LineReader(process.stdout, on_line) if on_line else None
+    previous = {}
+    try:
+        if reader is not None:
+            reader.start()
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            previous = {
+                s: signal.signal(s, stop.handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            }
+        code = wait_for_launcher(process, stop, reader, stop_event, deadline_s)
+    finally:
+        try:
+            stop_leftovers(process, stop, stop_grace_s)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if reader is not None:
+                reader.join(timeout=10)  # the pipe ends once every process that held it is gone
+                if not reader.is_alive():
+                    process.stdout.close()
+    if reader is not None and reader.error is not None:
+        raise reader.error
+    if (out / "result.json").exists():
+        result = PretrainResult(**json.loads((out / "result.json").read_text()))
+        # On SIGTERM the deepspeed launcher terminates the ranks (which checkpoint first) and exits 1.
+        if code == 0 or result.stop_reason == "sigterm":
+            return result
+    errors = sorted((out / "logs").glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
+    if errors:
+        rank = errors[0].stem.removeprefix("error-rank")
+        message = errors[0].read_text().split("\n\n")[0].strip()
+        raise LaunchError(f"rank {rank} failed: {message}\n(full traceback: {errors[0]})")
+    if stop.reason is not None:
+        raise LaunchError(
+            f"stopped ({stop.reason}) before the ranks could checkpoint (launcher exit code {code})"
+        )
+    raise LaunchError(f"the deepspeed launcher exited with code {code}; see the ranks' output above")
