@@ -103,8 +103,8 @@ class FinetuneConfig:
             raise ValueError("weight_decay and max_grad_norm must be >= 0")
         if self.max_seq_length is not None and self.max_seq_length < 8:
             raise ValueError(f"max_seq_length {self.max_seq_length} is too short to hold [CLS] text [SEP]")
-        if not Path(self.model, "config.json").is_file():
-            raise FileNotFoundError(f"{self.model} is not a model directory (no config.json)")
+        # The model directory is checked when the run starts: a pipeline builds this config before
+        # pretraining has written the model.
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -539,19 +539,81 @@ def _publish_model(out: Path, runs: list[SeedRun], task: T.Task, model_src: Path
     return None if best is None else best.seed
 
 
+# --- the stage: fingerprint and manifest -------------------------------------------------------------------
+
+STAGE, FORMAT_VERSION = "finetune", 1
+NOT_IN_FINGERPRINT = ("model", "out", "train", "eval", "num_threads", "progress")  # paths are inputs
+MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *TOKENIZER_FILES)
+
+
+def _content_fingerprint(path: str | Path | None) -> str | None:
+    """sha256 of a file; of every file (by relative path) of a directory; a dataset name as it is."""
+    from data_prep.manifest import fingerprint, sha256_file
+
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return fingerprint(
+            {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+        )
+    return f"name:{path}"
+
+
+def stage_config(config: FinetuneConfig) -> dict:
+    """The fingerprint's settings: every hyperparameter and task option, no paths."""
+    values = dataclasses.asdict(config)
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if k not in NOT_IN_FINGERPRINT
+    }
+
+
+def stage_inputs(config: FinetuneConfig) -> dict:
+    """The model's weights, config and tokenizer files, and the train and eval data, by content."""
+    from data_prep.manifest import fingerprint, sha256_file
+
+    model = Path(config.model)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
+    files = {name: sha256_file(model / name) for name in MODEL_FILES if (model / name).exists()}
+    return {"model": fingerprint(files), "train": _content_fingerprint(config.train),
+            "eval": _content_fingerprint(config.eval)}  # fmt: skip
+
+
+def expected_fingerprint(config: FinetuneConfig) -> str:
+    """The fingerprint of a complete fine-tuning of ``config``; computable before it runs."""
+    from data_prep.manifest import stage_fingerprint
+
+    return stage_fingerprint(STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
+
+
 def main(config: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune ``config.model`` on the task once per seed; write and return metrics.json's content."""
+    """Fine-tune ``config.model`` on the task once per seed; write and return metrics.json's content.
+
+    OUT is a stage directory: a complete one for the same model, data and settings is returned as it is.
+    """
+    from data_prep.manifest import begin_stage, file_entry
+
     task = T.get_task(config.task, config.text_columns, config.label_column)
     hp = resolve_hyperparameters(config, task)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stage = begin_stage(out, STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
+    if stage.complete:
+        log.info("finetune: %s is complete for this model, data and settings; nothing to do", out)
+        return json.loads((out / "metrics.json").read_text())
     threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _run(config, task, hp, out)
+        summary = _run(config, task, hp, out)
     finally:
         torch.set_num_threads(threads)
+    files = [file_entry(out, str(p.relative_to(out))) for p in sorted(out.rglob("*"))
+             if p.is_file() and not p.name.startswith(".")]  # fmt: skip
+    stage.commit(files, summary)
+    return summary
 
 
 def _run(config: FinetuneConfig, task: T.Task, hp: dict[str, Any], out: Path) -> dict[str, Any]:

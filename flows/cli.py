@@ -321,15 +321,21 @@ def pretrain(
     for name in ("examples", "out"):
         if not values.get(name):
             fail(f"--{name} is required")
-    from bert.pretrain import launch
+    from bert.pretrain_stage import run_pretrain_stage
     from bert.train_config import TrainConfig
     from data_prep.manifest import StageError
 
     try:
         config = TrainConfig.from_dict(values)
-        result = launch(config, num_gpus=num_gpus, hostfile=str(hostfile) if hostfile else None)
+        manifest, result = run_pretrain_stage(
+            config, num_gpus=num_gpus, hostfile=str(hostfile) if hostfile else None, resume=config.resume
+        )
     except (StageError, ValueError, OSError) as e:
         fail(str(e))
+    if result is None:
+        typer.echo(f"{config.out}: already complete at step {manifest['stats']['step']} for these settings; "
+                   f"model in {Path(config.out) / 'hf'}")  # fmt: skip
+        return
     loss = result.metrics.get("loss")
     typer.echo(
         f"{result.out}: stopped at step {result.step} ({result.stop_reason})"
@@ -340,11 +346,22 @@ def pretrain(
         typer.echo(f"checkpointed at step {result.step}: run the same command with --resume to continue")
 
 
-# --- run (the whole pipeline) --------------------------------------------------------------------------------
+# --- run (the whole pipeline, as the Prefect flow) ------------------------------------------------------------
+
+
+def prefect_defaults() -> None:
+    """Settings Prefect needs on a small shared machine, unless the user set them (see PREFECT_NOTES)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry tries the network
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s is too tight here
+
+
 @app.command()
 def run(
-    config: Path = typer.Option(
-        Path("configs/pipeline/demo.json"), "--config", help="Pipeline preset (configs/pipeline/*.json)."
+    config: str = typer.Option(
+        "demo", "--config", help="Pipeline preset name (configs/pipeline/) or JSON file."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a setting: section.key=value (e.g. pretrain.lr=1e-3); repeatable."
     ),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for every stage's output."),
     shared: Path = typer.Option(
@@ -357,18 +374,61 @@ def run(
         "--stages",
         help="Comma-separated stages to run, in pipeline order.",
     ),
+    dask_address: str = typer.Option(
+        None,
+        "--dask-address",
+        help="Run the data stages' per-shard tasks on this Dask scheduler (tcp://...).",
+    ),
 ) -> None:
-    """Run the pipeline end to end; complete stages are skipped, so a re-run finishes an interrupted one."""
+    """Run the pipeline as the Prefect flow `bert-pipeline` (no server needed: Prefect's embedded one).
+
+    Stages whose directory already holds a complete manifest for the same inputs and settings are cached, so
+    a re-run finishes an interrupted run and redoes only what a changed setting affects.
+    """
     import json as _json
 
-    from flows.pipeline import PipelineConfig, run_pipeline
+    prefect_defaults()
+    from flows.config import PipelineConfigError
+    from flows.pipeline import bert_pipeline, prepare
 
-    shared_data = (shared or default_shared()) / "data"
-    try:
-        pipeline = PipelineConfig.from_json_file(config)
-        summary = run_pipeline(
-            pipeline, shared_data, out, tuple(s.strip() for s in stages.split(",") if s.strip())
-        )
-    except (ValueError, FileNotFoundError) as e:  # StageError and config errors are ValueErrors
+    shared = shared or default_shared()
+    if not (shared / "data").is_dir():
+        fail(f"--shared {shared}: no data/ directory there (relative corpus and task paths are read from it)")
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()]
+    try:  # every stage's config is built and checked before Prefect starts
+        prepare(config, overrides, out, shared)
+    except (PipelineConfigError, ValueError) as e:
         fail(str(e))
-    typer.echo(_json.dumps(summary, indent=2, default=str))
+    state = bert_pipeline(config=config, overrides=overrides, out=str(out), shared=str(shared),
+                          stages=stage_list, dask_address=dask_address, return_state=True)  # fmt: skip
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        message = str(error).splitlines()[0] if isinstance(error, BaseException) else state.message
+        typer.secho(f"error: the pipeline run ended {state.name}: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    typer.echo(_json.dumps(state.result(), indent=2, default=str))
+
+
+@app.command()
+def deploy(
+    pool: str = typer.Option("bertpipe", "--pool", help="Process work pool to create if missing."),
+    name: str = typer.Option(
+        None, "--name", help="Deploy only this deployment (default: all in prefect.yaml)."
+    ),
+) -> None:
+    """Create the process work pool (if missing) and register prefect.yaml's deployments on the Prefect server."""
+    import subprocess
+
+    prefect = str(Path(sys.executable).parent / "prefect")
+    repo = Path(__file__).resolve().parents[1]
+    exists = subprocess.run([prefect, "work-pool", "inspect", pool], capture_output=True, text=True)
+    if exists.returncode != 0:
+        created = subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], text=True)
+        if created.returncode != 0:
+            fail(f"could not create the work pool {pool}: is PREFECT_API_URL set to a running server?")
+    which = ["--name", name] if name else ["--all"]
+    env = {**os.environ, "BERTPIPE_REPO": str(repo)}  # prefect.yaml's pull step: run flows in this clone
+    done = subprocess.run([prefect, "--no-prompt", "deploy", *which], cwd=repo, env=env, text=True)
+    if done.returncode != 0:
+        fail("prefect deploy failed (see above)")
+    typer.echo(f"deployed; start a worker with: prefect worker start --pool {pool}")

@@ -1,0 +1,228 @@
+"""Pretraining as a stage: a fingerprint known before training, a manifest written when the run is complete.
+
+The fingerprint covers everything that decides the final weights: the examples' fingerprint (which covers
+the corpus and the vocabulary), the model (preset or config file content, overrides), every optimizer,
+schedule, batch and precision setting, the DeepSpeed JSON's content, the ``init_from`` weights' sha256 and
+how long to train. It leaves out how the run is watched or launched (logging, checkpoint cadence, number of
+ranks). ``manifest.json`` is written, last, only when training reached ``max_steps`` (or, without
+``max_steps``, used up its time budget); a run stopped earlier is resumable, not complete.
+
+A run directory is resumed only by a run on the same *trajectory* — the fingerprint's settings without
+``max_steps`` and ``time_budget`` — so a run can be extended to more steps when its schedule length
+(``schedule_steps``) was fixed. ``.inprogress.json`` records the trajectory of the checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from bert.train_config import TrainConfig
+from data_prep.manifest import (
+    INPROGRESS,
+    MANIFEST,
+    Stage,
+    StageError,
+    file_entry,
+    fingerprint,
+    read_manifest,
+    require_complete,
+    sha256_file,
+    stage_fingerprint,
+    verify,
+    write_json_atomic,
+)
+
+log = logging.getLogger("bert.pretrain_stage")
+
+STAGE = "pretrain"
+FORMAT_VERSION = 1
+# Settings that change how a run is watched, not its weights.
+NOT_IN_FINGERPRINT = ("examples", "out", "vocab", "resume", "save_every", "keep_last", "export_every",
+                      "eval_every", "eval_samples", "log_every", "log_example_indices", "progress_bar",
+                      "tensorboard", "model_config", "init_from", "deepspeed_config")  # fmt: skip
+LENGTH = ("max_steps", "time_budget")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _file_or_name(spec: str) -> str:
+    """A preset name as it is; a config file (or HF directory) by the sha256 of its config.json."""
+    path = Path(spec)
+    config_file = path / "config.json" if path.is_dir() else path
+    return f"sha256:{sha256_file(config_file)}" if config_file.is_file() else spec
+
+
+def _init_weights(init_from: str | None) -> str | None:
+    if init_from is None:
+        return None
+    from bert.pretrain import resolve_init
+
+    directory = resolve_init(init_from)
+    for name in WEIGHT_FILES:
+        if (directory / name).exists():
+            return sha256_file(directory / name)
+    raise ValueError(f"--init-from {directory} holds no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def stage_config(config: TrainConfig) -> dict:
+    """The settings of the fingerprint: what decides the final weights, no paths."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_FINGERPRINT}
+    values["model"] = _file_or_name(config.model_config)
+    if config.max_steps is not None:
+        values["time_budget"] = None  # with max_steps, the budget only decides where a run pauses
+    return json.loads(json.dumps(values))  # as it reads back from JSON (tuples are lists)
+
+
+def stage_inputs(config: TrainConfig) -> dict[str, str | None]:
+    """The inputs' fingerprints: examples (corpus + vocabulary), DeepSpeed JSON, init weights."""
+    from bert.engine import load_deepspeed_config
+
+    examples = require_complete(config.examples, "examples")
+    return {
+        "examples": examples["fingerprint"],
+        "deepspeed": fingerprint(load_deepspeed_config(config.deepspeed_config)),
+        "init_from": _init_weights(config.init_from),
+    }
+
+
+def trajectory(config_values: dict, inputs: dict) -> str:
+    """Fingerprint of everything but the run length: checkpoints on the same trajectory can be continued."""
+    return fingerprint(
+        {"config": {k: v for k, v in config_values.items() if k not in LENGTH}, "inputs": inputs}
+    )
+
+
+def expected_fingerprint(config: TrainConfig) -> str:
+    """The fingerprint a complete run of ``config`` has; computable before training (examples must exist)."""
+    return stage_fingerprint(STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
+
+
+def complete_manifest(config: TrainConfig) -> dict | None:
+    """The manifest of ``config.out`` when it holds a complete run of exactly this config, else None."""
+    manifest = read_manifest(config.out)
+    if manifest is None or manifest.get("stage") != STAGE:
+        return None
+    if manifest["fingerprint"] != expected_fingerprint(config):
+        return None
+    try:
+        verify(config.out, manifest)
+    except StageError:
+        return None
+    return manifest
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(LENGTH))  # the run length never blocks a resume
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig, dict | None]:
+    """Decide how to run ``config``: (config with ``resume`` set, the manifest when already complete).
+
+    ``resume=None`` (the pipeline): continue checkpoints on the same trajectory, clear a run directory of
+    this stage that holds another one. ``resume=True/False`` (the CLI): as asked; continuing checkpoints of
+    another trajectory is refused with the settings that differ.
+    """
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise StageError(f"output path {out} exists and is not a directory: choose another --out")
+    values, inputs = stage_config(config), stage_inputs(config)
+    fp = stage_fingerprint(STAGE, values, inputs, FORMAT_VERSION)
+    manifest = read_manifest(out)
+    if manifest is not None and manifest.get("stage") != STAGE:
+        raise StageError(f"{out} holds a finished '{manifest.get('stage')}' stage: choose another --out")
+    if manifest is not None and manifest["fingerprint"] == fp:
+        with_files = complete_manifest(config)
+        if with_files is not None:
+            return config, with_files
+    wanted = trajectory(values, inputs)
+    record = _read(out / INPROGRESS) or (manifest or {})
+    has_checkpoints = (out / "checkpoints" / "latest").exists()
+    same = record.get("trajectory") == wanted
+    if has_checkpoints and not same:
+        before = record.get("config") or {}
+        changed = _differences(before, values) or ["(a run from before stage manifests)"]
+        if resume is None and record:  # the pipeline's own directory: these settings replace it
+            log.info(
+                "pretrain: %s holds a run with other settings (%s); starting over", out, "; ".join(changed)
+            )
+            _clear(out)
+            has_checkpoints = False
+        else:
+            raise StageError(
+                f"{out} holds checkpoints of a run with other settings ({'; '.join(changed[:6])}): "
+                "choose a new --out, or start from its weights with --init-from"
+            )
+    if has_checkpoints and resume is False:
+        raise StageError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+        )
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is not complete
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / INPROGRESS,
+        {"stage": STAGE, "fingerprint": fp, "trajectory": wanted, "config": values, "inputs": inputs},
+    )
+    return dataclasses.replace(config, resume=has_checkpoints), None
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _clear(out: Path) -> None:
+    (out / MANIFEST).unlink(missing_ok=True)
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def is_complete(config: TrainConfig, result) -> bool:
+    """A run is complete when it reached max_steps (or, without max_steps, used its time budget)."""
+    if config.max_steps is not None:
+        return result.stop_reason == "max_steps" and result.step >= config.max_steps
+    return result.stop_reason == "time_budget"
+
+
+def commit(config: TrainConfig, result, seconds: float) -> dict:
+    """Write the manifest of a complete run: the HF export's files with their sha256, the last metrics."""
+    out = Path(config.out)
+    values, inputs = stage_config(config), stage_inputs(config)
+    stage = Stage(out, STAGE, stage_fingerprint(STAGE, values, inputs, FORMAT_VERSION), values, inputs,
+                  FORMAT_VERSION, complete=False)  # fmt: skip
+    files = [file_entry(out, str(p.relative_to(out))) for p in sorted((out / "hf").iterdir()) if p.is_file()]
+    stats = {"step": result.step, "stop_reason": result.stop_reason, "metrics": result.metrics,
+             "eval_metrics": result.eval_metrics, "seconds": round(seconds, 2)}  # fmt: skip
+    return stage.commit(files, stats, extra={"trajectory": trajectory(values, inputs), "hf_dir": "hf"})
+
+
+def run_pretrain_stage(
+    config: TrainConfig,
+    num_gpus: int | None = None,
+    hostfile: str | None = None,
+    resume: bool | None = None,
+    **launch_options,
+) -> tuple[dict | None, object | None]:
+    """Run pretraining as a stage: (manifest or None when the run stopped early, the launch result).
+
+    A complete run of the same config returns its manifest at once (result None). ``launch_options`` go to
+    ``bert.launch.launch`` (on_line, stop_event, deadline_s, ...).
+    """
+    from bert.launch import launch
+
+    config, manifest = prepare(config, resume)
+    if manifest is not None:
+        log.info("pretrain: %s is complete for these settings (step %s); nothing to do",
+                 config.out, manifest["stats"].get("step"))  # fmt: skip
+        return manifest, None
+    started = time.monotonic()
+    result = launch(config, num_gpus=num_gpus, hostfile=hostfile, **launch_options)
+    if not is_complete(config, result):
+        return None, result
+    return commit(config, result, time.monotonic() - started), result
