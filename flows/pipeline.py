@@ -1,177 +1,373 @@
-"""The end-to-end pipeline: shard → vocab → examples → pretrain → finetune, one stage function each.
+"""The Prefect flow ``bert-pipeline``: shard → vocab → examples → pretrain → finetune, a task per stage.
 
-Each stage is a plain function with its own config (``data_prep`` and ``bert``); this module only passes
-paths between them. Stages that are already complete for the same inputs and config return at once, so
-``bertpipe run`` can be re-run after a crash or with one parameter changed and redoes only what changed.
-A Prefect flow wraps the same calls (see the flows issue); this runner is what ``bertpipe run`` uses today.
+Every task is a call of the stage's own function (``data_prep``, ``bert``) with paths in and a path out.
+Caching is by the stage manifests: before a stage runs, its task computes the fingerprint the stage
+directory would have and, when the directory on disk holds a complete manifest with that fingerprint (and
+its files are there), returns at once in the state ``Cached``. A deleted or unfinished directory is rebuilt;
+a changed setting reruns that stage and those after it. Prefect's own result cache is not used: it can
+return a path whose directory has since been deleted.
+
+The data stages fan their per-shard work out as Prefect tasks (``stage-part``), on the flow's thread pool or
+on an existing Dask cluster (``dask_address``); the outputs are identical either way. Pretraining runs the
+``deepspeed`` launcher in the flow's own thread, streams the ranks' lines into the run log and stops the
+ranks (checkpoint, then kill) when the run is cancelled, times out or fails. At the end the run gets a
+markdown report, a table of evaluation results and, during pretraining, a progress artifact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data_prep.manifest import fingerprint, sha256_file
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
 
-log = logging.getLogger("bertpipe.pipeline")
+from data_prep.manifest import StageError, invalidate, read_manifest, verify
+from flows.config import (
+    PipelineConfig,
+    PipelineConfigError,
+    StageConfigs,
+    build_stage_configs,
+    load_pipeline_config,
+    stage_paths,
+)
 
 STAGES = ("shard", "vocab", "examples", "pretrain", "finetune")
+PROGRESS_EVERY_S = 5.0
 
 
-@dataclass
-class PipelineConfig:
-    """A named pipeline preset (``configs/pipeline/*.json``): inputs and each stage's settings."""
-
-    corpus: list[str]  # input paths; relative ones are read from the shared data directory
-    shard: dict = field(default_factory=dict)  # data_prep.shard.ShardConfig fields
-    vocab: dict = field(default_factory=dict)  # data_prep.vocab.VocabConfig fields
-    examples: dict = field(default_factory=dict)  # data_prep.examples_stage.ExamplesConfig fields
-    pretrain: dict = field(default_factory=dict)  # bert.train_config.TrainConfig fields, plus num_gpus
-    finetune: list[dict] = field(default_factory=list)  # bert.finetune.FinetuneConfig fields, one per task
-    name: str = "pipeline"
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.corpus:
-            raise ValueError('the pipeline config lists no corpus inputs: add paths under "corpus"')
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> PipelineConfig:
-        path = Path(path)
-        if not path.exists():
-            raise ValueError(f"pipeline config {path} does not exist (presets live in configs/pipeline/)")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        unknown = set(values) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        return cls(**values)
+# --- retries: an I/O hiccup or a lost Dask worker is worth a retry, a user mistake is not ------------------
 
 
-def _resolve(path: str, shared_data: Path) -> str:
-    p = Path(path)
-    if p.is_absolute() or path.startswith("hf://") or p.exists():
-        return path
-    return str(shared_data / path)
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry on I/O and infrastructure errors; never on a configuration or input mistake (ValueError)."""
+    try:
+        state.result()
+    except (StageError, PipelineConfigError, ValueError, TypeError, KeyError):
+        return False
+    except Exception:
+        return True
+    return False
 
 
-def run_shard(config: PipelineConfig, shared_data: Path, out: Path) -> Path:
-    from data_prep.shard import ShardConfig, shard_corpus
-
-    inputs = [_resolve(p, shared_data) for p in config.corpus]
-    shard_corpus(ShardConfig(inputs=inputs, out=str(out / "corpus"), **config.shard))
-    return out / "corpus"
+RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+               retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)  # fmt: skip
 
 
-def run_vocab(config: PipelineConfig, corpus: Path, shared_data: Path, out: Path) -> Path:
-    from data_prep.vocab import VocabConfig, train_vocab
-
-    settings = dict(config.vocab)
-    if settings.get("from_path"):
-        settings["from_path"] = _resolve(settings["from_path"], shared_data)
-    train_vocab(VocabConfig(corpus=str(corpus), out=str(out / "vocab"), **settings))
-    return out / "vocab"
+# --- fan-out of a data stage's per-shard jobs ---------------------------------------------------------------
 
 
-def run_examples(config: PipelineConfig, corpus: Path, vocab: Path, out: Path) -> Path:
-    from data_prep.examples_stage import ExamplesConfig, generate_examples
-
-    generate_examples(ExamplesConfig(corpus=corpus, vocab=vocab, out=out / "examples", **config.examples))
-    return out / "examples"
-
-
-def run_pretrain(config: PipelineConfig, examples: Path, vocab: Path, out: Path) -> Path:
-    """Pretrain through the deepspeed launcher; a finished run is kept, an interrupted one resumed."""
-    from bert.pretrain import launch
-    from bert.train_config import TrainConfig
-
-    settings = dict(config.pretrain)
-    num_gpus = settings.pop("num_gpus", 1)
-    run_dir = out / "pretrain"
-    result_file = run_dir / "result.json"
-    if result_file.exists() and (run_dir / "hf" / "config.json").exists():
-        result = json.loads(result_file.read_text())
-        if result.get("stop_reason") == "max_steps" and result.get("step") == settings.get("max_steps"):
-            log.info("pretrain: %s already finished %d steps; skipping", run_dir, result["step"])
-            return run_dir / "hf"
-    resume = (run_dir / "checkpoints" / "latest").exists()
-    settings.setdefault("vocab", str(vocab))
-    train_config = TrainConfig(examples=str(examples), out=str(run_dir), resume=resume, **settings)
-    result = launch(train_config, num_gpus=num_gpus)
-    return Path(result.hf_dir or run_dir / "hf")
+@task(name="stage-part", task_run_name="{desc}-{index}", **RETRIES)
+def stage_part(fn: Callable, job: tuple, desc: str, index: int) -> Any:
+    """One per-shard job of a data stage (``fn(*job)``), on the flow's task runner or a Dask worker."""
+    return fn(*job)
 
 
-def run_finetune(config: PipelineConfig, model: Path, shared_data: Path, out: Path) -> list[dict]:
-    from bert.finetune import FinetuneConfig, main
+class PrefectMapper:
+    """A ``data_prep.parallel`` mapper that runs each job as a ``stage-part`` task, locally or on Dask."""
 
-    summaries = []
-    for task in config.finetune:
-        settings = dict(task)
-        for key in ("train", "eval"):
-            if settings.get(key):
-                settings[key] = _resolve(settings[key], shared_data)
-        if isinstance(settings.get("seeds"), list):
-            settings["seeds"] = tuple(settings["seeds"])
-        task_out = out / f"finetune-{settings['task']}"
-        # Fine-tuning writes no stage manifest; skip it when the same settings already ran on the same weights.
-        weights = Path(model) / "model.safetensors"
-        key = fingerprint(
-            {"settings": settings, "weights": sha256_file(weights) if weights.exists() else None}
+    def __init__(self, dask_address: str | None = None):
+        self.dask_address = dask_address
+
+    def __call__(self, fn: Callable, jobs: list[tuple], desc: str) -> list:
+        desc = re.sub(r"[^a-z0-9-]+", "-", desc.lower()).strip("-") or "part"
+        if not jobs:
+            return []
+        parameters = [dict(fn=fn, job=job, desc=desc, index=i) for i, job in enumerate(jobs)]
+        if self.dask_address is None:
+            futures = [stage_part.submit(**p) for p in parameters]
+            return [f.result() for f in futures]
+        from prefect_dask import DaskTaskRunner
+
+        with DaskTaskRunner(address=self.dask_address) as runner:
+            futures = [runner.submit(stage_part, p) for p in parameters]
+            return [f.result() for f in futures]
+
+
+# --- the cache check ----------------------------------------------------------------------------------------
+
+
+def cached_state(directory: Path, stage: str, expected: str, rebuild: bool = True) -> State | None:
+    """A ``Cached`` state when ``directory`` holds a complete ``stage`` with fingerprint ``expected``.
+
+    When its files do not match the manifest, ``rebuild`` marks the directory unfinished so the stage
+    rebuilds it (pretraining instead resumes from its checkpoints and exports again).
+    """
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("stage") != stage or manifest.get("fingerprint") != expected:
+        return None
+    try:
+        verify(directory, manifest)
+    except Exception as e:  # a file missing, truncated or unreadable: rebuild the stage
+        get_run_logger().warning("%s: %s; running the stage again", stage, str(e).splitlines()[0])
+        if rebuild:
+            invalidate(directory)
+        return None
+    return Completed(
+        name="Cached", message=f"{directory}: manifest matches {expected[:12]}", data=str(directory)
+    )
+
+
+def _expected_or_none(compute: Callable[[], str]) -> str | None:
+    """The expected fingerprint, or None when an input is not complete yet (the stage reports why)."""
+    try:
+        return compute()
+    except (StageError, FileNotFoundError):
+        return None
+
+
+def _run_stage(directory: Path, stage: str, expected: Callable[[], str], run: Callable[[], Any]) -> Any:
+    fp = _expected_or_none(expected)
+    if fp is not None and (state := cached_state(directory, stage, fp)) is not None:
+        get_run_logger().info("%s: cached (%s)", stage, state.message)
+        return state
+    run()
+    return str(directory)
+
+
+# --- the stage tasks: a call of the stage function each ------------------------------------------------------
+
+
+@task(name="shard", task_run_name="shard", **RETRIES)
+def shard_task(config, dask_address: str | None = None) -> str:
+    """Raw inputs → corpus shards (``data_prep.shard.shard_corpus``)."""
+    from data_prep import shard
+
+    return _run_stage(Path(config.out), "shard", lambda: shard.expected_fingerprint(config),
+                      lambda: shard.shard_corpus(config, map_jobs=PrefectMapper(dask_address)))  # fmt: skip
+
+
+@task(name="vocab", task_run_name="vocab", **RETRIES)
+def vocab_task(config) -> str:
+    """Corpus → WordPiece vocabulary (``data_prep.vocab.train_vocab``)."""
+    from data_prep import vocab
+
+    return _run_stage(Path(config.out), "vocab", lambda: vocab.expected_fingerprint(config),
+                      lambda: vocab.train_vocab(config))  # fmt: skip
+
+
+@task(name="examples", task_run_name="examples", **RETRIES)
+def examples_task(config, dask_address: str | None = None) -> str:
+    """Corpus + vocabulary → MLM/NSP examples (``data_prep.examples_stage.generate_examples``)."""
+    from data_prep import examples_stage
+
+    return _run_stage(Path(config.out), "examples", lambda: examples_stage.expected_fingerprint(config),
+                      lambda: examples_stage.generate_examples(config, map_jobs=PrefectMapper(dask_address)))  # fmt: skip
+
+
+class _Progress:
+    """A progress artifact updated from metrics.jsonl while the ranks train (a small polling thread)."""
+
+    def __init__(self, metrics_file: Path, max_steps: int | None):
+        from prefect.artifacts import create_progress_artifact
+
+        self.metrics_file, self.max_steps = metrics_file, max_steps
+        self.artifact_id = create_progress_artifact(0.0, key="pretraining-progress",
+                                                    description="pretraining: share of max_steps done")  # fmt: skip
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="pretrain-progress", daemon=True)
+
+    def _poll(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        last = None
+        while not self.done.wait(PROGRESS_EVERY_S):
+            step = _last_step(self.metrics_file)
+            if step is not None and step != last and self.max_steps:
+                last = step
+                with contextlib.suppress(Exception):  # a missed progress update must not fail training
+                    update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / self.max_steps))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(timeout=10)
+
+
+def _last_step(metrics_file: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        lines = metrics_file.read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else None
+    return None
+
+
+@task(name="pretrain", task_run_name="pretrain", cache_policy=NO_CACHE)
+def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = None,
+                  deadline_s: float | None = None) -> str:  # fmt: skip
+    """Examples → pretrained model (``bert.pretrain_stage``: the deepspeed launcher, ranks' lines in the log)."""
+    from bert import pretrain_stage
+
+    logger = get_run_logger()
+    out = Path(config.out)
+    fp = _expected_or_none(lambda: pretrain_stage.expected_fingerprint(config))
+    if fp is not None and (state := cached_state(out, "pretrain", fp, rebuild=False)) is not None:
+        logger.info("pretrain: cached (%s)", state.message)
+        return Completed(name="Cached", message=state.message, data=str(out / "hf"))
+    rank_log = logging.getLogger("bertpipe.ranks")
+    with _Progress(out / "metrics.jsonl", config.max_steps):
+        manifest, result = pretrain_stage.run_pretrain_stage(
+            config, num_gpus=num_gpus, hostfile=hostfile, resume=None,
+            on_line=lambda line: (logger.info("%s", line), rank_log.debug("%s", line)), deadline_s=deadline_s,
+        )  # fmt: skip
+    if manifest is None:
+        raise RuntimeError(
+            f"pretraining stopped at step {result.step} ({result.stop_reason}) before it was complete; "
+            f"its checkpoint is in {out}/checkpoints: run the pipeline again to resume"
         )
-        done_file = task_out / ".pipeline_fingerprint"
-        if (task_out / "metrics.json").exists() and done_file.exists() and done_file.read_text() == key:
-            log.info("finetune %s: already done for these weights and settings; skipping", settings["task"])
-            summaries.append(json.loads((task_out / "metrics.json").read_text()))
-            continue
-        summaries.append(main(FinetuneConfig(model=str(model), out=str(task_out), **settings)))
-        done_file.write_text(key)
-    return summaries
+    return str(out / "hf")
 
 
-def run_pipeline(
-    config: PipelineConfig, shared_data: str | Path, out: str | Path, stages: tuple[str, ...] = STAGES
-) -> dict[str, Any]:
-    """Run the stages in order (each skipped when already complete); return where each one wrote."""
-    shared_data, out = Path(shared_data), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+@task(name="finetune", task_run_name="finetune-{config.task}", **RETRIES)
+def finetune_task(config) -> dict:
+    """A pretrained model → fine-tuned on one task, evaluated (``bert.finetune.main``); its metrics."""
+    from bert import finetune
+
+    out = Path(config.out)
+    fp = _expected_or_none(lambda: finetune.expected_fingerprint(config))
+    if fp is not None and (state := cached_state(out, "finetune", fp)) is not None:
+        get_run_logger().info("finetune %s: cached (%s)", config.task, state.message)
+        return Completed(
+            name="Cached", message=state.message, data=json.loads((out / "metrics.json").read_text())
+        )
+    return finetune.main(config)
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+
+def _artifact_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "pipeline"
+
+
+def _previous_figures(key: str) -> dict | None:
+    """The figures of the last completed run that wrote the artifact ``key`` (a table of figure/value rows)."""
+    with contextlib.suppress(Exception):  # no previous run, or an API without artifacts: nothing to compare
+        from prefect.artifacts import Artifact
+
+        artifact = Artifact.get(key)
+        if artifact is not None:
+            rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+            return {row["figure"]: row["value"] for row in rows}
+    return None
+
+
+@task(name="report", task_run_name="report", cache_policy=NO_CACHE)
+def report_task(stage_dirs: dict[str, str], slug: str) -> str:
+    """Markdown report (with the previous run's figures beside this run's) and a table of evaluation results."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from flows import report
+
+    dirs = {name: Path(path) for name, path in stage_dirs.items()}
+    figures = report.collect_figures(dirs)
+    previous = _previous_figures(f"{slug}-figures")
+    png = report.training_curves_png(dirs["pretrain"] / "metrics.jsonl") if "pretrain" in dirs else None
+    note = report.degenerate_note(figures)
+    markdown = report.render_markdown(figures, dirs, previous=previous, png=png, notes=[note] if note else [])
+    create_markdown_artifact(markdown, key=f"{slug}-report", description="bertpipe run report")
+    rows = report.evaluation_rows(dirs)
+    if rows:
+        create_table_artifact(rows, key=f"{slug}-evaluation", description="fine-tuning results per seed")
+    create_table_artifact([{"figure": k, "value": v} for k, v in figures.items()], key=f"{slug}-figures",
+                          description="headline figures of this run (the next run compares against them)")  # fmt: skip
+    return markdown
+
+
+# --- the flow -------------------------------------------------------------------------------------------------
+
+
+def _value(result: Any) -> Any:
+    """A task's return value, whether it returned a value or a (Cached) state."""
+    return result.result() if isinstance(result, State) else result
+
+
+def default_shared() -> Path:
+    """Where the sample data lives: $BERTPIPE_SHARED, else ../shared beside the checkout."""
+    return Path(os.environ.get("BERTPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def prepare(
+    config: str = "demo", overrides: list[str] | tuple[str, ...] = (), out: str | Path = "runs/demo",
+    shared: str | Path | None = None,
+) -> tuple[PipelineConfig, StageConfigs]:  # fmt: skip
+    """The validated pipeline config and every stage's typed config; PipelineConfigError before any work."""
+    pipeline = load_pipeline_config(config, list(overrides))
+    shared_data = Path(shared or default_shared()) / "data"
+    return pipeline, build_stage_configs(pipeline, shared_data, Path(out))
+
+
+@flow(name="bert-pipeline", log_prints=True)
+def bert_pipeline(
+    config: str = "demo",
+    overrides: list[str] | None = None,
+    out: str = "runs/demo",
+    shared: str | None = None,
+    stages: list[str] | None = None,
+    dask_address: str | None = None,
+    pretrain_timeout_s: float | None = None,
+) -> dict:
+    """The pipeline: ``config`` is a preset name or JSON file, ``overrides`` flat ``section.key=value`` strings.
+
+    ``stages`` limits the run to some stages (their inputs must be complete); ``dask_address`` runs the data
+    stages' per-shard tasks on that Dask cluster; ``pretrain_timeout_s`` stops pretraining (checkpointed)
+    after that many seconds.
+    """
+    logger = get_run_logger()
+    pipeline, configs = prepare(config, overrides or (), out, shared)
+    stages = tuple(stages or STAGES)
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    timings: dict[str, float] = {}
-    outputs: dict[str, Any] = {}
+        raise PipelineConfigError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = stage_paths(root, pipeline)
+    timings, cached = {}, {}
 
-    def timed(name, fn, *args):
-        start = time.perf_counter()
-        log.info("── stage %s", name)
-        result = fn(*args)
-        timings[name] = round(time.perf_counter() - start, 2)
-        log.info("── stage %s done in %.1f s", name, timings[name])
-        return result
+    def timed(name: str, call: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        state = call()
+        timings[name] = round(time.perf_counter() - started, 2)
+        cached[name] = isinstance(state, State) and state.name == "Cached"
+        return _value(state)
 
-    corpus, vocab, examples, model = out / "corpus", out / "vocab", out / "examples", out / "pretrain" / "hf"
     if "shard" in stages:
-        corpus = outputs["corpus"] = timed("shard", run_shard, config, shared_data, out)
+        timed("shard", lambda: shard_task(configs.shard, dask_address))
     if "vocab" in stages:
-        vocab = outputs["vocab"] = timed("vocab", run_vocab, config, corpus, shared_data, out)
+        timed("vocab", lambda: vocab_task(configs.vocab))
     if "examples" in stages:
-        examples = outputs["examples"] = timed("examples", run_examples, config, corpus, vocab, out)
-    if "pretrain" in stages and config.pretrain:
-        model = outputs["model"] = timed("pretrain", run_pretrain, config, examples, vocab, out)
-    if "finetune" in stages and config.finetune:
-        outputs["finetune"] = timed("finetune", run_finetune, config, model, shared_data, out)
-    summary = {"out": str(out), "timings_s": timings, **{k: v for k, v in outputs.items() if k != "finetune"}}
-    if "finetune" in outputs:
-        summary["finetune"] = [
-            {"task": s.get("task"), "metric": s.get("metric"), "median": s.get("median")}
-            for s in outputs["finetune"]
-        ]
-    (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        timed("examples", lambda: examples_task(configs.examples, dask_address))
+    if "pretrain" in stages and configs.pretrain is not None:
+        timed("pretrain", lambda: pretrain_task(configs.pretrain, configs.num_gpus, configs.hostfile,
+                                                pretrain_timeout_s))  # fmt: skip
+    finetune = []
+    if "finetune" in stages:
+        for ft in configs.finetune:
+            finetune.append(timed(f"finetune-{ft.task}", lambda ft=ft: finetune_task(ft)))
+    existing = {name: str(path) for name, path in paths.items() if path.exists()}
+    report_task(existing, _artifact_slug(pipeline.name))
+    summary = {
+        "out": str(root),
+        "timings_s": timings,
+        "cached": cached,
+        "stages": existing,
+        "finetune": [{"task": s.get("task"), "metric": s.get("metric"), "median": s.get("median"),
+                      "degenerate_seeds": s.get("degenerate_seeds")} for s in finetune],
+    }  # fmt: skip
+    from data_prep.manifest import write_json_atomic
+
+    write_json_atomic(root / "pipeline_summary.json", summary)
+    logger.info("pipeline done: %s", json.dumps({"timings_s": timings, "cached": cached}))
     return summary

@@ -1,9 +1,17 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(os.environ.get("BERTPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+# Prefect reads its settings when first imported: a private home (database, result storage) for this test
+# session, no telemetry, and a start-up timeout that a loaded 2-core machine can meet (PREFECT_NOTES.md).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bertpipe-prefect-")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +21,12 @@ def shared_data() -> Path:
     if not data.exists():
         pytest.skip(f"sample data not found at {data}; set BERTPIPE_SHARED")
     return data
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole pytest session (9-13 s to start here)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
