@@ -353,6 +353,13 @@ def prefect_defaults() -> None:
     """Settings Prefect needs on a small shared machine, unless the user set them (see PREFECT_NOTES)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry tries the network
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # 20 s is too tight here
+    # The stages' own log lines go to Prefect's handlers: into the run log (UI) and, with the task's name, the
+    # console. Prefect formats the console itself, so the plain handler of the other commands goes.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "data_prep,bert,flows")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
