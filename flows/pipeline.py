@@ -217,11 +217,36 @@ def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = No
         logger.info("pretrain: cached (%s)", state.message)
         return Completed(name="Cached", message=state.message, data=str(out / "hf"))
     rank_log = logging.getLogger("bertpipe.ranks")
+    stop, done, outcome = threading.Event(), threading.Event(), {}
+
+    def train() -> None:
+        try:
+            outcome["value"] = pretrain_stage.run_pretrain_stage(
+                config, num_gpus=num_gpus, hostfile=hostfile, resume=None, stop_event=stop,
+                on_line=lambda line: (logger.info("%s", line), rank_log.debug("%s", line)), deadline_s=deadline_s,
+            )  # fmt: skip
+        except BaseException as e:
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    # The launcher runs in a thread so that this (main) thread keeps Prefect's SIGTERM bridge: a cancel raises
+    # TerminationSignal here, the ranks checkpoint (stop_event) and Prefect records the run as Cancelled.
+    # Event.wait, not Thread.join: a join interrupted by a signal marks a live thread stopped (CPython 3.11).
     with _Progress(out / "metrics.jsonl", config.max_steps):
-        manifest, result = pretrain_stage.run_pretrain_stage(
-            config, num_gpus=num_gpus, hostfile=hostfile, resume=None,
-            on_line=lambda line: (logger.info("%s", line), rank_log.debug("%s", line)), deadline_s=deadline_s,
-        )  # fmt: skip
+        threading.Thread(target=train, name="pretrain-launch", daemon=True).start()
+        try:
+            while not done.wait(0.2):
+                pass
+        except BaseException:  # TerminationSignal (a cancel), KeyboardInterrupt: checkpoint, then re-raise
+            stop.set()
+            while not done.is_set():
+                with contextlib.suppress(BaseException):  # a second signal must not leave the ranks behind
+                    done.wait()
+            raise
+    if "error" in outcome:
+        raise outcome["error"]
+    manifest, result = outcome["value"]
     if manifest is None:
         raise RuntimeError(
             f"pretraining stopped at step {result.step} ({result.stop_reason}) before it was complete; "

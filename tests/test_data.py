@@ -34,6 +34,14 @@ from data_prep.schema import (
 )
 
 NUM_WORDS = 95  # vocabulary: 5 special tokens + w0..w94 = 100 ids
+# The model the pretraining tests train: 2 layers, 32 wide, over the 100-id test vocabulary.
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
 
 
 def make_vocab(directory: Path, num_words: int = NUM_WORDS, prefix: str = "w") -> Path:
@@ -253,3 +261,15 @@ def test_dynamic_masking_depends_on_example_and_epoch_not_on_batching(examples: 
     assert together["labels"][1, :n].tolist() == alone["labels"][0, :n].tolist()
     other_epoch = collator(shards, np.array([9]), epoch=3)
     assert other_epoch["labels"].tolist() != alone["labels"].tolist()
+
+
+def make_training_stage(root: Path, num_train: int, num_valid: int) -> tuple[Path, Path]:
+    """(a finished examples stage, a model config.json with TINY shapes) under ``root``, for launcher tests."""
+    from bert.model import BertConfig
+
+    examples = make_examples(
+        root / "examples", make_vocab(root / "vocab"), num_train=num_train, num_valid=num_valid
+    )
+    model_config = root / "model.json"
+    BertConfig.preset("tiny", vocab_size=NUM_WORDS + 5, **TINY).to_json_file(model_config)
+    return examples, model_config

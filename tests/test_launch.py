@@ -16,30 +16,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_data import make_examples, make_vocab
+from test_data import make_training_stage
 
 from bert.launch import launch
-from bert.model import BertConfig
 from bert.train_config import TrainConfig
 
 BERTPIPE = Path(sys.executable).parent / "bertpipe"
 GUARD_S = 300  # a deadline that only ends a run whose test went wrong, so that it cannot hang
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
 
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("launch")
-    examples = make_examples(root / "examples", make_vocab(root / "vocab"), num_train=64, num_valid=16)
-    model_config = root / "model.json"
-    BertConfig.preset("tiny", vocab_size=100, **TINY).to_json_file(model_config)
-    return examples, model_config
+    return make_training_stage(tmp_path_factory.mktemp("launch"), num_train=64, num_valid=16)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data import make_examples, make_vocab
+from test_data import TINY, make_examples, make_vocab
 
 from bert.engine import checkpoint_state_dict, fill_deepspeed_config
 from bert.model import BertConfig, BertForPreTraining
@@ -21,13 +21,6 @@ from bert.pretrain import main
 from bert.train_config import TrainConfig, resolve_batch_sizes
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
 
 
 def tiny_config(examples: Path, out: Path, **overrides) -> TrainConfig:

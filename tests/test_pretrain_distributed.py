@@ -12,29 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data import make_examples, make_vocab
+from test_data import make_training_stage, make_vocab
 
 from bert.engine import checkpoint_state_dict
-from bert.model import BertConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BERTPIPE = Path(sys.executable).parent / "bertpipe"
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=64,
-)
 
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("distributed")
-    examples = make_examples(root / "examples", make_vocab(root / "vocab"), num_train=256, num_valid=32)
-    model_config = root / "model.json"
-    BertConfig.preset("tiny", vocab_size=100, **TINY).to_json_file(model_config)
-    return examples, model_config
+    return make_training_stage(tmp_path_factory.mktemp("distributed"), num_train=256, num_valid=32)
 
 
 def bertpipe(*args: str, timeout: int = 500) -> subprocess.CompletedProcess:
