@@ -21,7 +21,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from bert import metrics as M
 from bert import tasks as T
+from data_prep.manifest import begin_stage, file_entry, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +108,6 @@ class FinetuneConfig:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -512,12 +497,12 @@ def summarise(task: T.Task, runs: list[SeedRun]) -> dict[str, Any]:
 
 def _write_predictions(out: Path, task: T.Task, run: SeedRun) -> None:
     if task.kind == "qa":
-        _write_atomic(
+        write_text_atomic(
             out / "predictions" / f"seed-{run.seed}.json", json.dumps(run.evaluation.predictions, indent=1)
         )
     else:
         lines = "".join(json.dumps(row) + "\n" for row in run.evaluation.predictions)
-        _write_atomic(out / "predictions" / f"seed-{run.seed}.jsonl", lines)
+        write_text_atomic(out / "predictions" / f"seed-{run.seed}.jsonl", lines)
 
 
 def _publish_model(out: Path, runs: list[SeedRun], task: T.Task, model_src: Path) -> int | None:
@@ -527,7 +512,7 @@ def _publish_model(out: Path, runs: list[SeedRun], task: T.Task, model_src: Path
     if best is not None:
         for name in TOKENIZER_FILES:
             if (model_src / name).is_file():
-                shutil.copy2(model_src / name, best.model_dir / name)
+                shutil.copyfile(model_src / name, best.model_dir / name)  # not copy2: keep our umask's mode
         old = out / ".model-old.tmp"
         if (out / "model").exists():
             os.replace(out / "model", old)
@@ -594,8 +579,6 @@ def main(config: FinetuneConfig) -> dict[str, Any]:
 
     OUT is a stage directory: a complete one for the same model, data and settings is returned as it is.
     """
-    from data_prep.manifest import begin_stage, file_entry
-
     task = T.get_task(config.task, config.text_columns, config.label_column)
     hp = resolve_hyperparameters(config, task)
     out = Path(config.out)
@@ -622,7 +605,7 @@ def _run(config: FinetuneConfig, task: T.Task, hp: dict[str, Any], out: Path) ->
         json.loads(Path(config.model, "config.json").read_text(encoding="utf-8")).get("pad_token_id") or 0
     )
     run_config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}
-    _write_atomic(out / "config.json", json.dumps({**run_config, **hp, "labels": labels}, indent=2) + "\n")
+    write_json_atomic(out / "config.json", {**run_config, **hp, "labels": labels})
     runs = []
     for seed in config.seeds:
         run = train_seed(seed, config, hp, task, labels, data, pad_id, out if config.save_model else None)
@@ -637,7 +620,7 @@ def _run(config: FinetuneConfig, task: T.Task, hp: dict[str, Any], out: Path) ->
             log.warning("every seed is degenerate: no model saved")
         else:
             log.info("saved the best checkpoint (seed %d) to %s", best_seed, out / "model")
-    _write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "metrics.json", summary)
     if summary["median"]:
         log.info("%s median over %d seeds: %s", task.name, len(runs) - len(summary["degenerate_seeds"]),
                  ", ".join(f"{k} {v:.4f}" for k, v in summary["median"].items()))  # fmt: skip

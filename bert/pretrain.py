@@ -23,6 +23,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import psutil
@@ -401,14 +402,17 @@ class MetricsLog:
             self.bar.close()
 
 
+def open_data_log(out: Path, rank: int) -> TextIO:
+    """Open ``out/data_log/rank<R>.jsonl`` for appending, line-buffered so a killed run keeps every line."""
+    (out / "data_log").mkdir(parents=True, exist_ok=True)
+    return open(out / "data_log" / f"rank{rank}.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+
 def fit(run: Run) -> PretrainResult:
     """Train until max_steps, the time budget or SIGTERM; checkpoint, evaluate and export on the way."""
     config, engine = run.config, run.engine
     metrics_log = MetricsLog(run, engine.global_step)
-    data_log = None
-    if config.log_example_indices:
-        (run.out / "data_log").mkdir(parents=True, exist_ok=True)
-        data_log = open(run.out / "data_log" / f"rank{run.rank}.jsonl", "a")  # noqa: SIM115
+    data_log = open_data_log(run.out, run.rank) if config.log_example_indices else None
     budget = config.time_budget_seconds
     started = time.monotonic()
     last_step_s, record, eval_metrics, checkpoint, hf_dir = 0.0, {}, None, None, None

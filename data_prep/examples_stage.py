@@ -29,6 +29,7 @@ from data_prep import tokcache
 from data_prep.manifest import (
     StageError,
     begin_stage,
+    directory_mode,
     file_entry,
     read_manifest,
     require_complete,
@@ -492,6 +493,7 @@ def _copy_vocab(source: Path, vocab, stage_dir: Path) -> list[dict]:
     target = stage_dir / VOCAB_DIR
     tmp = Path(tempfile.mkdtemp(prefix=f".{VOCAB_DIR}.", suffix=".tmp", dir=stage_dir))
     try:
+        os.chmod(tmp, directory_mode())  # mkdtemp's 0o700 would hide the vocabulary from teammates
         for name, path in found.items():
             shutil.copyfile(path, tmp / name)
         if "vocab.txt" not in found:

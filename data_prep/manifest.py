@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 MANIFEST = "manifest.json"
 INPROGRESS = ".inprogress.json"
 TABLE_SUFFIXES = (".parquet", ".arrow")
+TEMPORARY_GLOB = ".*.tmp"  # how atomic_path (and the stages' temporary directories) name work in progress
+_UMASK_LOCK = threading.Lock()
 
 
 class StageError(ValueError):
@@ -70,12 +73,40 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read from /proc on Linux so that it never changes, even for a moment."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only way is to set it and set it back; 0o022 (not 0) as the stand-in keeps a file that
+    # another thread creates meanwhile from being world-writable, and the lock keeps our own readers apart.
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file under the current umask (0o644 under 022)."""
+    return 0o666 & ~current_umask()
+
+
+def directory_mode() -> int:
+    """The mode a plain ``mkdir()`` would give a new directory under the current umask (0o755 under 022)."""
+    return 0o777 & ~current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``.
 
     On an exception the temporary file is removed and ``path`` is untouched, so no reader ever sees a
-    half-written file.
+    half-written file. The file gets the mode the umask says (mkstemp's 0o600 would hide it from the
+    teammates who share the storage).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +116,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -93,9 +125,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through atomic_path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` through atomic_path."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def remove_temporaries(directory: str | os.PathLike) -> None:
+    """Delete the temporary files and directories (``.*.tmp``) a killed run left below ``directory``."""
+    for leftover in sorted(Path(directory).rglob(TEMPORARY_GLOB)):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def count_rows(path: str | os.PathLike) -> int:
@@ -160,6 +207,7 @@ class Stage:
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "bertpipe_version": bertpipe_version(),
         }
+        remove_temporaries(self.directory)  # a finished directory holds no work in progress
         write_json_atomic(self.directory / MANIFEST, manifest)
         (self.directory / INPROGRESS).unlink(missing_ok=True)
         self.complete = True
@@ -179,7 +227,7 @@ def begin_stage(
     Returns a Stage with ``complete=True`` when a finished run with the same fingerprint is already there
     (the caller does nothing). Otherwise the directory is made ready: a finished run with another
     fingerprint, or an unfinished one for another fingerprint, is cleared; an unfinished run for the same
-    fingerprint is kept so its committed part files can be reused.
+    fingerprint is kept so its committed part files can be reused, less the temporary files a kill left.
     """
     directory = Path(directory)
     fp = stage_fingerprint(stage, config, inputs, format_version)
@@ -208,6 +256,8 @@ def begin_stage(
                 shutil.rmtree(child)
             else:
                 child.unlink()
+    if directory.exists() and resumable:
+        remove_temporaries(directory)  # a kill mid-write leaves one; committed parts are kept
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / INPROGRESS, {"stage": stage, "fingerprint": fp})
     return Stage(directory, stage, fp, config, inputs, format_version, complete=False)
