@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -272,9 +273,48 @@ def tag_order(tags: set[str]) -> list[str]:
     return ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
 
 
-def _line_of(raw: str, needle: str) -> int:
-    at = raw.find(needle)
-    return raw.count("\n", 0, at) + 1 if at >= 0 else 0
+def _first_lines(raw: str, needles: set[str]) -> dict[str, int]:
+    """Line of each quoted needle's first occurrence in ``raw`` (0 where absent), in a pass or two over it.
+
+    What ``raw.find`` per needle would give, without searching the whole text once per question: a needle
+    ``"..."`` holding k quotes inside can only occur spanning k + 1 consecutive gaps between the quotes of
+    ``raw``, so one walk over the quote positions per k (in practice only k = 0) finds every first occurrence.
+    """
+    quotes = [m.start() for m in re.finditer('"', raw)]
+    first: dict[str, int] = {}
+    by_gaps: dict[int, set[str]] = {}
+    for needle in needles:
+        by_gaps.setdefault(needle.count('"') - 1, set()).add(needle)
+    for gaps, group in by_gaps.items():
+        lengths = {len(needle) for needle in group}
+        left = len(group)
+        for start, end in zip(quotes, quotes[gaps:], strict=False):
+            if end - start + 1 in lengths:
+                span = raw[start : end + 1]
+                if span in group and span not in first:
+                    first[span] = start
+                    left -= 1
+                    if not left:
+                        break
+    lines = dict.fromkeys(needles, 0)
+    line, at = 1, 0
+    for start, needle in sorted((start, needle) for needle, start in first.items()):
+        line += raw.count("\n", at, start)  # counting between successive hits: one pass in all
+        lines[needle], at = line, start
+    return lines
+
+
+def _question_ids(data: Any) -> set[str]:
+    """Quoted ids of the questions ``read_squad`` reads; a malformed entry ends the list (and the read)."""
+    ids = set()
+    try:
+        for article in data:
+            for paragraph in article.get("paragraphs", []):
+                for qa in paragraph.get("qas", []):
+                    ids.add(json.dumps(str(qa.get("id"))))
+    except (AttributeError, TypeError):
+        pass
+    return ids
 
 
 def read_squad(path: str | Path, version_2: bool) -> list[QAExample]:
@@ -291,13 +331,15 @@ def read_squad(path: str | Path, version_2: bool) -> list[QAExample]:
         raise TaskDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except (KeyError, TypeError):
         raise TaskDataError(f"{path}: not SQuAD JSON (no top-level 'data' list)") from None
+    # A question's line is that of the first occurrence of its quoted id, found for all ids at once.
+    lines = _first_lines(raw, _question_ids(data))
     examples = []
     for article in data:
         for paragraph in article.get("paragraphs", []):
             context = paragraph["context"]
             for qa in paragraph.get("qas", []):
                 qid = str(qa.get("id"))
-                where = f"{path}:{_line_of(raw, json.dumps(qid))}"
+                where = f"{path}:{lines[json.dumps(qid)]}"
                 answers = []
                 for answer in qa.get("answers", []):
                     text, start = answer.get("text"), answer.get("answer_start")

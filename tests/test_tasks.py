@@ -1,6 +1,7 @@
 """Task readers, the standard-dataset path and featurisation (no model needed)."""
 
 import json
+import random
 
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -141,6 +142,86 @@ def test_squad_reader_checks_offsets(tmp_path):
     (tmp_path / "empty.json").write_text("")
     with pytest.raises(T.TaskDataError, match="empty"):
         T.read_squad(tmp_path / "empty.json", version_2=False)
+
+
+def reference_read_squad(path, version_2):
+    """The obvious reader: per question, the line of the first occurrence of its quoted id in the raw text."""
+    raw = path.read_text(encoding="utf-8-sig")
+    examples = []
+    for article in json.loads(raw)["data"]:
+        for paragraph in article.get("paragraphs", []):
+            context = paragraph["context"]
+            for qa in paragraph.get("qas", []):
+                qid = str(qa.get("id"))
+                at = raw.find(json.dumps(qid))
+                where = f"{path}:{raw.count(chr(10), 0, at) + 1 if at >= 0 else 0}"
+                answers = [(a["text"], a["answer_start"]) for a in qa.get("answers", [])]
+                for text, start in answers:
+                    if context[start : start + len(text)] != text:
+                        raise T.TaskDataError(
+                            f"{where}: question {qid}: answer {text!r} is not at offset {start} of its "
+                            f"context (found {context[start : start + len(text)]!r})"
+                        )
+                impossible = bool(qa.get("is_impossible", False))
+                if impossible and not version_2:
+                    raise T.TaskDataError(f"{where}: question {qid} is unanswerable; use --task squad_v2")
+                examples.append(
+                    T.QAExample(qid, qa["question"], context, [] if impossible else answers, where)
+                )
+    return examples
+
+
+def synthetic_squad(num_paragraphs, version_2, seed=0):
+    """SQuAD JSON with repeated contexts, questions and ids, and ids that also occur (quoted) elsewhere."""
+    rng = random.Random(seed)
+    # A context ending in '"q1' holds '"q1"' in the raw JSON (escaped quote, closing quote), so some ids'
+    # first occurrence is in an earlier context; ", " and ": " occur between tokens; "idé" may not occur.
+    endings = [' "q1', ' "q"1', ' "q2-0', ' "5', " id5", ' a "b" \\ c']
+    contexts = [" ".join(rng.choices(WORDS, k=30)) + endings[i % len(endings)] for i in range(40)]
+    odd_ids = ["q1", 5, None, 'q"1', 'say "hi", \\ok', "idé", "q1", ", ", ": ", "article 3", "Where?"]
+    articles = []
+    for a in range(num_paragraphs // 10):
+        paragraphs = []
+        for p in range(10):
+            context = rng.choice(contexts)
+            qas = []
+            for q in range(rng.randint(1, 4)):
+                n = len(articles) * 10 + p
+                qid = rng.choice(odd_ids) if rng.random() < 0.1 else f"q{n}-{q}"
+                word = rng.choice(context.split())
+                start = context.index(word)
+                qa = {"id": qid, "question": rng.choice(["Who won?", "Where?", "When did it end?"])}
+                if version_2 and rng.random() < 0.3:
+                    qa.update(answers=[], is_impossible=True)
+                else:
+                    qa["answers"] = [{"text": word, "answer_start": start}] * rng.randint(1, 3)
+                qas.append(qa)
+            paragraphs.append({"context": context, "qas": qas})
+        articles.append({"title": f"article {a}", "paragraphs": paragraphs})
+    return {"version": "2.0" if version_2 else "1.1", "data": articles}
+
+
+@pytest.mark.parametrize("version_2", [False, True])
+@pytest.mark.parametrize("layout", [{"indent": 1}, {}, {"indent": 2, "ensure_ascii": False}])
+def test_squad_reader_matches_per_question_search(tmp_path, version_2, layout):
+    data = synthetic_squad(300, version_2)
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(data, **layout), encoding="utf-8")
+    examples = T.read_squad(path, version_2)
+    assert len(examples) > 600 and len({e.context for e in examples}) <= 40
+    assert examples == reference_read_squad(path, version_2)
+    # A wrong offset late in the file: the same error, naming the same line.
+    data["data"][-1]["paragraphs"][-1]["qas"][-1] = {
+        "id": "late",
+        "question": "?",
+        "answers": [{"text": "zzz", "answer_start": 3}],
+    }
+    path.write_text(json.dumps(data, **layout), encoding="utf-8")
+    with pytest.raises(T.TaskDataError) as expected:
+        reference_read_squad(path, version_2)
+    with pytest.raises(T.TaskDataError) as got:
+        T.read_squad(path, version_2)
+    assert str(got.value) == str(expected.value)
 
 
 def test_encode_squad_windows_and_offsets(tokenizer):
