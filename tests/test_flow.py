@@ -103,6 +103,13 @@ def test_flow_end_to_end_cached_rerun_and_exact_invalidation(shared_data, tmp_pa
     states = task_states(again)
     assert all(states[s] == "Cached" for s in ("shard", "vocab", "examples", "pretrain")), states
     assert manifests(out) == first
+    with get_client(sync_client=True) as client:
+        reports = sorted(
+            (a for a in client.read_artifacts() if a.key == "tiny-test-report"), key=lambda a: a.created
+        )
+    assert (
+        "previous run" not in reports[0].data and "| this run | previous run | change |" in reports[-1].data
+    )
 
     # 3. A masking setting: examples, pretrain and finetune rerun; shard and vocab are untouched.
     masked = run_flow(preset, out, shared_data, ["examples.masked_lm_prob=0.2"])
