@@ -27,9 +27,11 @@ from data_prep.manifest import (
     MANIFEST,
     Stage,
     StageError,
+    acquire_writer_lock,
     file_entry,
     fingerprint,
     read_manifest,
+    release_writer_lock,
     require_complete,
     sha256_file,
     stage_fingerprint,
@@ -216,13 +218,19 @@ def run_pretrain_stage(
     """
     from bert.launch import launch
 
-    config, manifest = prepare(config, resume)
-    if manifest is not None:
-        log.info("pretrain: %s is complete for these settings (step %s); nothing to do",
-                 config.out, manifest["stats"].get("step"))  # fmt: skip
-        return manifest, None
-    started = time.monotonic()
-    result = launch(config, num_gpus=num_gpus, hostfile=hostfile, **launch_options)
-    if not is_complete(config, result):
-        return None, result
-    return commit(config, result, time.monotonic() - started), result
+    acquire_writer_lock(
+        config.out
+    )  # one trainer per run directory: a second one is refused, naming the first
+    try:
+        config, manifest = prepare(config, resume)
+        if manifest is not None:
+            log.info("pretrain: %s is complete for these settings (step %s); nothing to do",
+                     config.out, manifest["stats"].get("step"))  # fmt: skip
+            return manifest, None
+        started = time.monotonic()
+        result = launch(config, num_gpus=num_gpus, hostfile=hostfile, **launch_options)
+        if not is_complete(config, result):
+            return None, result
+        return commit(config, result, time.monotonic() - started), result
+    finally:
+        release_writer_lock(config.out)

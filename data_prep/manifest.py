@@ -211,7 +211,59 @@ class Stage:
         write_json_atomic(self.directory / MANIFEST, manifest)
         (self.directory / INPROGRESS).unlink(missing_ok=True)
         self.complete = True
+        release_writer_lock(self.directory)
         return manifest
+
+
+_HELD_LOCKS: dict[str, int] = {}  # lock file → the descriptor this process holds it with
+
+
+def _lock_path(directory: Path) -> Path:
+    # Beside the directory, not in it: clearing a directory for a rebuild must not drop its lock.
+    return directory.parent / f".{directory.name}.lock"
+
+
+def acquire_writer_lock(directory: str | os.PathLike) -> None:
+    """Make this process the one writer of ``directory``, or raise StageError naming the holder.
+
+    An exclusive ``flock`` on ``.<name>.lock`` beside the directory, held until ``release_writer_lock`` or
+    the process ends: the kernel drops the lock of a dead process, so a stale lock is simply taken over.
+    A process that holds it already (a retry in the same process) keeps it.
+    """
+    import fcntl
+    import socket
+
+    directory = Path(directory)
+    path = _lock_path(directory)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_json(path) or {}
+        os.close(fd)
+        raise StageError(
+            f"{directory} is being written by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"(since {holder.get('since', '?')}): wait for that run to finish or stop it first"
+        ) from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(record).encode())
+    _HELD_LOCKS[key] = fd
+
+
+def release_writer_lock(directory: str | os.PathLike) -> None:
+    """Give up this process's writer lock on ``directory`` (nothing when it holds none)."""
+    import fcntl
+
+    fd = _HELD_LOCKS.pop(str(_lock_path(Path(directory)).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def begin_stage(
@@ -241,6 +293,7 @@ def begin_stage(
             f"{directory} holds a finished '{manifest.get('stage')}' stage, not '{stage}': "
             "choose another --out rather than overwrite it"
         )
+    acquire_writer_lock(directory)  # before anything is cleared or written; released by commit
     inprogress = _read_json(directory / INPROGRESS)
     resumable = inprogress is not None and inprogress.get("fingerprint") == fp and not force
     if directory.exists() and not resumable:

@@ -126,3 +126,34 @@ def test_arrow_rows_counted_and_metadata_round_trip(tmp_path):
 def test_fingerprint_is_order_independent_for_dicts():
     assert mf.fingerprint({"a": 1, "b": [1, 2]}) == mf.fingerprint(json.loads('{"b": [1, 2], "a": 1}'))
     assert mf.fingerprint({"a": 1}) != mf.fingerprint({"a": 2})
+
+
+def test_one_writer_per_stage_directory_and_a_dead_holder_is_taken_over(tmp_path):
+    """A second writer is refused at once, naming the holder's pid; the lock of a killed holder is taken over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_prep.manifest import StageError, begin_stage, release_writer_lock
+
+    directory = tmp_path / "stage"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from data_prep.manifest import begin_stage; "
+         f"begin_stage({str(directory)!r}, 'shard', {{}}, {{}}, 1); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError, match=rf"being written by pid {holder.pid} on "):
+            begin_stage(directory, "shard", {}, {}, 1)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    stage = begin_stage(directory, "shard", {}, {}, 1)  # the dead holder's lock is ours now
+    assert not stage.complete and (directory / ".inprogress.json").exists()
+    stage.commit([], {})
+    release_writer_lock(directory)  # committed: released already; a second release is harmless
+    begin_stage(directory, "shard", {"other": 1}, {}, 1)  # and a later writer in this process may take it

@@ -97,3 +97,25 @@ def test_finetune_writes_a_manifest_and_a_rerun_trains_nothing(tiny_model, tmp_p
     assert F.expected_fingerprint(config) != manifest["fingerprint"]
     with pytest.raises(AssertionError, match="trained again"):
         F.main(config)
+
+
+def test_a_second_trainer_on_a_run_directory_is_refused_before_any_launch(examples, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from data_prep.manifest import acquire_writer_lock; "
+         f"acquire_writer_lock({str(out)!r}); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError, match=rf"being written by pid {holder.pid}"):
+            P.run_pretrain_stage(train_config(examples, out), num_gpus=1)
+        assert not (out / INPROGRESS).exists()  # refused before it touched anything
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
