@@ -59,7 +59,21 @@ def _gather(futures: list[cf.Future], desc: str) -> list:
 _INHERITED: tuple[Callable[..., Any], list[tuple]] | None = None  # set in forked workers only
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when the process that started it dies, whatever killed it
+    (a ``kill -9``, an OOM kill, a scheduler): a worker never outlives its stage run."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _limit_threads(threads: int) -> None:
+    _die_with_parent()
     # tokenizers' (rayon) thread pool starts lazily in the child: one core's share per worker, not all cores
     os.environ["RAYON_NUM_THREADS"] = str(threads)
 
@@ -116,8 +130,8 @@ def local_mapper(workers: int, start_method: str = "fork", preload: Sequence[str
         yield _map_forked(workers)
         return
     context = multiprocessing.get_context(start_method)
-    if start_method == "forkserver" and preload:
-        context.set_forkserver_preload(list(preload))
+    if start_method == "forkserver":
+        context.set_forkserver_preload(["data_prep._die_with_parent", *preload])
     with cf.ProcessPoolExecutor(
         workers, mp_context=context, initializer=_limit_threads, initargs=(_threads_per_worker(workers),)
     ) as pool:

@@ -166,3 +166,33 @@ def test_map_inline_and_bad_start_method():
     assert map_inline(divmod, [(7, 2), (9, 4)], "test") == [(3, 1), (2, 1)]
     with pytest.raises(ValueError, match="start_method"), local_mapper(2, start_method="thread"):
         pass
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_workers_die_when_the_parent_is_killed(start_method):
+    """kill -9 of the process running a stage leaves no worker behind (the kernel kills them with it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    script = ("import time; from data_prep.parallel import local_mapper\n"
+              f"with local_mapper(2, {start_method!r}) as map_jobs:\n"
+              "    map_jobs(time.sleep, [(120,), (120,)], 'sleep')\n")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline, workers = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
+                       if "sleep" not in p.name()]  # fmt: skip
+            if len(workers) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) >= 2, "the pool did not start"
+        time.sleep(1.0)  # the workers are inside their jobs
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.pid for p in alive]
