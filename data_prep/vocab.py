@@ -3,6 +3,13 @@
 Every vocabulary is used through a ``tokenizers.Tokenizer`` with BERT's normalizer, pre-tokenizer and
 WordPiece model. ``load_vocab`` returns it with the special-token ids and the vocabulary fingerprint that
 downstream stages record in their metadata.
+
+Training is a pure function of the corpus and the settings, byte for byte. tokenizers' WordPiece (BPE) trainer
+numbers the ``##`` forms of the alphabet in the iteration order of a hash map that is seeded anew for every
+run, and breaks ties between merges of equal count by those ids, so left alone the order of vocab.txt and
+even its token set change from run to run (``limit_alphabet`` ties too). ``train_tokenizer`` therefore counts
+the corpus' words first (tokenizers' own counting), chooses the alphabet and its ``##`` forms from the counts
+with ties broken by the character, and trains from those counts with these tokens registered in that order.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_CHARS_PER_WORD = 100  # BERT's limit: a longer "word" becomes a single [UNK]
 STAGE = "vocab"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: deterministic training (the ## forms sorted after the alphabet)
 MODEL_MAX_LENGTH = 512
 STATS_MAX_SENTENCES = 200_000  # UNK rate and tokens/word are measured on at most this many sentences
 OUTPUT_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -59,20 +67,28 @@ class Vocab:
         return len(self.tokens)
 
 
-def bert_tokenizer(vocab: dict[str, int], lowercase: bool) -> tokenizers.Tokenizer:
-    """A BERT WordPiece tokenizer (normalizer, pre-tokenizer, post-processor, decoder) over ``vocab``."""
-    tokenizer = tokenizers.Tokenizer(
-        models.WordPiece(
-            vocab,
-            unk_token="[UNK]",
-            continuing_subword_prefix="##",
-            max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
-        )
-    )
+def _bert_words(model: models.Model, lowercase: bool) -> tokenizers.Tokenizer:
+    """A tokenizer over ``model`` that splits text into words as BERT does (normalizer and pre-tokenizer)."""
+    tokenizer = tokenizers.Tokenizer(model)
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
     )
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tokenizer
+
+
+def _wordpiece(vocab: dict[str, int] | None = None) -> models.WordPiece:
+    return models.WordPiece(
+        vocab,
+        unk_token="[UNK]",
+        continuing_subword_prefix="##",
+        max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
+    )
+
+
+def bert_tokenizer(vocab: dict[str, int], lowercase: bool) -> tokenizers.Tokenizer:
+    """A BERT WordPiece tokenizer (normalizer, pre-tokenizer, post-processor, decoder) over ``vocab``."""
+    tokenizer = _bert_words(_wordpiece(vocab), lowercase)
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     add_bert_post_processor(tokenizer)
     tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
@@ -259,37 +275,81 @@ def iter_sentence_batches(parts: list[Path]) -> Iterator[list[str]]:
             yield pc.list_flatten(batch.column(0)).to_pylist()
 
 
-def train_tokenizer(batches: Iterator[list[str]], config: VocabConfig) -> tokenizers.Tokenizer:
-    """WordPiece with BERT's normalizer and pre-tokenizer; special tokens get ids 0..4."""
-    tokenizer = tokenizers.Tokenizer(
-        models.WordPiece(
-            unk_token="[UNK]",
-            continuing_subword_prefix="##",
-            max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
-        )
-    )
-    tokenizer.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=config.lowercase
-    )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+def corpus_word_counts(parts: list[Path], lowercase: bool) -> dict[str, int]:
+    """How often each word (BERT-normalized and pre-tokenized) occurs in ``parts``, counted by tokenizers."""
+    tokenizer = _bert_words(models.WordLevel(unk_token="[UNK]"), lowercase)
+    trainer = trainers.WordLevelTrainer(vocab_size=1, show_progress=False)  # wanted: its counts, not a model
+    tokenizer.train_from_iterator(iter_sentence_batches(parts), trainer)
+    state = json.loads(trainer.__getstate__())
+    try:
+        return state["WordLevelTrainer"]["words"]
+    except KeyError as e:  # the state is tokenizers' serde layout, not a documented API
+        raise StageError(f"this tokenizers {tokenizers.__version__} keeps no word counts in a trainer") from e
+
+
+def initial_tokens(word_counts: dict[str, int], limit_alphabet: int) -> tuple[list[str], list[str]]:
+    """(alphabet, its ``##`` forms): the tokens WordPiece training starts from, each sorted.
+
+    The alphabet is the ``limit_alphabet`` most frequent characters, ties broken by the character (the
+    trainer breaks them in hash order); a ``##`` form exists for each of them that occurs inside a word.
+    """
+    char_counts: Counter[str] = Counter()
+    inside: set[str] = set()
+    for word, count in word_counts.items():
+        for char in word:
+            char_counts[char] += count
+        inside.update(word[1:])
+    by_frequency = sorted(char_counts, key=lambda char: (-char_counts[char], char))
+    alphabet = sorted(by_frequency[:limit_alphabet])
+    return alphabet, [f"##{char}" for char in alphabet if char in inside]
+
+
+def _repeated_words(word_counts: dict[str, int], batch_size: int = 1 << 16) -> Iterator[list[str]]:
+    """Each word as often as it occurs, in lists of at most ``batch_size``: the counts as a trainer's feed."""
+    batch: list[str] = []
+    for word, count in word_counts.items():
+        while count:
+            take = min(count, batch_size - len(batch))
+            batch += [word] * take
+            count -= take
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(parts: list[Path], config: VocabConfig) -> tokenizers.Tokenizer:
+    """WordPiece trained on ``parts``, as a BERT tokenizer; the same on every run.
+
+    Ids: special tokens 0..4, the alphabet, its ``##`` forms, then the trainer's merges in merge order.
+    """
+    word_counts = corpus_word_counts(parts, config.lowercase)
+    alphabet, continuing = initial_tokens(word_counts, config.limit_alphabet)
+    initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
     trainer = trainers.WordPieceTrainer(
         vocab_size=config.vocab_size,
         min_frequency=config.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        limit_alphabet=config.limit_alphabet,
+        special_tokens=initial,  # registered first, in this order: ids no longer follow hash-map order
+        limit_alphabet=len(alphabet),  # initial_alphabet always survives the limit: exactly this alphabet
+        initial_alphabet=alphabet,
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    tokenizer.train_from_iterator(batches, trainer)
-    size = tokenizer.get_vocab_size()
+    # The trainer is fed the counted words, one per sequence with no normalizer or pre-tokenizer: the same
+    # counts as a second pass over the text, at a fraction of its cost (normalizing is most of the time).
+    trained = tokenizers.Tokenizer(_wordpiece())
+    trained.train_from_iterator(_repeated_words(word_counts), trainer)
+    size = trained.get_vocab_size()
     if size > config.vocab_size:
         raise StageError(
             f"--vocab-size {config.vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens plus the "
             f"corpus alphabet (with ## forms): {size} tokens are needed; pass --vocab-size {size} or more"
         )
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    add_bert_post_processor(tokenizer)
-    return tokenizer
+    tokens = _tokens_of(trained, parts[0].parent if parts else Path("."))
+    assert tokens[: len(initial)] == initial, (tokens[:10], initial[:10])
+    # Rebuilt from the vocabulary: the trained tokenizer would match the alphabet as added special tokens.
+    return bert_tokenizer({token: i for i, token in enumerate(tokens)}, config.lowercase)
 
 
 def vocab_stats(vocab: Vocab, parts: list[Path], max_sentences: int = STATS_MAX_SENTENCES) -> dict:
@@ -366,7 +426,7 @@ def train_vocab(config: VocabConfig) -> dict:
         log.info(
             "vocab: training WordPiece (%d tokens) on %d train shards", config.vocab_size, len(train_parts)
         )
-        tokenizer = train_tokenizer(iter_sentence_batches(train_parts), config)
+        tokenizer = train_tokenizer(train_parts, config)
         tokens = _tokens_of(tokenizer, corpus)
         assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:5]
         vocab = Vocab(

@@ -239,3 +239,48 @@ def test_shard_and_vocab_on_a_slice_of_the_sample_corpus(shared_data, tmp_path):
     assert vocab.tokenizer.decode(vocab.tokenizer.encode("We the people of the United States").ids) == (
         "we the people of the united states"
     )
+
+
+@pytest.fixture(scope="module")
+def inaugural_slice(shared_data, tmp_path_factory) -> Path:
+    """A shard stage over the first 10 inaugural speeches (one document each)."""
+    from data_prep.shard import ShardConfig, shard_corpus
+
+    files = sorted((shared_data / "corpus" / "inaugural").glob("*.txt"))[:10]
+    out = tmp_path_factory.mktemp("inaugural") / "corpus"
+    shard_corpus(
+        ShardConfig(inputs=[str(p) for p in files], out=str(out), num_shards=2, doc_boundary="file", seed=1)
+    )
+    return out
+
+
+def test_vocab_stage_is_byte_identical_across_runs(inaugural_slice, tmp_path):
+    # tokenizers' trainer numbers the ## forms in hash-map order (seeded per process and per map), and
+    # merges with equal counts are ordered by those ids: unpinned, the order and even the set vary per run.
+    from data_prep.vocab import VocabConfig, train_vocab
+
+    outputs = []
+    for run in range(3):
+        out = tmp_path / f"run{run}"
+        train_vocab(VocabConfig(corpus=str(inaugural_slice), out=str(out), vocab_size=1500))
+        outputs.append(tuple((out / name).read_bytes() for name in ("vocab.txt", "tokenizer.json")))
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    tokens = outputs[0][0].decode().splitlines()
+    assert tokens[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(tokens) == 1500
+    # After the special tokens: the alphabet, then its ## forms, each sorted; then the merges.
+    num_chars = sum(1 for t in tokens if len(t) == 1)
+    alphabet = tokens[5 : 5 + num_chars]
+    continuing = [t for t in tokens[5 + num_chars :] if t.startswith("##") and len(t) == 3]
+    assert alphabet == sorted(alphabet) and all(len(t) == 1 for t in alphabet)
+    assert tokens[5 + num_chars : 5 + num_chars + len(continuing)] == sorted(continuing)
+    assert load_vocab(tmp_path / "run0").special_ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+def test_alphabet_limit_ties_are_broken_by_the_character():
+    from data_prep.vocab import initial_tokens
+
+    # a:3 b:3 c:1 d:1 e:1; "d" and "c" tie for the last place, whatever order the counts come in.
+    counts = {"ab": 2, "ba": 1, "e": 1, "d": 1, "c": 1}
+    for word_counts in (counts, dict(reversed(counts.items()))):
+        assert initial_tokens(word_counts, limit_alphabet=3) == (["a", "b", "c"], ["##a", "##b"])
+    assert initial_tokens({"xy": 1}, limit_alphabet=5) == (["x", "y"], ["##y"])
