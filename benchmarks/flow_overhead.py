@@ -10,7 +10,7 @@ and how much of the re-run is Prefect's start-up (ephemeral server + engine: pro
 first log line) and how much is the cached flow itself. Prints one JSON object. Not a test: the machine is
 shared and noisy; read it with the load that it reports.
 
-    python benchmarks/flow_overhead.py [--config demo] [--work DIR]
+    python benchmarks/flow_overhead.py [--config demo] [--repeats 3] [--work DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,37 +107,71 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo", help="pipeline preset")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved direct/flow pairs (medians)")
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bertpipe-flow-bench-"))
     load = os.getloadavg()
-    direct, _, _ = timed([sys.executable, "-c", DIRECT, args.config, str(SHARED), str(work / "direct")])
-    run = [BERTPIPE, "run", "--config", args.config, "--out", str(work / "flow"), "--shared", str(SHARED)]
-    first, first_out, first_start = timed(run)
-    rerun, rerun_out, rerun_start = timed(run)
-    summary = json.loads((work / "flow" / "pipeline_summary.json").read_text())
+    direct, first, rerun, rerun_startup, first_startup, with_server, server_startup = ([] for _ in range(7))
+    for r in range(args.repeats):  # interleaved, so that a change of load hits both sides alike
+        seconds, _, _ = timed(
+            [sys.executable, "-c", DIRECT, args.config, str(SHARED), str(work / f"direct-{r}")]
+        )
+        direct.append(seconds)
+        run = [
+            BERTPIPE,
+            "run",
+            "--config",
+            args.config,
+            "--out",
+            str(work / f"flow-{r}"),
+            "--shared",
+            str(SHARED),
+        ]
+        seconds, output, started = timed(run)
+        first.append(seconds)
+        first_startup.append(seconds_to_flow_start(output, started))
+        seconds, output, started = timed(run)
+        rerun.append(seconds)
+        rerun_startup.append(seconds_to_flow_start(output, started))
+        summary = json.loads((work / f"flow-{r}" / "pipeline_summary.json").read_text())
+        assert all(summary["cached"].values()), f"the re-run was not fully cached: {summary['cached']}"
     server, url = start_server(work / "prefect-home")
     try:
-        with_server, server_out, server_start = timed(
-            run, PREFECT_API_URL=url, PREFECT_HOME=str(work / "prefect-home")
-        )
+        for r in range(args.repeats):
+            run = [
+                BERTPIPE,
+                "run",
+                "--config",
+                args.config,
+                "--out",
+                str(work / f"flow-{r}"),
+                "--shared",
+                str(SHARED),
+            ]
+            seconds, output, started = timed(
+                run, PREFECT_API_URL=url, PREFECT_HOME=str(work / "prefect-home")
+            )
+            with_server.append(seconds)
+            server_startup.append(seconds_to_flow_start(output, started))
     finally:
         server.terminate()
         server.wait(timeout=60)
+    median = statistics.median
     result = {
         "config": args.config,
-        "direct_s": round(direct, 1),
-        "flow_first_run_s": round(first, 1),
-        "flow_overhead_s": round(first - direct, 1),
-        "rerun_s": round(rerun, 1),
-        "rerun_share_of_first_run": round(rerun / first, 4),
-        "rerun_all_cached": all(summary["cached"].values()),
-        "rerun_prefect_startup_s": seconds_to_flow_start(rerun_out, rerun_start),
-        "first_run_prefect_startup_s": seconds_to_flow_start(first_out, first_start),
+        "repeats": args.repeats,
+        "direct_s": [round(x, 1) for x in direct],
+        "flow_first_run_s": [round(x, 1) for x in first],
+        "flow_overhead_s_median": round(median(f - d for f, d in zip(first, direct, strict=True)), 1),
+        "rerun_s": [round(x, 1) for x in rerun],
+        "rerun_share_of_first_run_median": round(median(r / f for r, f in zip(rerun, first, strict=True)), 4),
+        "rerun_prefect_startup_s": rerun_startup,
+        "first_run_prefect_startup_s": first_startup,
         "rerun_stage_tasks_s": round(sum(summary["timings_s"].values()), 2),
-        "rerun_with_server_s": round(with_server, 1),
-        "rerun_with_server_share_of_first_run": round(with_server / first, 4),
-        "rerun_with_server_startup_s": seconds_to_flow_start(server_out, server_start),
+        "rerun_with_server_s": [round(x, 1) for x in with_server],
+        "rerun_with_server_share_of_first_run_median": round(median(with_server) / median(first), 4),
+        "rerun_with_server_startup_s": server_startup,
         "loadavg_before": [round(x, 2) for x in load],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "work": str(work),
