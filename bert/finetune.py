@@ -574,6 +574,22 @@ def expected_fingerprint(config: FinetuneConfig) -> str:
     return stage_fingerprint(STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
 
 
+def _check_fits_the_model(config: FinetuneConfig, hp: dict[str, Any]) -> None:
+    """ValueError, before any data is read, when the sequence length exceeds the model's positions."""
+    config_file = Path(config.model, "config.json")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config.model} is not a model directory (no config.json)")
+    try:
+        positions = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a JSON model config: {e}") from None
+    if positions is not None and hp["max_seq_length"] > positions:
+        raise ValueError(
+            f"max_seq_length {hp['max_seq_length']} exceeds the {positions} positions of the model in "
+            f"{config.model}: pass --max-seq-length {positions} or less"
+        )
+
+
 def main(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune ``config.model`` on the task once per seed; write and return metrics.json's content.
 
@@ -582,6 +598,7 @@ def main(config: FinetuneConfig) -> dict[str, Any]:
     task = T.get_task(config.task, config.text_columns, config.label_column)
     hp = resolve_hyperparameters(config, task)
     out = Path(config.out)
+    _check_fits_the_model(config, hp)
     stage = begin_stage(out, STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
     if stage.complete:
         log.info("finetune: %s is complete for this model, data and settings; nothing to do", out)

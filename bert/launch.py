@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from bert import engine as eng
 from bert.pretrain import CHECKPOINTS, PARENT_PID_ENV, PretrainResult, load_run_inputs
 from bert.train_config import TrainConfig
 
@@ -47,6 +48,8 @@ class LaunchError(ValueError):
 def world_size_of(num_gpus: int | None, hostfile: str | None) -> int:
     """Ranks the launcher will start: --num-gpus, or the slots of a hostfile ("host slots=N" lines)."""
     if hostfile is None:
+        if num_gpus is not None and num_gpus < 1:
+            raise ValueError(f"--num-gpus must be at least 1, got {num_gpus}")
         return num_gpus or 1
     path = Path(hostfile)
     if not path.exists():
@@ -237,7 +240,12 @@ def launch(
     re-raises an exception of ``on_line``. See the module docstring for the stop and clean-up rules.
     """
     world_size = world_size_of(num_gpus, hostfile)
-    load_run_inputs(config, 0, world_size)  # mismatches and batch arithmetic fail here, before any launch
+    run = load_run_inputs(
+        config, 0, world_size
+    )  # mismatches and batch arithmetic fail here, before any launch
+    # A malformed DeepSpeed JSON or one that contradicts the training config, too (not 7-10 s later on a rank).
+    eng.fill_deepspeed_config(eng.load_deepspeed_config(config.deepspeed_config), config, run.batch,
+                              run.model_config.hidden_size)  # fmt: skip
     out = Path(config.out)
     if not config.resume and (out / CHECKPOINTS / "latest").exists():
         raise ValueError(

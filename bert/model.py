@@ -214,8 +214,13 @@ class BertConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a JSON model config: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} is not a JSON model config (a JSON object)")
+        return cls.from_dict(values, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json dict transformers reads (runtime switches left out)."""

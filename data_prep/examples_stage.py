@@ -81,6 +81,10 @@ class ExamplesConfig:
         self.corpus, self.vocab, self.out = Path(self.corpus), Path(self.vocab), Path(self.out)
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
+            if self.cache_dir.exists() and not self.cache_dir.is_dir():
+                raise ValueError(
+                    f"--cache-dir {self.cache_dir} is a file: give a directory for the token cache"
+                )
         if self.max_seq_length < ex.MIN_MAX_SEQ_LENGTH:
             raise ValueError(
                 f"max_seq_length={self.max_seq_length} is too small: [CLS] A [SEP] B [SEP] needs at least "

@@ -151,12 +151,18 @@ def count_rows(path: str | os.PathLike) -> int:
     import pyarrow.parquet as pq
 
     path = str(path)
-    if path.endswith(".parquet"):
-        return pq.ParquetFile(path).metadata.num_rows
-    if path.endswith(".arrow"):
-        with pa.memory_map(path) as source:
-            reader = pa.ipc.open_file(source)
-            return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    try:
+        if path.endswith(".parquet"):
+            return pq.ParquetFile(path).metadata.num_rows
+        if path.endswith(".arrow"):
+            with pa.memory_map(path) as source:
+                reader = pa.ipc.open_file(source)
+                return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except (pa.ArrowInvalid, pa.ArrowIOError) as e:
+        raise StageError(
+            f"{path} is not a readable {Path(path).suffix[1:]} file (truncated or damaged: {e}); "
+            "re-run the stage that wrote it"
+        ) from None
     raise StageError(f"cannot count rows of {path}: only .parquet and .arrow files are known")
 
 
@@ -213,6 +219,20 @@ class Stage:
         self.complete = True
         release_writer_lock(self.directory)
         return manifest
+
+
+def check_output_directory(directory: str | os.PathLike) -> None:
+    """StageError when ``directory`` cannot be a directory: it is a file, or lies under one."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise StageError(f"output path {directory} exists and is not a directory: choose another --out")
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StageError(
+                    f"output path {directory} lies under {parent}, which is a file: choose another --out"
+                )
+            return
 
 
 _HELD_LOCKS: dict[str, int] = {}  # lock file → the descriptor this process holds it with
@@ -283,8 +303,7 @@ def begin_stage(
     """
     directory = Path(directory)
     fp = stage_fingerprint(stage, config, inputs, format_version)
-    if directory.exists() and not directory.is_dir():
-        raise StageError(f"output path {directory} exists and is not a directory: choose another --out")
+    check_output_directory(directory)
     manifest = read_manifest(directory)
     if manifest is not None and manifest.get("fingerprint") == fp and not force:
         return Stage(directory, stage, fp, config, inputs, format_version, complete=True)
@@ -319,7 +338,7 @@ def begin_stage(
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
@@ -338,6 +357,10 @@ def require_complete(directory: str | os.PathLike, stage: str, verify_rows: bool
     directory = Path(directory)
     if not directory.exists():
         raise StageError(f"{directory} does not exist: run `bertpipe {stage}` with --out {directory} first")
+    if not directory.is_dir():
+        raise StageError(
+            f"{directory} is a file, not a '{stage}' stage directory: give the directory `bertpipe {stage}` wrote"
+        )
     manifest = read_manifest(directory)
     if manifest is None:
         raise StageError(

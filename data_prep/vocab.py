@@ -109,8 +109,13 @@ def add_bert_post_processor(tokenizer: tokenizers.Tokenizer) -> None:
 
 def read_vocab_txt(path: str | os.PathLike) -> list[str]:
     """The tokens of a BERT vocab.txt, one per line, in id order."""
-    with open(path, encoding="utf-8") as f:
-        tokens = [line.rstrip("\n").rstrip("\r") for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n").rstrip("\r") for line in f]
+    except UnicodeDecodeError as e:
+        raise StageError(
+            f"{path} is not a UTF-8 vocab.txt ({e.reason} at byte {e.start}): give a BERT vocab.txt"
+        ) from None
     while tokens and tokens[-1] == "":  # a trailing newline is not a token
         tokens.pop()
     return tokens
@@ -454,6 +459,13 @@ def train_vocab(config: VocabConfig) -> dict:
         "stats_split": stats_split,
         **vocab_stats(vocab, parts),
     }
+    if adopted is None and len(vocab.tokens) < config.vocab_size:
+        stats["requested_vocab_size"] = config.vocab_size
+        log.warning(
+            "vocab: asked for %d tokens, the corpus gives %d: no more merges occur at least %d times "
+            "(a smaller --vocab-size or --min-frequency, or a larger corpus)",
+            config.vocab_size, len(vocab.tokens), config.min_frequency,
+        )  # fmt: skip
     log.info(
         "vocab: %d tokens; on the %s split: UNK rate %.4f%%, %.3f tokens per word",
         stats["vocab_size"],

@@ -116,6 +116,10 @@ def vocab(
         f"{out}: {stats['vocab_size']} tokens; {stats['stats_split']} split: UNK rate {stats['unk_rate']:.4%}, "
         f"{stats['tokens_per_word']:.3f} tokens per word"
     )
+    if stats.get("requested_vocab_size"):
+        typer.echo(
+            f"note: asked for {stats['requested_vocab_size']} tokens; this corpus gives {stats['vocab_size']}"
+        )
 
 
 # --- examples ----------------------------------------------------------------------------------------------
@@ -318,6 +322,8 @@ def pretrain(
     values["resume"] = resume or values.get("resume", False)
     if num_gpus is not None and hostfile is not None:
         fail("give --num-gpus or --hostfile, not both")
+    if num_gpus is not None and num_gpus < 1:
+        fail(f"--num-gpus must be at least 1, got {num_gpus}")
     for name in ("examples", "out"):
         if not values.get(name):
             fail(f"--{name} is required")
