@@ -78,6 +78,11 @@ def seconds_to_flow_start(output: str, started_wall: float) -> float | None:
     return round(datetime.combine(day.date(), clock).timestamp() - started_wall, 2)
 
 
+def flow_command(config: str, out: Path) -> list[str]:
+    """`bertpipe run` of ``config`` into ``out`` (the same command for the first run and the re-runs)."""
+    return [BERTPIPE, "run", "--config", config, "--out", str(out), "--shared", str(SHARED)]
+
+
 def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     """A `prefect server` on a free loopback port with its own home; (process, API URL) once healthy."""
     import socket
@@ -118,16 +123,7 @@ def main() -> None:
             [sys.executable, "-c", DIRECT, args.config, str(SHARED), str(work / f"direct-{r}")]
         )
         direct.append(seconds)
-        run = [
-            BERTPIPE,
-            "run",
-            "--config",
-            args.config,
-            "--out",
-            str(work / f"flow-{r}"),
-            "--shared",
-            str(SHARED),
-        ]
+        run = flow_command(args.config, work / f"flow-{r}")
         seconds, output, started = timed(run)
         first.append(seconds)
         first_startup.append(seconds_to_flow_start(output, started))
@@ -139,16 +135,7 @@ def main() -> None:
     server, url = start_server(work / "prefect-home")
     try:
         for r in range(args.repeats):
-            run = [
-                BERTPIPE,
-                "run",
-                "--config",
-                args.config,
-                "--out",
-                str(work / f"flow-{r}"),
-                "--shared",
-                str(SHARED),
-            ]
+            run = flow_command(args.config, work / f"flow-{r}")
             seconds, output, started = timed(
                 run, PREFECT_API_URL=url, PREFECT_HOME=str(work / "prefect-home")
             )

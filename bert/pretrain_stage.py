@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +27,11 @@ from data_prep.manifest import (
     Stage,
     StageError,
     acquire_writer_lock,
+    check_output_directory,
+    clear_directory,
     file_entry,
     fingerprint,
+    read_json,
     read_manifest,
     release_writer_lock,
     require_complete,
@@ -103,18 +105,20 @@ def expected_fingerprint(config: TrainConfig) -> str:
     return stage_fingerprint(STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
 
 
-def complete_manifest(config: TrainConfig) -> dict | None:
-    """The manifest of ``config.out`` when it holds a complete run of exactly this config, else None."""
-    manifest = read_manifest(config.out)
-    if manifest is None or manifest.get("stage") != STAGE:
-        return None
-    if manifest["fingerprint"] != expected_fingerprint(config):
+def _complete(out: Path, manifest: dict | None, fp: str) -> dict | None:
+    """``manifest`` when it is a pretrain manifest with fingerprint ``fp`` whose files are all there."""
+    if manifest is None or manifest.get("stage") != STAGE or manifest["fingerprint"] != fp:
         return None
     try:
-        verify(config.out, manifest)
+        verify(out, manifest)
     except StageError:
         return None
     return manifest
+
+
+def complete_manifest(config: TrainConfig) -> dict | None:
+    """The manifest of ``config.out`` when it holds a complete run of exactly this config, else None."""
+    return _complete(Path(config.out), read_manifest(config.out), expected_fingerprint(config))
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -130,19 +134,16 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
     another trajectory is refused with the settings that differ.
     """
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise StageError(f"output path {out} exists and is not a directory: choose another --out")
+    check_output_directory(out)
     values, inputs = stage_config(config), stage_inputs(config)
     fp = stage_fingerprint(STAGE, values, inputs, FORMAT_VERSION)
     manifest = read_manifest(out)
     if manifest is not None and manifest.get("stage") != STAGE:
         raise StageError(f"{out} holds a finished '{manifest.get('stage')}' stage: choose another --out")
-    if manifest is not None and manifest["fingerprint"] == fp:
-        with_files = complete_manifest(config)
-        if with_files is not None:
-            return config, with_files
+    if (complete := _complete(out, manifest, fp)) is not None:
+        return config, complete
     wanted = trajectory(values, inputs)
-    record = _read(out / INPROGRESS) or (manifest or {})
+    record = read_json(out / INPROGRESS) or (manifest or {})
     has_checkpoints = (out / "checkpoints" / "latest").exists()
     same = record.get("trajectory") == wanted
     if has_checkpoints and not same:
@@ -152,7 +153,7 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
             log.info(
                 "pretrain: %s holds a run with other settings (%s); starting over", out, "; ".join(changed)
             )
-            _clear(out)
+            clear_directory(out)
             has_checkpoints = False
         else:
             raise StageError(
@@ -172,19 +173,6 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
     return dataclasses.replace(config, resume=has_checkpoints), None
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _clear(out: Path) -> None:
-    (out / MANIFEST).unlink(missing_ok=True)
-    for child in out.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
 def is_complete(config: TrainConfig, result) -> bool:
     """A run is complete when it reached max_steps (or, without max_steps, used its time budget)."""
     if config.max_steps is not None:
@@ -193,15 +181,18 @@ def is_complete(config: TrainConfig, result) -> bool:
 
 
 def commit(config: TrainConfig, result, seconds: float) -> dict:
-    """Write the manifest of a complete run: the HF export's files with their sha256, the last metrics."""
+    """Write the manifest of a complete run: the HF export's files with their sha256, the last metrics.
+
+    The fingerprint and its parts are the ones ``prepare`` recorded when the run started (no input is
+    hashed again)."""
     out = Path(config.out)
-    values, inputs = stage_config(config), stage_inputs(config)
-    stage = Stage(out, STAGE, stage_fingerprint(STAGE, values, inputs, FORMAT_VERSION), values, inputs,
-                  FORMAT_VERSION, complete=False)  # fmt: skip
+    record = read_json(out / INPROGRESS)
+    stage = Stage(out, STAGE, record["fingerprint"], record["config"], record["inputs"], FORMAT_VERSION,
+                  complete=False)  # fmt: skip
     files = [file_entry(out, str(p.relative_to(out))) for p in sorted((out / "hf").iterdir()) if p.is_file()]
     stats = {"step": result.step, "stop_reason": result.stop_reason, "metrics": result.metrics,
              "eval_metrics": result.eval_metrics, "seconds": round(seconds, 2)}  # fmt: skip
-    return stage.commit(files, stats, extra={"trajectory": trajectory(values, inputs), "hf_dir": "hf"})
+    return stage.commit(files, stats, extra={"trajectory": record["trajectory"], "hf_dir": "hf"})
 
 
 def run_pretrain_stage(
@@ -218,9 +209,8 @@ def run_pretrain_stage(
     """
     from bert.launch import launch
 
-    acquire_writer_lock(
-        config.out
-    )  # one trainer per run directory: a second one is refused, naming the first
+    # One trainer per run directory: a second one is refused, naming the first.
+    acquire_writer_lock(config.out)
     try:
         config, manifest = prepare(config, resume)
         if manifest is not None:

@@ -263,7 +263,7 @@ def acquire_writer_lock(directory: str | os.PathLike) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_json(path) or {}
+        holder = read_json(path) or {}
         os.close(fd)
         raise StageError(
             f"{directory} is being written by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
@@ -284,6 +284,17 @@ def release_writer_lock(directory: str | os.PathLike) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def clear_directory(directory: Path) -> None:
+    """Empty a stage directory for a rebuild; the manifest goes first, so an interruption here never leaves a
+    stale-but-complete directory."""
+    (directory / MANIFEST).unlink(missing_ok=True)
+    for child in directory.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def begin_stage(
@@ -313,7 +324,7 @@ def begin_stage(
             "choose another --out rather than overwrite it"
         )
     acquire_writer_lock(directory)  # before anything is cleared or written; released by commit
-    inprogress = _read_json(directory / INPROGRESS)
+    inprogress = read_json(directory / INPROGRESS)
     resumable = inprogress is not None and inprogress.get("fingerprint") == fp and not force
     if directory.exists() and not resumable:
         if any(directory.iterdir()) and manifest is None and inprogress is None:
@@ -321,13 +332,7 @@ def begin_stage(
                 f"{directory} is not empty and is not a bertpipe stage directory: "
                 "choose an empty or new --out directory"
             )
-        # The manifest goes first, so an interruption here never leaves a stale-but-complete directory.
-        (directory / MANIFEST).unlink(missing_ok=True)
-        for child in directory.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        clear_directory(directory)
     if directory.exists() and resumable:
         remove_temporaries(directory)  # a kill mid-write leaves one; committed parts are kept
     directory.mkdir(parents=True, exist_ok=True)
@@ -335,18 +340,17 @@ def begin_stage(
     return Stage(directory, stage, fp, config, inputs, format_version, complete=False)
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A small JSON file (manifest, marker, lock record), or None when it is missing or unreadable as JSON."""
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
 def read_manifest(directory: str | os.PathLike) -> dict | None:
     """The manifest of a complete stage directory, or None when there is none (unfinished or empty)."""
-    manifest = _read_json(Path(directory) / MANIFEST)
+    manifest = read_json(Path(directory) / MANIFEST)
     if manifest is None or "fingerprint" not in manifest or "files" not in manifest:
         return None
     return manifest

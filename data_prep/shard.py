@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -44,6 +43,7 @@ from data_prep.manifest import (
     begin_stage,
     file_entry,
     fingerprint,
+    read_json,
     read_manifest,
     stage_fingerprint,
     write_json_atomic,
@@ -405,17 +405,10 @@ def _local_mapper(workers: int) -> contextlib.AbstractContextManager[Mapper]:
     return local_mapper(workers, start_method="forkserver", preload=("__main__", __name__))
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _read_inputs(units: list[InputUnit], config: ShardConfig, spill_root: Path, map_jobs: Mapper) -> Counter:
     """Pass 1 over the input tasks not finished by an earlier run; the summed reading stats."""
     tasks = group_units(units)
-    task_stats = {i: _read_json(spill_root / f"task-{i:05d}.json") for i in range(len(tasks))}
+    task_stats = {i: read_json(spill_root / f"task-{i:05d}.json") for i in range(len(tasks))}
     pending = [(i, tasks[i], config, str(spill_root)) for i, s in task_stats.items() if s is None]
     if len(pending) < len(tasks):
         log.info("shard: resuming, %d of %d read tasks already done", len(tasks) - len(pending), len(tasks))
@@ -430,7 +423,7 @@ def _write_shards(stage_dir: Path, config: ShardConfig, map_jobs: Mapper) -> lis
     shard_stats: dict[int, dict | None] = {}
     for s in range(config.num_shards):
         done = all((stage_dir / part_path(split, s)).exists() for split in SPLITS)
-        shard_stats[s] = _read_json(stage_dir / SPILL_DIR / f"shard-{s:05d}.json") if done else None
+        shard_stats[s] = read_json(stage_dir / SPILL_DIR / f"shard-{s:05d}.json") if done else None
     pending = [(str(stage_dir), s, config) for s, st in shard_stats.items() if st is None]
     for (_, s, _), result in zip(pending, map_jobs(write_shard, pending, "shard: writing"), strict=True):
         shard_stats[s] = result

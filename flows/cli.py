@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from flows.config import default_shared
+
 app = typer.Typer(
     name="bertpipe",
     help="BERT pretraining pipeline: shard → vocab → examples → pretrain → finetune.",
@@ -16,11 +18,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def default_shared() -> Path:
-    """Where the sample data lives: $BERTPIPE_SHARED, else ../shared beside the checkout."""
-    return Path(os.environ.get("BERTPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def fail(message: str) -> None:

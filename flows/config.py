@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,11 @@ def load_pipeline_config(preset: str | Path, overrides: list[str] | tuple[str, .
     return PipelineConfig.from_dict(apply_overrides(base, overrides), where=f"{path} with overrides")
 
 
+def default_shared() -> Path:
+    """Where the sample data lives: $BERTPIPE_SHARED, else ../shared beside the checkout."""
+    return Path(os.environ.get("BERTPIPE_SHARED", REPO.parent / "shared"))
+
+
 def resolve_input(path: str, shared_data: Path) -> str:
     """Relative paths that do not exist here are read from the shared data directory."""
     p = Path(path)
@@ -217,10 +223,10 @@ def stage_paths(out: Path, config: PipelineConfig) -> dict[str, Path]:
 
 def _build(section: str, cls: type, settings: dict, owned: dict) -> Any:
     """``cls(**owned, **settings)`` with unknown keys and bad values reported as one line naming the section."""
-    known = [f.name for f in dataclasses.fields(cls)]
-    allowed = set(known) - set(PIPELINE_OWNED.get(section.split("[")[0], ()))
+    pipeline_owned = set(owned) | set(PIPELINE_OWNED.get(section.split("[")[0], ()))
+    allowed = {f.name for f in dataclasses.fields(cls)} - pipeline_owned
     for key in settings:
-        if key in owned or key in PIPELINE_OWNED.get(section.split("[")[0], ()):
+        if key in pipeline_owned:
             raise PipelineConfigError(
                 f'section "{section}": "{key}" is set by the pipeline from the run directory; remove it'
             )

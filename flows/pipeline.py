@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -39,6 +38,7 @@ from flows.config import (
     PipelineConfigError,
     StageConfigs,
     build_stage_configs,
+    default_shared,
     load_pipeline_config,
     stage_paths,
 )
@@ -103,14 +103,26 @@ class PrefectMapper:
 # --- the cache check ----------------------------------------------------------------------------------------
 
 
-def cached_state(directory: Path, stage: str, expected: str, rebuild: bool = True) -> State | None:
-    """A ``Cached`` state when ``directory`` holds a complete ``stage`` with fingerprint ``expected``.
+def cached_state(
+    directory: Path,
+    stage: str,
+    expected: Callable[[], str],
+    rebuild: bool = True,
+    data: Callable[[], Any] | None = None,
+) -> State | None:
+    """A ``Cached`` state (holding ``data()``, default the directory) when ``directory`` holds a complete
+    ``stage`` with the fingerprint ``expected()``; None when the stage has to run.
 
-    When its files do not match the manifest, ``rebuild`` marks the directory unfinished so the stage
-    rebuilds it (pretraining instead resumes from its checkpoints and exports again).
+    An input that is not complete yet means "run it" (the stage then says what is missing). When the files
+    do not match the manifest, ``rebuild`` marks the directory unfinished so the stage rebuilds it
+    (pretraining instead resumes from its checkpoints and exports again).
     """
+    try:
+        fp = expected()
+    except (StageError, FileNotFoundError):
+        return None
     manifest = read_manifest(directory)
-    if manifest is None or manifest.get("stage") != stage or manifest.get("fingerprint") != expected:
+    if manifest is None or manifest.get("stage") != stage or manifest.get("fingerprint") != fp:
         return None
     try:
         verify(directory, manifest)
@@ -119,23 +131,13 @@ def cached_state(directory: Path, stage: str, expected: str, rebuild: bool = Tru
         if rebuild:
             invalidate(directory)
         return None
-    return Completed(
-        name="Cached", message=f"{directory}: manifest matches {expected[:12]}", data=str(directory)
-    )
-
-
-def _expected_or_none(compute: Callable[[], str]) -> str | None:
-    """The expected fingerprint, or None when an input is not complete yet (the stage reports why)."""
-    try:
-        return compute()
-    except (StageError, FileNotFoundError):
-        return None
+    message = f"{directory}: manifest matches {fp[:12]}"
+    get_run_logger().info("%s: cached (%s)", stage, message)
+    return Completed(name="Cached", message=message, data=data() if data else str(directory))
 
 
 def _run_stage(directory: Path, stage: str, expected: Callable[[], str], run: Callable[[], Any]) -> Any:
-    fp = _expected_or_none(expected)
-    if fp is not None and (state := cached_state(directory, stage, fp)) is not None:
-        get_run_logger().info("%s: cached (%s)", stage, state.message)
+    if (state := cached_state(directory, stage, expected)) is not None:
         return state
     run()
     return str(directory)
@@ -218,10 +220,11 @@ def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = No
 
     logger = get_run_logger()
     out = Path(config.out)
-    fp = _expected_or_none(lambda: pretrain_stage.expected_fingerprint(config))
-    if fp is not None and (state := cached_state(out, "pretrain", fp, rebuild=False)) is not None:
-        logger.info("pretrain: cached (%s)", state.message)
-        return Completed(name="Cached", message=state.message, data=str(out / "hf"))
+    expected = lambda: pretrain_stage.expected_fingerprint(config)  # noqa: E731
+    if (
+        state := cached_state(out, "pretrain", expected, rebuild=False, data=lambda: str(out / "hf"))
+    ) is not None:
+        return state
     rank_log = logging.getLogger("bertpipe.ranks")
     stop, done, outcome = threading.Event(), threading.Event(), {}
 
@@ -267,12 +270,11 @@ def finetune_task(config) -> dict:
     from bert import finetune
 
     out = Path(config.out)
-    fp = _expected_or_none(lambda: finetune.expected_fingerprint(config))
-    if fp is not None and (state := cached_state(out, "finetune", fp)) is not None:
-        get_run_logger().info("finetune %s: cached (%s)", config.task, state.message)
-        return Completed(
-            name="Cached", message=state.message, data=json.loads((out / "metrics.json").read_text())
-        )
+    metrics = lambda: json.loads((out / "metrics.json").read_text())  # noqa: E731
+    if (
+        state := cached_state(out, "finetune", lambda: finetune.expected_fingerprint(config), data=metrics)
+    ) is not None:
+        return state
     return finetune.main(config)
 
 
@@ -323,11 +325,6 @@ def report_task(stage_dirs: dict[str, str], slug: str) -> str:
 def _value(result: Any) -> Any:
     """A task's return value, whether it returned a value or a (Cached) state."""
     return result.result() if isinstance(result, State) else result
-
-
-def default_shared() -> Path:
-    """Where the sample data lives: $BERTPIPE_SHARED, else ../shared beside the checkout."""
-    return Path(os.environ.get("BERTPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def prepare(
