@@ -4,7 +4,9 @@ The data position of a run is ``(epoch, cursor)``: ``cursor`` counts the samples
 that global batches have consumed. Which examples a rank trains on is a pure function of
 ``(seed, epoch, cursor, rank, world size, batch sizes)``, so a resumed run continues with exactly the next
 batch, and dynamic masking is seeded by ``(seed, epoch, example index)``, so an example is masked the
-same way whatever rank or batch it lands in.
+same way whatever rank or batch it lands in. A global batch and its cut into micro batches depend on the
+global and micro batch sizes only, never on the world size: a run resumed on another number of ranks
+(accumulation adjusted) averages the gradients of the same micro batches.
 """
 
 from __future__ import annotations
@@ -129,14 +131,19 @@ def epoch_order(
 def rank_micro_batches(
     global_indices: np.ndarray, rank: int, world_size: int, micro_batch_size: int, accumulation_steps: int
 ) -> list[np.ndarray]:
-    """This rank's micro batches of one global batch: a strided share, cut into accumulation steps."""
+    """This rank's micro batches of one global batch: micro batch ``j`` is the global batch's ``j``-th run of
+    ``micro_batch_size`` examples, and rank ``r`` takes ``r, r + world_size, ...`` (one per accumulation step).
+
+    The micro batches themselves do not depend on the world size: a loss is a mean over a micro batch, so
+    the same micro batches on 1 rank × 4 steps or 2 ranks × 2 steps give the same gradient.
+    """
     expected = micro_batch_size * accumulation_steps * world_size
     if len(global_indices) != expected:
         raise ValueError(f"a global batch of {len(global_indices)} examples, expected {expected}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    share = global_indices[rank::world_size]
-    return [share[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(accumulation_steps)]
+    micro = global_indices.reshape(accumulation_steps * world_size, micro_batch_size)  # (micro batches, m)
+    return [micro[i * world_size + rank] for i in range(accumulation_steps)]
 
 
 @dataclass

@@ -10,10 +10,13 @@ and the LR schedule are always bertpipe's (``bert.optim``), so CPU and GPU runs 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,6 +144,8 @@ def init_distributed() -> tuple[int, int]:
     """(rank, world size); a single process without the launcher becomes a world of one."""
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # each rank its own GPU, before NCCL binds to one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" not in os.environ:
             # A world of one needs no rendezvous: an in-memory store cannot lose a race for a TCP port.
             # DeepSpeed looks for the launcher's variables (else it tries MPI); the port is never opened.
@@ -153,14 +158,47 @@ def init_distributed() -> tuple[int, int]:
 
 
 def barrier() -> None:
-    dist.barrier()
+    if dist.get_backend() == "nccl":  # name the rank's GPU: NCCL would otherwise guess (and warn)
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the rank's GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def agree_stop(code: int) -> int:
     """The largest stop code over all ranks (0: go on), so every rank stops at the same step."""
-    t = torch.tensor([code], dtype=torch.int64)
+    t = torch.tensor([code], dtype=torch.int64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def shutdown() -> None:
+    """Destroy the process group (every exit path of a rank calls this; a no-op when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a broken group (a peer died) must not hide the real error
+            dist.destroy_process_group()
+    if os.environ.get("MASTER_PORT"):
+        remove_shm_buffers(os.environ["MASTER_PORT"], os.environ.get("RANK", "0"))
+
+
+SHM_BUFFERS = Path("/dev/shm")
+
+
+def remove_shm_buffers(port: int | str, rank: int | str = "*") -> None:
+    """Unlink the CPU all-reduce buffers DeepSpeed's shm op leaves in /dev/shm (66 MB a rank, never freed).
+
+    They are named deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>; a process that
+    still maps one keeps it until it exits. The launcher calls this for every rank once they are gone.
+    """
+    for path in SHM_BUFFERS.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def broadcast_object(obj):
@@ -216,7 +254,7 @@ class Engine:
         # Dropout is seeded by (seed, step, rank), so a resumed run draws the same masks.
         torch.manual_seed(derive_seed(self.seed, step, self.rank))
         self.engine.train()
-        totals = torch.zeros(9, dtype=torch.float64)
+        totals = torch.zeros(9, dtype=torch.float64, device=self.device)  # summed on the device: no syncs
         own_grad_norm = None
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
@@ -227,8 +265,9 @@ class Engine:
             self.engine.step()
             totals += _batch_sums(out, batch)
         assert self.global_step == step + 1, "DeepSpeed did not step at the accumulation boundary"
+        totals = totals.to(comm_device())
         dist.all_reduce(totals)
-        metrics = _metrics_from_sums(totals, num_micro=len(micro_batches) * self.world_size)
+        metrics = _metrics_from_sums(totals.cpu(), num_micro=len(micro_batches) * self.world_size)
         norm = self.engine.get_global_grad_norm() if own_grad_norm is None else own_grad_norm
         metrics["grad_norm"] = float(norm) if norm is not None else float("nan")
         metrics["lr"] = lr
@@ -238,38 +277,70 @@ class Engine:
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Losses and accuracies over this rank's evaluation batches, averaged over all ranks."""
         self.engine.eval()
-        totals = torch.zeros(9, dtype=torch.float64)
+        totals = torch.zeros(10, dtype=torch.float64, device=self.device)
         for batch in batches:
             batch = self._to_device(batch)
-            totals += _batch_sums(self.engine(**batch), batch)
+            totals[:9] += _batch_sums(self.engine(**batch), batch)
+        totals[9] = len(batches)  # the number of batches over all ranks, summed with the rest
+        totals = totals.to(comm_device())
         dist.all_reduce(totals)
-        count = torch.tensor([float(len(batches))])
-        dist.all_reduce(count)
-        return _metrics_from_sums(totals, num_micro=max(1, int(count.item())))
+        totals = totals.cpu()
+        return _metrics_from_sums(totals[:9], num_micro=max(1, int(totals[9].item())))
 
     def save(self, checkpoint_dir: str | os.PathLike, tag: str, client_state: dict) -> None:
-        """DeepSpeed's checkpoint of model, optimizer and engine state, on every rank; ``latest`` → tag."""
+        """DeepSpeed's checkpoint of model, optimizer and engine state, on every rank; ``latest`` → tag.
+
+        A 16-bit ZeRO-0 run also records which parameter each fp32 master copy is (``MASTER_NAMES``), so
+        ``checkpoint_state_dict`` can export those rather than the 16-bit working weights.
+        """
+        names = _master_param_names(self.engine)
+        if names is not None:
+            client_state = {**client_state, MASTER_NAMES: names}
         self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
 
-    def load(self, checkpoint_dir: str | os.PathLike, tag: str | None = None) -> dict:
-        """Restore a checkpoint (``latest`` when no tag); returns its client_state."""
-        path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    def load(
+        self, checkpoint_dir: str | os.PathLike, tag: str | None = None, universal: bool = False
+    ) -> dict:
+        """Restore a checkpoint (``latest`` when no tag); returns its client_state.
+
+        ``universal``: ``tag`` is a universal checkpoint (``universal_checkpoint``), loadable on any world size.
+        """
+        config = self.engine._config  # DeepSpeed reads this flag only while loading
+        before = config.load_universal_checkpoint
+        # ZeRO-3's universal load (DeepSpeed 0.19) gives every parameter group the first group's
+        # hyperparameters (weight decay on biases and LayerNorm too), and one shared ``step`` tensor that
+        # Adam then advances once per group. The hyperparameters are the training config's: keep this run's.
+        hyperparameters = [
+            {k: v for k, v in group.items() if k != "params"} for group in self.base_optimizer.param_groups
+        ]
+        config.load_universal_checkpoint = universal
+        try:
+            path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        finally:
+            config.load_universal_checkpoint = before
+        if universal:
+            for group, values in zip(self.base_optimizer.param_groups, hyperparameters, strict=True):
+                group.update(values)
+            for state in self.base_optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         if path is None:
             raise ValueError(f"no loadable checkpoint in {checkpoint_dir}")
         return client_state or {}
 
     def consolidated_state_dict(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
-        """The full weights of a saved checkpoint (ZeRO partitions merged); call on one rank."""
+        """The fp32 master weights of a saved checkpoint (ZeRO partitions merged); call on one rank."""
         return checkpoint_state_dict(checkpoint_dir, tag)
 
 
 def checkpoint_state_dict(
     checkpoint_dir: str | os.PathLike, tag: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint (``latest`` when no tag).
+    """fp32 weights of a DeepSpeed checkpoint (``latest`` when no tag): the optimizer's fp32 master copy.
 
-    ZeRO-1/2/3 checkpoints: the fp32 master partitions merged (deepspeed.utils.zero_to_fp32). ZeRO-0: the
-    module's weights, which under bf16/fp16 are the 16-bit working copy (cast to fp32).
+    ZeRO-1/2/3: the master partitions merged (deepspeed.utils.zero_to_fp32; BF16_Optimizer's by their slice
+    mappings). ZeRO-0 bf16/fp16: the 16-bit optimizer's fp32 groups, named by ``Engine.save``. ZeRO-0 fp32
+    (or a 16-bit checkpoint without those names): the module's weights.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if tag is None:
@@ -279,16 +350,25 @@ def checkpoint_state_dict(
                 f"{checkpoint_dir} has no 'latest' file: it is not a DeepSpeed checkpoint directory"
             )
         tag = latest.read_text().strip()
-    files = sorted((checkpoint_dir / tag).glob("mp_rank_*_model_states.pt"))
+    directory = checkpoint_dir / tag
+    # ZeRO-0/1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<N>_mp_rank_00_model_states.pt per rank.
+    files = sorted(directory.glob("*mp_rank_*_model_states.pt"), key=lambda p: (len(p.name), p.name))
     if not files:
-        raise ValueError(f"{checkpoint_dir / tag} holds no model states: not a DeepSpeed checkpoint")
+        raise ValueError(f"{directory} holds no model states: not a DeepSpeed checkpoint")
     model_states = torch.load(files[0], map_location="cpu", weights_only=False)
-    if model_states.get("param_shapes") is not None:  # written by a ZeRO optimizer
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    optim_files = sorted(directory.glob("*_optim_states.pt"), key=_rank_of_file)
+    if optim_files:  # partitioned by a ZeRO optimizer (or BF16_Optimizer)
+        first = torch.load(optim_files[0], map_location="cpu", mmap=True, weights_only=False)
+        first = first["optimizer_state_dict"]
+        if "zero_stage" in first:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of the merge
+                state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+        else:
+            state = _merge_slice_mappings(optim_files, model_states)
     else:
-        state = model_states["module"]
+        state = _named_master_weights(model_states)
     return {k: v.detach().float() for k, v in state.items()}
 
 
@@ -302,7 +382,9 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 def _batch_sums(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, nsp_count, tokens, samples]."""
+    """[loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, nsp_count, tokens, samples], float64
+    on the model's device, computed without waiting for it (no .item() per value)."""
+    device = out.loss.device
     mlm_correct = (out.mlm_logits.argmax(-1) == out.mlm_labels).sum() if out.mlm_labels is not None else 0
     nsp_correct = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
     values = [
@@ -316,8 +398,13 @@ def _batch_sums(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch["attention_mask"].sum(),
         len(batch["input_ids"]),
     ]
-    return torch.tensor(
-        [float(v.detach().float()) if torch.is_tensor(v) else float(v) for v in values], dtype=torch.float64
+    return torch.stack(
+        [
+            v.detach().to(device, torch.float64)
+            if torch.is_tensor(v)
+            else torch.tensor(float(v), dtype=torch.float64, device=device)
+            for v in values
+        ]
     )
 
 
@@ -332,3 +419,98 @@ def _metrics_from_sums(totals: torch.Tensor, num_micro: int) -> dict[str, float]
         "tokens": int(t[7]),
         "samples": int(t[8]),
     }
+
+
+# --- checkpoint helpers ---------------------------------------------------------------------------------
+
+MASTER_NAMES = "bertpipe_master_param_names"  # client_state: names of a 16-bit ZeRO-0 optimizer's groups
+UNIVERSAL = "universal"  # checkpoints/<tag>/universal: the tag converted by ``universal_checkpoint``
+UNIVERSAL_DONE = "bertpipe_converted"  # written last: a conversion that was cut short is redone
+
+
+def _master_param_names(engine) -> list[list[str]] | None:
+    """Names of the parameters in each fp32 group of a 16-bit ZeRO-0 optimizer (None for other optimizers).
+
+    DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer (fp16, and bf16 without ZeRO) keep fp32 master
+    copies in ``fp32_groups`` (or ``fp32_groups_flat``) in the order of their ``fp16_groups``.
+    """
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if engine.zero_optimization() or groups is None:
+        return None
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group] for group in groups]
+
+
+def _named_master_weights(model_states: dict) -> dict[str, torch.Tensor]:
+    """A ZeRO-0 checkpoint's weights: the fp32 master copies when ``Engine.save`` named them, else the module's."""
+    module = model_states["module"]
+    names, optimizer = model_states.get(MASTER_NAMES), model_states.get("optimizer") or {}
+    groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
+    if names is None or groups is None:
+        return module
+    masters: dict[str, torch.Tensor] = {}
+    for group_names, group in zip(names, groups, strict=True):
+        if torch.is_tensor(group):  # FP16_Optimizer: one flat fp32 tensor per group
+            sizes = [module[name].numel() for name in group_names]
+            group = group[: sum(sizes)].split(sizes)
+        masters.update(
+            (name, master.view(module[name].shape)) for name, master in zip(group_names, group, strict=True)
+        )
+    # A tied weight is saved under each of its names, sharing one storage: every name gets the master.
+    owner = {module[name].data_ptr(): name for name in masters}
+    return {
+        key: masters.get(key, masters[owner[value.data_ptr()]] if value.data_ptr() in owner else value)
+        for key, value in module.items()
+    }
+
+
+def _rank_of_file(path: Path) -> int:
+    """The data-parallel rank in a DeepSpeed optimizer file name (``..._pp_rank_<N>_mp_rank_...``)."""
+    match = re.search(r"pp_rank_(\d+)_", path.name)
+    return int(match.group(1)) if match else 0
+
+
+def _merge_slice_mappings(optim_files: list[Path], model_states: dict) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from BF16_Optimizer's partitions (ZeRO-1 with fp32 gradient accumulation).
+
+    Each rank's ``param_slice_mappings`` say where each parameter's fragment lies in its fp32 partition;
+    the fragments of a parameter, in rank order, are its flat values.
+    """
+    fragments: dict[str, list[torch.Tensor]] = {}
+    for path in optim_files:
+        sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for partition, mapping in zip(
+            sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"], strict=True
+        ):
+            for name, address in mapping.items():
+                fragments.setdefault(name, []).append(partition.narrow(0, address.start, address.numel))
+    shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
+    state = {name: torch.cat(fragments[name]).view(shape) for name, shape in shapes.items()}
+    for alias, source in (model_states.get("shared_params") or {}).items():
+        state[alias] = state[source]
+    buffers = model_states.get("buffer_names") or []
+    return {**{name: model_states["module"][name] for name in buffers}, **state}
+
+
+def universal_checkpoint(checkpoint_dir: str | os.PathLike, tag: str) -> str:
+    """Convert ZeRO checkpoint ``tag`` to DeepSpeed's universal format, once; the tag to ``load(universal=True)``.
+
+    Call on one rank (the others wait at a barrier). The result sits inside the checkpoint, so it is
+    deleted with it.
+    """
+    source = Path(checkpoint_dir) / tag
+    target = source / UNIVERSAL
+    if not (target / UNIVERSAL_DONE).exists():
+        import argparse
+        import shutil
+
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        shutil.rmtree(target, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every step
+            to_universal(args)
+        (target / UNIVERSAL_DONE).write_text(tag + "\n")
+    return f"{tag}/{UNIVERSAL}"

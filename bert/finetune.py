@@ -12,6 +12,7 @@ prediction format) and ``OUT/model/`` (the best checkpoint of the best seed, wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -81,6 +82,10 @@ class FinetuneConfig:
     max_eval_examples: int | None = None
     num_threads: int | None = None
     """torch intra-op threads; None leaves torch's default."""
+    device: str = "auto"
+    """Where to train: "auto" (the GPU when CUDA is available, else the CPU), "cpu", "cuda" or "cuda:N"."""
+    precision: str = "auto"
+    """"fp32", or "bf16" autocast (fp32 weights and optimizer); "auto": bf16 on a GPU that has it, else fp32."""
     progress: bool = True
     """tqdm progress bars on stderr."""
     save_model: bool = True
@@ -101,6 +106,10 @@ class FinetuneConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("weight_decay and max_grad_norm must be >= 0")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_seq_length is not None and self.max_seq_length < 8:
             raise ValueError(f"max_seq_length {self.max_seq_length} is too short to hold [CLS] text [SEP]")
         # The model directory is checked when the run starts: a pipeline builds this config before
@@ -108,6 +117,42 @@ class FinetuneConfig:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(config: FinetuneConfig) -> tuple[torch.device, str]:
+    """(device, precision) for ``config``: "auto" picks the GPU when there is one, and bf16 on it."""
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {config.device}: CUDA is not available here; use --device cpu")
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return device, precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on ``device`` (weights and optimizer stay fp32), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def attention_kernels(device: torch.device):
+    """On a GPU, attention without cuDNN's kernel (flash, memory-efficient or math instead): batches here are
+    padded to their own longest sentence, and cuDNN builds a new plan for every new shape."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on ``device``: through pinned memory and an asynchronous copy for a GPU."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -173,8 +218,11 @@ def make_optimizer(
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    on_gpu = any(p.is_cuda for p in decay + no_decay)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        fused=True if on_gpu else None,  # one kernel for every parameter on a GPU; torch's default elsewhere
     )
 
     def factor(step: int) -> float:  # the schedule of transformers' get_linear_schedule_with_warmup
@@ -197,17 +245,19 @@ class Evaluation:
 
 @torch.no_grad()
 def _forward_all(
-    model, features, batch_size: int, pad_id: int, keys: tuple[str, ...]
+    model, features, batch_size: int, pad_id: int, keys: tuple[str, ...], precision: str = "fp32"
 ) -> list[list[torch.Tensor]]:
-    """Model outputs ``keys`` per feature, unpadded (each a tensor of that feature's own length)."""
+    """Model outputs ``keys`` per feature, unpadded (each a float32 CPU tensor of that feature's length)."""
     model.eval()
+    device = next(model.parameters()).device
     outputs: list[list[torch.Tensor]] = [[] for _ in keys]
     for start in range(0, len(features), batch_size):
         chunk = features[start : start + batch_size]
         batch = collate([{k: f[k] for k in ("input_ids", "token_type_ids")} for f in chunk], pad_id)
-        out = model(**batch)
+        with autocast(device, precision):
+            out = model(**to_device(batch, device))
         for i, key in enumerate(keys):
-            values = getattr(out, key)
+            values = getattr(out, key).float().cpu()
             for j, f in enumerate(chunk):
                 # sequence logits are (B, num_labels); per-token outputs lose their padding
                 whole = key == "logits" and values.ndim == 2
@@ -216,12 +266,13 @@ def _forward_all(
 
 
 def evaluate(
-    model, task: T.Task, labels, examples, features, config: FinetuneConfig, pad_id: int
-) -> Evaluation:
+    model, task: T.Task, labels, examples, features, config: FinetuneConfig, pad_id: int,
+    precision: str = "fp32",
+) -> Evaluation:  # fmt: skip
     """Scores of ``model`` on the evaluation features, with per-example predictions and the degeneracy check."""
     if task.kind == "qa":
         starts, ends = _forward_all(
-            model, features, config.eval_batch_size, pad_id, ("start_logits", "end_logits")
+            model, features, config.eval_batch_size, pad_id, ("start_logits", "end_logits"), precision
         )
         predictions = squad_predictions(examples, features, starts, ends, config)
         scores = M.squad_scores(predictions, {e.qid: [a[0] for a in e.answers] for e in examples})
@@ -229,7 +280,7 @@ def evaluate(
         if task.version_2 and all(p == "" for p in predictions.values()):
             degenerate = "predicted no answer for every question"
         return Evaluation(scores, predictions, degenerate)
-    (logits,) = _forward_all(model, features, config.eval_batch_size, pad_id, ("logits",))
+    (logits,) = _forward_all(model, features, config.eval_batch_size, pad_id, ("logits",), precision)
     if task.kind == "regression":
         predicted = [float(x[0]) for x in logits]
         gold = [float(e.label) for e in examples]
@@ -360,36 +411,40 @@ def train_seed(
     best_epoch = 0
     best_state: dict[str, torch.Tensor] | None = None
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # the global RNG (init, dropout) is seeded, then restored
+    device, precision = resolve_device(config)
+    gpus = [device] if device.type == "cuda" else []
+    # the global RNG (init, dropout) is seeded, then restored
+    with torch.random.fork_rng(devices=gpus), attention_kernels(device):
         torch.manual_seed(seed)
-        model = build_model(task, labels, config.model)
+        model = build_model(task, labels, config.model).to(device)
         optimizer, scheduler = make_optimizer(model, hp["lr"], config.weight_decay, total_steps, warmup_steps)
         order_rng = torch.Generator().manual_seed(seed)
         for epoch in range(1, epochs + 1):
             model.train()
             order = torch.randperm(len(train_features), generator=order_rng).tolist()
-            total_loss, num_batches = 0.0, 0
+            losses = []  # on the device: reading each loss would wait for the GPU every step
             bar = tqdm(range(steps_per_epoch), desc=f"seed {seed} epoch {epoch}/{epochs}", file=sys.stderr,
                        disable=not config.progress, leave=False, dynamic_ncols=True)  # fmt: skip
             for step in bar:
                 batch = collate(
                     [train_features[i] for i in order[step * batch_size : (step + 1) * batch_size]], pad_id
                 )
-                loss = model(**batch).loss
+                with autocast(device, precision):
+                    loss = model(**to_device(batch, device)).loss
                 loss.backward()
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                total_loss += loss.item()
-                num_batches += 1
-                bar.set_postfix(loss=f"{total_loss / num_batches:.4f}", refresh=False)
+                losses.append(loss.detach().float())
+                if config.progress and (step % 20 == 0 or step == steps_per_epoch - 1):
+                    bar.set_postfix(loss=f"{torch.stack(losses).mean().item():.4f}", refresh=False)
             bar.close()
             evaluation = evaluate(
-                model, task, labels, data["eval_examples"], data["eval_features"], config, pad_id
+                model, task, labels, data["eval_examples"], data["eval_features"], config, pad_id, precision
             )
-            train_loss = total_loss / max(1, num_batches)
+            train_loss = torch.stack(losses).mean().item() if losses else 0.0
             history.append({"epoch": epoch, "train_loss": train_loss, **evaluation.scores,
                             "degenerate": evaluation.degenerate is not None})  # fmt: skip
             log.info("seed %d epoch %d: train loss %.4f, %s%s", seed, epoch, train_loss,
@@ -527,7 +582,8 @@ def _publish_model(out: Path, runs: list[SeedRun], task: T.Task, model_src: Path
 # --- the stage: fingerprint and manifest -------------------------------------------------------------------
 
 STAGE, FORMAT_VERSION = "finetune", 1
-NOT_IN_FINGERPRINT = ("model", "out", "train", "eval", "num_threads", "progress")  # paths are inputs
+# paths are inputs; the device changes only rounding (the precision it resolves to is in the fingerprint)
+NOT_IN_FINGERPRINT = ("model", "out", "train", "eval", "num_threads", "progress", "device")
 MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *TOKENIZER_FILES)
 
 
@@ -550,6 +606,8 @@ def _content_fingerprint(path: str | Path | None) -> str | None:
 def stage_config(config: FinetuneConfig) -> dict:
     """The fingerprint's settings: every hyperparameter and task option, no paths."""
     values = dataclasses.asdict(config)
+    if values["precision"] == "auto":
+        values["precision"] = resolve_device(config)[1]
     return {
         k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if k not in NOT_IN_FINGERPRINT
     }

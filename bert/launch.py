@@ -11,6 +11,13 @@ PretrainResult, or raises LaunchError with the failing rank's message. It may ru
   outlives it: what still runs gets the graceful stop for ``stop_grace_s`` seconds, then SIGKILL;
 - when this process dies without cleaning up (SIGKILL, the OOM killer) the ranks see that the pid in
   BERTPIPE_PARENT_PID is gone and stop as on SIGTERM; the launcher then exits by itself.
+
+Several nodes, two ways. ``hostfile``: this process starts every node over ssh (DeepSpeed's pdsh runner; the
+ranks there get only PYTHON*, NCCL* and ``~/.deepspeed_env``'s variables, so no parent-pid watch; a stop request
+reaches them through the runner, which kills the remote launchers, which SIGTERM their ranks).
+``nodes`` (``Nodes``): one launch per node, as a batch scheduler or Kubernetes starts them, each with the same
+settings and its own ``node_rank`` (DeepSpeed's ``--no_ssh``). Node 0 holds global rank 0 and owns OUT's files;
+the other nodes' launches write nothing there themselves and return None.
 """
 
 from __future__ import annotations
@@ -19,67 +26,144 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 
 from bert import engine as eng
-from bert.pretrain import CHECKPOINTS, PARENT_PID_ENV, PretrainResult, load_run_inputs
+from bert.pretrain import CHECKPOINTS, PARENT_PID_ENV, PretrainResult, StopSignal, load_run_inputs
 from bert.train_config import TrainConfig
 
 log = logging.getLogger("bert.launch")
 
 POLL_S = 0.2  # how often the waiting thread looks at the launcher, stop_event and the deadline
+DEFAULT_MASTER_PORT = 29500  # torchrun's and DeepSpeed's default; every node must name the same one
 
 
 class LaunchError(ValueError):
     """A run that failed on some rank; the message is that rank's error."""
 
 
-def world_size_of(num_gpus: int | None, hostfile: str | None) -> int:
-    """Ranks the launcher will start: --num-gpus, or the slots of a hostfile ("host slots=N" lines)."""
-    if hostfile is None:
-        if num_gpus is not None and num_gpus < 1:
-            raise ValueError(f"--num-gpus must be at least 1, got {num_gpus}")
-        return num_gpus or 1
+@dataclass(frozen=True)
+class Nodes:
+    """One launch per node (SLURM, Kubernetes: no ssh): how many nodes, which one this is, where node 0 is."""
+
+    num_nodes: int = 1
+    """Nodes in the job; each runs the same command with --num-gpus ranks of its own."""
+    node_rank: int = 0
+    """This node, 0 to num_nodes - 1; node 0 holds global rank 0, which writes the run's outputs."""
+    master_addr: str | None = None
+    """Address of node 0 that every node can reach; needed with more than one node."""
+
+    def __post_init__(self):
+        if self.num_nodes < 1:
+            raise ValueError(f"--nnodes must be at least 1, got {self.num_nodes}")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ValueError(
+                f"--node-rank must be from 0 to --nnodes - 1 = {self.num_nodes - 1}, got {self.node_rank}"
+            )
+        if self.num_nodes > 1 and not self.master_addr:
+            raise ValueError(
+                f"--nnodes {self.num_nodes} needs --master-addr: the address of node rank 0 that every node reaches"
+            )
+
+    @property
+    def multi(self) -> bool:
+        return self.num_nodes > 1
+
+    def hostfile_text(self, num_gpus: int) -> str:
+        """The node list DeepSpeed's --no_ssh mode reads (only the order and slots count, the names are labels)."""
+        return "".join(f"node-{i} slots={num_gpus}\n" for i in range(self.num_nodes))
+
+
+def read_hostfile(hostfile: str) -> dict[str, int]:
+    """Slots per host of a DeepSpeed hostfile ("worker-1 slots=8" lines, # comments), refused as DeepSpeed would."""
     path = Path(hostfile)
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"hostfile {hostfile} does not exist")
-    total = 0
+    slots: dict[str, int] = {}
     for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            slots = [part.split("=")[1] for part in line.split() if part.startswith("slots=")]
-            if not slots:
-                raise ValueError(f"hostfile line {line!r} has no slots=N")
-            total += int(slots[0])
-    if total < 1:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"(\S+)\s+slots=(\d+)", line)  # DeepSpeed's own pattern (launcher/runner.py)
+        if match is None:
+            raise ValueError(f"hostfile {hostfile}: line {line!r} is not 'HOST slots=N'")
+        if match[1] in slots:
+            raise ValueError(f"hostfile {hostfile} names {match[1]} twice")
+        slots[match[1]] = int(match[2])
+    if sum(slots.values()) < 1:
         raise ValueError(f"hostfile {hostfile} lists no slots")
-    return total
+    return slots
+
+
+def check_launch(
+    num_gpus: int | None, hostfile: str | None, nodes: Nodes | None = None, master_port: int | None = None
+) -> int:
+    """Refuse launch settings that make no sense (ValueError naming the flag); else the number of ranks:
+    --num-gpus (on each of ``nodes``), or the slots of a hostfile."""
+    if num_gpus is not None and num_gpus < 1:
+        raise ValueError(f"--num-gpus must be at least 1, got {num_gpus}")
+    if master_port is not None and not 0 < master_port < 65536:
+        raise ValueError(f"--master-port must be from 1 to 65535, got {master_port}")
+    if hostfile is not None:
+        if num_gpus is not None:
+            raise ValueError("give --num-gpus or --hostfile, not both")
+        if nodes is not None:
+            raise ValueError(
+                "--hostfile starts every node from here over ssh; --nnodes/--node-rank/--master-addr are for "
+                "one launch per node: give one or the other"
+            )
+        return sum(read_hostfile(hostfile).values())
+    return (num_gpus or 1) * (nodes.num_nodes if nodes is not None else 1)
 
 
 def launcher_command(
-    config_file: Path, num_gpus: int | None, hostfile: str | None, master_port: int
+    config_file: Path,
+    num_gpus: int | None,
+    hostfile: str | None,
+    master_port: int,
+    nodes: Nodes | None = None,
 ) -> list[str]:
-    """The `deepspeed` launcher command that runs bert.pretrain on every rank."""
+    """The `deepspeed` launcher command that runs bert.pretrain on every rank (of this node, with ``nodes``).
+
+    With ``nodes`` of several, ``hostfile`` is their node list (``Nodes.hostfile_text``): --no_ssh needs one,
+    since without a hostfile DeepSpeed knows only this machine (and sets the master address to 127.0.0.1).
+    """
     beside = Path(sys.executable).parent / "deepspeed"
     launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
     if launcher is None:
         raise ValueError(
             "the `deepspeed` launcher is not installed in this environment: pip install deepspeed"
         )
-    where = ["--hostfile", hostfile] if hostfile else ["--num_gpus", str(num_gpus or 1)]
+    if nodes is not None and nodes.multi:
+        where = ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(nodes.node_rank),
+                 "--master_addr", nodes.master_addr]  # fmt: skip
+    elif hostfile:
+        where = ["--hostfile", hostfile]
+    else:
+        where = ["--num_gpus", str(num_gpus or 1)]
     return [launcher, *where, "--master_port", str(master_port), "--module", "bert.pretrain",
             "--config", str(config_file)]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: other runs here may hold 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _is_rank(args: list[str]) -> bool:
@@ -224,46 +308,15 @@ def wait_for_launcher(
     return code
 
 
-def launch(
-    config: TrainConfig,
-    num_gpus: int | None = None,
-    hostfile: str | None = None,
-    *,
-    on_line: Callable[[str], object] | None = None,
-    stop_event: threading.Event | None = None,
-    deadline_s: float | None = None,
-    stop_grace_s: float = 60.0,
-) -> PretrainResult:
-    """Check the inputs, run every rank through the deepspeed launcher, return rank 0's result.
-
-    Raises LaunchError with the failing rank's message (the earliest error file) when a rank fails, and
-    re-raises an exception of ``on_line``. See the module docstring for the stop and clean-up rules.
-    """
-    world_size = world_size_of(num_gpus, hostfile)
-    run = load_run_inputs(
-        config, 0, world_size
-    )  # mismatches and batch arithmetic fail here, before any launch
-    # A malformed DeepSpeed JSON or one that contradicts the training config, too (not 7-10 s later on a rank).
-    eng.fill_deepspeed_config(eng.load_deepspeed_config(config.deepspeed_config), config, run.batch,
-                              run.model_config.hidden_size)  # fmt: skip
-    out = Path(config.out)
-    if not config.resume and (out / CHECKPOINTS / "latest").exists():
-        raise ValueError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "logs").glob("error-rank*.txt"):
-        stale.unlink()
-    (out / "result.json").unlink(missing_ok=True)
-    config_file = out / "launch_config.json"
-    config.to_json_file(config_file)
-    with socket.socket() as s:  # a free port: other runs on this machine may hold 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = launcher_command(config_file, num_gpus, hostfile, port)
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}  # the ranks stop if this process dies
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
+def run_launcher(
+    command: list[str],
+    env: dict[str, str],
+    on_line: Callable[[str], object] | None,
+    stop_event: threading.Event | None,
+    deadline_s: float | None,
+    stop_grace_s: float,
+) -> tuple[int, GroupStop]:
+    """Run the launcher until it and its ranks are done: (its exit code, the stop requests it got)."""
     log.info("launching: %s", " ".join(command))
     piped = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     # Its own session: Ctrl-C reaches this process only, and GroupStop decides what the ranks get.
@@ -291,12 +344,74 @@ def launch(
                     process.stdout.close()
     if reader is not None and reader.error is not None:
         raise reader.error
-    if (out / "result.json").exists():
+    return code, stop
+
+
+def launch(
+    config: TrainConfig,
+    num_gpus: int | None = None,
+    hostfile: str | None = None,
+    *,
+    nodes: Nodes | None = None,
+    master_port: int | None = None,
+    on_line: Callable[[str], object] | None = None,
+    stop_event: threading.Event | None = None,
+    deadline_s: float | None = None,
+    stop_grace_s: float = 60.0,
+) -> PretrainResult | None:
+    """Check the inputs, run every rank through the deepspeed launcher, return rank 0's result.
+
+    ``nodes``: this is one of several launches, one per node (see the module docstring); a node other than
+    node 0 returns None once its ranks are done, since rank 0 and its result are on node 0. ``master_port``:
+    where rank 0 listens (default: with ``nodes``, 29500; else a port free here). Raises LaunchError with the
+    failing rank's message (the earliest error file) when a rank fails, and re-raises an exception of
+    ``on_line``. See the module docstring for the stop and clean-up rules.
+    """
+    world_size = check_launch(num_gpus, hostfile, nodes, master_port)
+    multi = nodes is not None and nodes.multi
+    leader = not multi or nodes.node_rank == 0  # holds rank 0: the one launch that tidies OUT
+    run = load_run_inputs(
+        config, 0, world_size
+    )  # mismatches and batch arithmetic fail here, before any launch
+    # A malformed DeepSpeed JSON or one that contradicts the training config, too (not 7-10 s later on a rank).
+    eng.fill_deepspeed_config(eng.load_deepspeed_config(config.deepspeed_config), config, run.batch,
+                              run.model_config.hidden_size)  # fmt: skip
+    out = Path(config.out)
+    if not config.resume and (out / CHECKPOINTS / "latest").exists():
+        raise ValueError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if leader:  # before node 0's ranks start, so before any rank of this run (on any node) can train or fail
+        for stale in (out / "logs").glob("error-rank*.txt"):
+            stale.unlink()
+        (out / "result.json").unlink(missing_ok=True)
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), StopSignal.PARENT_HOST_ENV: socket.gethostname()}
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    # This node's own files (the node list, and on nodes > 0 the config) stay off the shared OUT.
+    with tempfile.TemporaryDirectory(prefix="bertpipe-launch-") as scratch:
+        config_file = out / "launch_config.json" if leader else Path(scratch) / "launch_config.json"
+        config.to_json_file(config_file)
+        if multi:
+            node_list = Path(scratch) / "nodes"
+            node_list.write_text(nodes.hostfile_text(num_gpus or 1))
+            hostfile = str(node_list)
+        port = master_port or (DEFAULT_MASTER_PORT if multi else free_port())
+        command = launcher_command(config_file, num_gpus, hostfile, port, nodes)
+        try:
+            code, stop = run_launcher(command, env, on_line, stop_event, deadline_s, stop_grace_s)
+        finally:
+            eng.remove_shm_buffers(port)  # what killed ranks could not remove themselves
+    if leader and (out / "result.json").exists():
         result = PretrainResult(**json.loads((out / "result.json").read_text()))
         # On SIGTERM the deepspeed launcher terminates the ranks (which checkpoint first) and exits 1.
         if code == 0 or result.stop_reason == "sigterm":
             return result
     errors = sorted((out / "logs").glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
+    if not leader and (code == 0 or (stop.reason is not None and not errors)):
+        log.info("node %d: its ranks are done; node 0 reports the run", nodes.node_rank)
+        return None
     if errors:
         rank = errors[0].stem.removeprefix("error-rank")
         message = errors[0].read_text().split("\n\n")[0].strip()

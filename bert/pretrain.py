@@ -63,6 +63,7 @@ class PretrainResult:
     eval_metrics: dict | None = None
     checkpoint: str | None = None
     hf_dir: str | None = None
+    device: str | None = None  # where rank 0 trained: "cuda:0", "cpu"
 
 
 @dataclass
@@ -190,6 +191,10 @@ def save_checkpoint(run: Run) -> Path:
     engine, step = run.engine, run.engine.global_step
     checkpoint_dir = run.out / CHECKPOINTS
     tag = f"step-{step}"
+    if (checkpoint_dir / tag / STATE_FILE).exists():
+        # The complete checkpoint this run resumed from (and took no step since): the same state, and its
+        # files may be laid out for another world size, which a second save would mix with this one's.
+        return checkpoint_dir / tag
     state = {
         "step": step,
         "data": run.batches.position.to_dict(),
@@ -213,7 +218,13 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def resume(run: Run) -> DataPosition:
-    """Load the latest checkpoint, refusing one it cannot continue exactly; the data position to go on from."""
+    """Load the latest checkpoint, refusing one it cannot continue exactly; the data position to go on from.
+
+    On another number of ranks the global batch must stay the same: give the global and micro batch sizes,
+    and the accumulation steps follow the world size. ZeRO-0 checkpoints hold the whole optimizer state and load on any world
+    size; a ZeRO-1/2/3 checkpoint's optimizer state is partitioned per rank, so it is first converted to
+    DeepSpeed's universal checkpoint (one file per parameter and state, once, inside the checkpoint).
+    """
     checkpoint_dir = run.out / CHECKPOINTS
     latest = checkpoint_dir / "latest"
     if not latest.exists():
@@ -226,27 +237,49 @@ def resume(run: Run) -> DataPosition:
             f"checkpoint {checkpoint_dir / tag} is incomplete (no {STATE_FILE}): delete it to resume from an earlier one"
         )
     state = json.loads(state_file.read_text())
-    partitioned = state["zero_stage"] > 0 or run.engine.zero_stage > 0 or state["precision"] == "bf16"
-    if state["world_size"] != run.world_size and partitioned:
-        raise ValueError(
-            f"checkpoint {tag} was written by {state['world_size']} ranks with ZeRO stage {state['zero_stage']} "
-            f"({state['precision']}): its optimizer state is partitioned for that world size and cannot be "
-            f"resumed on {run.world_size} ranks. Resume with the same number of ranks, or start a new run with "
-            f"--init-from (weights only, fresh optimizer)"
-        )
+    engine = run.engine
     if state["global_batch_size"] != run.batch.global_batch_size:
         raise ValueError(
             f"checkpoint {tag} was trained with a global batch of {state['global_batch_size']}, this run asks for "
-            f"{run.batch.global_batch_size}: resume with the same global batch (micro × accumulation × ranks)"
+            f"{run.batch.global_batch_size} (micro {run.batch.micro_batch_size} × accumulation "
+            f"{run.batch.gradient_accumulation_steps} × {run.world_size} ranks): resume with the same global batch, "
+            f"e.g. --global-batch-size {state['global_batch_size']} --micro-batch-size N (the accumulation follows)"
         )
-    client_state = run.engine.load(checkpoint_dir, tag)
+    for what, saved, now in (
+        ("ZeRO stage", state["zero_stage"], engine.zero_stage),
+        ("precision", state["precision"], engine.precision),
+    ):
+        if saved != now:
+            raise ValueError(
+                f"checkpoint {tag} was written with {what} {saved}, this run uses {now}: resume with the same "
+                "DeepSpeed config, or start a new run with --init-from (weights only, fresh optimizer)"
+            )
+    load_tag, universal = tag, state["world_size"] != run.world_size and engine.zero_stage > 0
+    if universal:
+        error = None
+        if run.rank == 0:
+            try:
+                eng.universal_checkpoint(checkpoint_dir, tag)
+            except Exception as e:  # every rank must hear of it, not wait for a conversion that failed
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        error = eng.broadcast_object(error)
+        if error is not None:
+            raise ValueError(
+                f"checkpoint {tag} (ZeRO-{state['zero_stage']}, {state['world_size']} ranks) could not be converted "
+                f"to a universal checkpoint for {run.world_size} ranks ({error}): resume on {state['world_size']} ranks"
+            )
+        load_tag = f"{tag}/{eng.UNIVERSAL}"
+    client_state = engine.load(checkpoint_dir, load_tag, universal=universal)
     data = client_state["bertpipe"]["data"]
     log.info(
-        "resumed from %s at step %d (epoch %d, sample %d)",
+        "resumed from %s at step %d (epoch %d, sample %d)%s",
         tag,
-        run.engine.global_step,
+        engine.global_step,
         data["epoch"],
         data["cursor"],
+        f" on {run.world_size} ranks, written by {state['world_size']}"
+        if state["world_size"] != run.world_size
+        else "",
     )
     return DataPosition(**data)
 
@@ -305,12 +338,21 @@ class StopSignal:
 
     ``bert.launch`` puts its pid in BERTPIPE_PARENT_PID: when that process is gone (killed with SIGKILL, say)
     the ranks stop as on SIGTERM, agreeing on a step and checkpointing, instead of training on unattended.
+    A pid names a process on one host only: a rank on another host (BERTPIPE_PARENT_HOST differs) ignores it.
+    The ssh launcher passes neither variable to remote nodes, so their ranks have no such watch.
     """
 
+    PARENT_HOST_ENV = "BERTPIPE_PARENT_HOST"  # set by bert.launch beside PARENT_PID_ENV
+
     def __init__(self):
+        import socket
+
         self._received = False
         self._previous = None
         self._parent_pid = int(os.environ.get(PARENT_PID_ENV) or 0) or None
+        host = socket.gethostname()
+        if os.environ.get(self.PARENT_HOST_ENV, host) != host:
+            self._parent_pid = None  # another host's pid: this host's process with that number is not it
         self._parent = None  # a psutil.Process, so that a reused pid is not mistaken for the launcher
         if self._parent_pid is not None:
             with contextlib.suppress(psutil.Error):
@@ -523,15 +565,16 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
         write_json_atomic(out / "deepspeed_config.json", ds_config)
         log.info(
             "world %d, global batch %d = micro %d × accumulation %d × %d ranks; %d train examples (%d steps/epoch); "
-            "model %s, %d parameters; %s, ZeRO-%d",
+            "model %s, %d parameters; %s, ZeRO-%d, on %s",
             world_size, run.batch.global_batch_size, run.batch.micro_batch_size,
             run.batch.gradient_accumulation_steps, world_size, len(run.train), run.batches.batches_per_epoch,
             config.model_config if not config.init_from else config.init_from, num_parameters,
-            run.engine.precision, run.engine.zero_stage,
+            run.engine.precision, run.engine.zero_stage, run.engine.device,
         )  # fmt: skip
     if not do_train:
         return run
     result = fit(run)
+    result.device = str(run.engine.device)
     if rank == 0:
         from data_prep.manifest import write_json_atomic
 
@@ -575,6 +618,8 @@ def cli(argv: list[str] | None = None) -> int:
         message, detail = f"{type(e).__name__}: {e}", traceback.format_exc()
         log.error("%s", detail)
         code = 1
+    finally:
+        eng.shutdown()  # every exit path: NCCL warns of (and can hang on) a group left to the interpreter
     if out is not None:
         try:
             (out / "logs").mkdir(parents=True, exist_ok=True)

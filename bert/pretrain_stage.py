@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bert.train_config import TrainConfig
 from data_prep.manifest import (
@@ -40,6 +41,9 @@ from data_prep.manifest import (
     verify,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    from bert.launch import Nodes
 
 log = logging.getLogger("bert.pretrain_stage")
 
@@ -195,20 +199,61 @@ def commit(config: TrainConfig, result, seconds: float) -> dict:
     return stage.commit(files, stats, extra={"trajectory": record["trajectory"], "hf_dir": "hf"})
 
 
+def follow(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig, dict | None]:
+    """``prepare`` for a node other than node 0 (one launch per node): the same decisions, nothing written.
+
+    Node 0 holds the writer lock and writes .inprogress.json and the manifest. This node returns the complete
+    manifest when node 0 will find one (and start no ranks), refuses what node 0 refuses (rather than wait for
+    ranks that never come), and lets its ranks resume from whatever checkpoint node 0's ranks resume from: the
+    ranks read it after they all met, so after node 0 has prepared the directory.
+    """
+    out = Path(config.out)
+    check_output_directory(out)
+    values, inputs = stage_config(config), stage_inputs(config)
+    manifest = read_manifest(out)
+    fp = stage_fingerprint(STAGE, values, inputs, FORMAT_VERSION)
+    if (complete := _complete(out, manifest, fp)) is not None:
+        return config, complete
+    # resume=None (the pipeline): node 0 continues this trajectory's checkpoints or clears the directory; the
+    # ranks find either when they look.
+    if resume is not None and (out / "checkpoints" / "latest").exists():
+        record = read_json(out / INPROGRESS) or (manifest or {})
+        if record.get("trajectory") != trajectory(values, inputs):
+            before = record.get("config") or {}
+            changed = _differences(before, values) or ["(a run from before stage manifests)"]
+            raise StageError(
+                f"{out} holds checkpoints of a run with other settings ({'; '.join(changed[:6])}): "
+                "choose a new --out, or start from its weights with --init-from"
+            )
+        if not resume:
+            raise StageError(
+                f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+            )
+    return dataclasses.replace(config, resume=resume is not False), None
+
+
 def run_pretrain_stage(
     config: TrainConfig,
     num_gpus: int | None = None,
     hostfile: str | None = None,
     resume: bool | None = None,
+    nodes: Nodes | None = None,
     **launch_options,
 ) -> tuple[dict | None, object | None]:
     """Run pretraining as a stage: (manifest or None when the run stopped early, the launch result).
 
-    A complete run of the same config returns its manifest at once (result None). ``launch_options`` go to
-    ``bert.launch.launch`` (on_line, stop_event, deadline_s, ...).
+    A complete run of the same config returns its manifest at once (result None). ``nodes``
+    (``bert.launch.Nodes``): this is one launch per node; node 0 runs the stage as on one node, another node
+    only runs its ranks and returns (None, None) when they are done (``follow``). ``launch_options`` go to
+    ``bert.launch.launch`` (master_port, on_line, stop_event, deadline_s, ...).
     """
     from bert.launch import launch
 
+    if nodes is not None and nodes.node_rank > 0:  # no lock: node 0's launch holds it for the whole run
+        config, manifest = follow(config, resume)
+        if manifest is not None:
+            return manifest, None
+        return None, launch(config, num_gpus=num_gpus, hostfile=hostfile, nodes=nodes, **launch_options)
     # One trainer per run directory: a second one is refused, naming the first.
     acquire_writer_lock(config.out)
     try:
@@ -218,7 +263,7 @@ def run_pretrain_stage(
                      config.out, manifest["stats"].get("step"))  # fmt: skip
             return manifest, None
         started = time.monotonic()
-        result = launch(config, num_gpus=num_gpus, hostfile=hostfile, **launch_options)
+        result = launch(config, num_gpus=num_gpus, hostfile=hostfile, nodes=nodes, **launch_options)
         if not is_complete(config, result):
             return None, result
         return commit(config, result, time.monotonic() - started), result

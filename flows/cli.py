@@ -222,6 +222,12 @@ def finetune(
         None, "--max-eval-examples", help="Evaluate on a fixed random subsample."
     ),
     threads: int = typer.Option(None, "--threads", help="torch intra-op threads."),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (the GPU when CUDA is available), cpu, cuda or cuda:N."
+    ),
+    precision: str = typer.Option(
+        "auto", "--precision", help="fp32 or bf16 (autocast); auto: bf16 on a GPU that has it, else fp32."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     save_model: bool = typer.Option(
         True, "--save-model/--no-save-model", help="Save the best checkpoint to OUT/model."
@@ -241,7 +247,8 @@ def finetune(
             null_score_threshold=null_score_threshold,
             text_columns=tuple(c.strip() for c in text_columns.split(",")) if text_columns else None,
             label_column=label_column, max_train_examples=max_train_examples,
-            max_eval_examples=max_eval_examples, num_threads=threads, progress=progress, save_model=save_model,
+            max_eval_examples=max_eval_examples, num_threads=threads, device=device, precision=precision,
+            progress=progress, save_model=save_model,
         )  # fmt: skip
         summary = finetune_main(config)
     except (ValueError, OSError) as e:  # TaskDataError is a ValueError; both name the file and line
@@ -267,7 +274,17 @@ def pretrain(
     num_gpus: int = typer.Option(
         None, "--num-gpus", help="Ranks on this machine (CPU: processes over gloo)."
     ),
-    hostfile: Path = typer.Option(None, "--hostfile", help="DeepSpeed hostfile for several nodes."),
+    hostfile: Path = typer.Option(
+        None, "--hostfile", help="Several nodes started from here over ssh: 'HOST slots=N' lines."
+    ),
+    nnodes: int = typer.Option(
+        None, "--nnodes", help="Several nodes, one `bertpipe pretrain` on each (SLURM, Kubernetes): how many."
+    ),
+    node_rank: int = typer.Option(None, "--node-rank", help="This node's number, 0 to --nnodes - 1."),
+    master_addr: str = typer.Option(None, "--master-addr", help="Address of node rank 0 (with --nnodes)."),
+    master_port: int = typer.Option(
+        None, "--master-port", help="Port of rank 0 (default: 29500 with --nnodes, else a free one)."
+    ),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps from the start of training."),
     time_budget: str = typer.Option(None, "--time-budget", help="Wall time of this run, e.g. 2h, 90m."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/latest."),
@@ -317,10 +334,16 @@ def pretrain(
     )  # fmt: skip
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     values["resume"] = resume or values.get("resume", False)
-    if num_gpus is not None and hostfile is not None:
-        fail("give --num-gpus or --hostfile, not both")
-    if num_gpus is not None and num_gpus < 1:
-        fail(f"--num-gpus must be at least 1, got {num_gpus}")
+    from bert.launch import Nodes, check_launch
+
+    nodes = None
+    try:
+        if (nnodes, node_rank, master_addr) != (None, None, None):
+            nodes = Nodes(num_nodes=1 if nnodes is None else nnodes, node_rank=node_rank or 0,
+                          master_addr=master_addr)  # fmt: skip
+        check_launch(num_gpus, str(hostfile) if hostfile else None, nodes, master_port)
+    except ValueError as e:
+        fail(str(e))
     for name in ("examples", "out"):
         if not values.get(name):
             fail(f"--{name} is required")
@@ -331,10 +354,14 @@ def pretrain(
     try:
         config = TrainConfig.from_dict(values)
         manifest, result = run_pretrain_stage(
-            config, num_gpus=num_gpus, hostfile=str(hostfile) if hostfile else None, resume=config.resume
-        )
+            config, num_gpus=num_gpus, hostfile=str(hostfile) if hostfile else None, resume=config.resume,
+            nodes=nodes, master_port=master_port,
+        )  # fmt: skip
     except (StageError, ValueError, OSError) as e:
         fail(str(e))
+    if manifest is None and result is None:  # a node other than node 0
+        typer.echo(f"node {nodes.node_rank}: its ranks are done; node 0 reports the run ({config.out})")
+        return
     if result is None:
         typer.echo(f"{config.out}: already complete at step {manifest['stats']['step']} for these settings; "
                    f"model in {Path(config.out) / 'hf'}")  # fmt: skip
@@ -442,3 +469,7 @@ def deploy(
     if done.returncode != 0:
         fail("prefect deploy failed (see above)")
     typer.echo(f"deployed; start a worker with: prefect worker start --pool {pool}")
+
+
+if __name__ == "__main__":  # python -m flows.cli: the same commands where no `bertpipe` script is installed
+    app()

@@ -1,13 +1,17 @@
 """bert.launch as an orchestrator task runs it: from any thread, output by line, stopped by an event, left by an
-exception, or its process killed outright; no launcher or rank may outlive it."""
+exception, or its process killed outright; no launcher or rank may outlive it. And the launcher commands for
+several nodes, as DeepSpeed's runner turns them into processes."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -202,3 +206,141 @@ def test_ranks_checkpoint_and_exit_when_the_parent_is_killed(stage, out: Path, t
     assert not processes_of(out), processes_of(out)
     assert latest_step(out) >= 2
     assert json.loads((out / "result.json").read_text())["stop_reason"] == "sigterm"
+
+
+# --- several nodes: the launcher commands, checked against DeepSpeed's own runner (no ssh, no ranks) ------------
+
+
+def deepspeed_would_run(command: list[str], monkeypatch) -> tuple[list[str], dict, list]:
+    """What DeepSpeed's runner (`deepspeed ARGS`) starts for ``command``: (command, environment, ssh calls).
+    Nothing runs: ssh, pdsh and the process start are faked; `ssh HOST hostname -I` answers 10.0.0.1."""
+    from deepspeed.launcher import runner
+
+    started: dict = {}
+    ssh_calls: list = []
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, cmd, env):
+            started.update(cmd=cmd, env=env)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", Started)
+    monkeypatch.setattr(runner.subprocess, "check_call", lambda cmd, **kw: ssh_calls.append(cmd))
+    monkeypatch.setattr(
+        runner.subprocess, "check_output", lambda cmd, **kw: ssh_calls.append(cmd) or b"10.0.0.1\n"
+    )
+    monkeypatch.setattr(runner.signal, "signal", lambda *args: None)  # pdsh mode installs handlers
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kw: f"/usr/bin/{name}")  # "pdsh is installed"
+    runner.main(command[1:])
+    return started["cmd"], started["env"], ssh_calls
+
+
+@pytest.fixture
+def launching_env(monkeypatch):
+    """The environment bert.launch gives the deepspeed runner: the parent-pid watch variables included."""
+    from bert.pretrain import PARENT_PID_ENV, StopSignal
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv(PARENT_PID_ENV, str(os.getpid()))
+    monkeypatch.setenv(StopSignal.PARENT_HOST_ENV, socket.gethostname())
+
+
+def test_hostfile_runs_one_launcher_per_host_over_pdsh_without_the_parent_pid(
+    tmp_path, launching_env, monkeypatch
+):
+    from bert.launch import check_launch, launcher_command
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two 8-GPU nodes\nworker-1 slots=8\nworker-2 slots=8\n")
+    assert check_launch(None, str(hostfile)) == 16
+    command = launcher_command(tmp_path / "launch_config.json", None, str(hostfile), 29612)
+    assert command[1:] == ["--hostfile", str(hostfile), "--master_port", "29612", "--module", "bert.pretrain",
+                           "--config", str(tmp_path / "launch_config.json")]  # fmt: skip
+
+    cmd, env, ssh_calls = deepspeed_would_run(command, monkeypatch)
+    assert cmd[:6] == ["pdsh", "-S", "-f", "1024", "-w", "worker-1,worker-2"]
+    # One shell line for every host: exports; cd; python -m deepspeed.launcher.launch ... bert.pretrain ...
+    remote = " ".join(cmd[6:])
+    assert f"cd {os.getcwd()};" in remote and "-m deepspeed.launcher.launch" in remote
+    assert "--node_rank=%n" in remote  # pdsh replaces %n by the host's place in the -w list
+    assert "--master_addr=10.0.0.1 --master_port=29612" in remote  # worker-1's address, asked over ssh
+    assert " --module " in remote
+    assert remote.endswith(f" bert.pretrain --config {tmp_path / 'launch_config.json'}")
+    world = remote.split("--world_info=")[1].split()[0]
+    assert json.loads(base64.urlsafe_b64decode(world)) == {
+        "worker-1": list(range(8)),
+        "worker-2": list(range(8)),
+    }
+    # The remote shells get only PYTHON* (and .deepspeed_env) variables: no rank there watches a local pid.
+    assert "BERTPIPE_" not in remote and "PYTHONPATH=" in remote
+    assert ssh_calls and all("worker-1" in call for call in ssh_calls)  # ssh check, then `hostname -I`
+
+
+def test_no_ssh_runs_this_nodes_ranks_only_with_the_node_list_and_node_rank(
+    tmp_path, launching_env, monkeypatch
+):
+    from bert.launch import Nodes, check_launch, launcher_command
+    from bert.pretrain import PARENT_PID_ENV
+
+    nodes = Nodes(num_nodes=3, node_rank=1, master_addr="10.1.2.3")
+    assert check_launch(2, None, nodes) == 6
+    node_list = tmp_path / "nodes"
+    node_list.write_text(nodes.hostfile_text(2))
+    command = launcher_command(tmp_path / "config.json", 2, str(node_list), 29500, nodes)
+    assert command[1:] == ["--hostfile", str(node_list), "--no_ssh", "--node_rank", "1", "--master_addr", "10.1.2.3",
+                           "--master_port", "29500", "--module", "bert.pretrain", "--config",
+                           str(tmp_path / "config.json")]  # fmt: skip
+
+    cmd, env, ssh_calls = deepspeed_would_run(command, monkeypatch)
+    assert not ssh_calls
+    assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert {"--master_addr=10.1.2.3", "--master_port=29500", "--node_rank=1", "--module"} <= set(cmd)
+    assert cmd[-3:] == ["bert.pretrain", "--config", str(tmp_path / "config.json")]
+    world = next(a for a in cmd if a.startswith("--world_info=")).removeprefix("--world_info=")
+    assert json.loads(base64.urlsafe_b64decode(world)) == {
+        "node-0": [0, 1],
+        "node-1": [0, 1],
+        "node-2": [0, 1],
+    }
+    assert env[PARENT_PID_ENV] == str(os.getpid())  # this node's ranks are local: they keep the watch
+
+
+@pytest.mark.parametrize(
+    ("num_gpus", "hostfile", "nodes", "port", "message"),
+    [
+        (None, None, dict(num_nodes=2, node_rank=2, master_addr="h"), None, "--node-rank must be from 0 to"),
+        (None, None, dict(num_nodes=2, node_rank=-1, master_addr="h"), None, "--node-rank must be from 0 to"),
+        (None, None, dict(num_nodes=0), None, "--nnodes must be at least 1"),
+        (None, None, dict(num_nodes=2, node_rank=1), None, "--nnodes 2 needs --master-addr"),
+        (None, "hosts", dict(num_nodes=2, master_addr="h"), None, "give one or the other"),
+        (2, "hosts", None, None, "give --num-gpus or --hostfile, not both"),
+        (1, None, None, 70000, "--master-port must be from 1 to 65535"),
+        (None, "bad-hosts", None, None, "is not 'HOST slots=N'"),
+    ],
+)
+def test_nonsense_launch_settings_are_refused(tmp_path, num_gpus, hostfile, nodes, port, message):
+    from bert.launch import Nodes, check_launch
+
+    (tmp_path / "hosts").write_text("worker-1 slots=8\n")
+    (tmp_path / "bad-hosts").write_text("worker-1 8\n")
+    with pytest.raises(ValueError, match=message):
+        check_launch(num_gpus, hostfile and str(tmp_path / hostfile), nodes and Nodes(**nodes), port)
+
+
+def test_the_parent_pid_watch_applies_on_the_launching_host_only(monkeypatch):
+    from bert.pretrain import PARENT_PID_ENV, StopSignal
+
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    monkeypatch.setenv(PARENT_PID_ENV, str(gone.pid))
+    monkeypatch.setenv(StopSignal.PARENT_HOST_ENV, socket.gethostname())
+    assert StopSignal().received  # the launching process on this host is gone
+    monkeypatch.setenv(StopSignal.PARENT_HOST_ENV, "another-host")
+    assert not StopSignal().received  # a pid of another host says nothing about this one's processes
+    monkeypatch.delenv(PARENT_PID_ENV)
+    monkeypatch.delenv(StopSignal.PARENT_HOST_ENV)
+    assert not StopSignal().received  # a rank the ssh launcher started on another node: no watch

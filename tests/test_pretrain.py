@@ -125,17 +125,6 @@ def test_time_budget_stops_between_steps_with_a_checkpoint_and_export(stage, tmp
     ).exists()
 
 
-def test_zero2_checkpoint_from_another_world_size_is_refused(stage, tmp_path: Path):
-    examples, _ = stage
-    zero2 = str(REPO / "deepspeed_configs/zero2_fp32.json")
-    main(tiny_config(examples, tmp_path / "run", max_steps=2, deepspeed_config=zero2))
-    state_file = tmp_path / "run/checkpoints/step-2/bertpipe_state.json"
-    state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "world_size": 2}))
-    with pytest.raises(ValueError, match="cannot be resumed on 1 ranks"):
-        main(tiny_config(examples, tmp_path / "run", max_steps=4, deepspeed_config=zero2, resume=True))
-
-
 def test_mismatched_examples_are_refused_before_training(stage, tmp_path: Path):
     examples, _ = stage
     other_vocab = make_vocab(tmp_path / "other", prefix="x")
@@ -225,3 +214,21 @@ def test_real_stages_pretrain_and_export_a_loadable_tokenizer(shared_data: Path,
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "run/hf")
     assert tokenizer.vocab_size == len((vocab / "vocab.txt").read_text().splitlines())
     assert tokenizer("We the people")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_the_rank_entry_point_destroys_the_process_group_on_every_exit(stage, tmp_path: Path):
+    """bert.pretrain.cli (what every rank runs) leaves no process group behind, trained or failed."""
+    import torch.distributed as dist
+
+    from bert.pretrain import cli
+
+    examples, _ = stage
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(tiny_config(examples, tmp_path / "good", max_steps=2).to_dict()))
+    mismatched = tiny_config(examples, tmp_path / "bad", model_overrides={**TINY, "vocab_size": 50})
+    bad.write_text(json.dumps(mismatched.to_dict()))  # refused after the process group exists
+    assert cli(["--config", str(good)]) == 0
+    assert not dist.is_initialized()
+    assert cli(["--config", str(bad)]) == 2
+    assert not dist.is_initialized()
+    assert "nothing was trained" in (tmp_path / "bad/logs/error-rank0.txt").read_text()

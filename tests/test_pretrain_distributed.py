@@ -52,9 +52,12 @@ def test_two_ranks_zero2_learn_from_different_data_and_export(stage, tmp_path: P
               "--deepspeed-config", str(REPO / "deepspeed_configs/zero2_fp32.json"), "--num-gpus", "2",
               "--micro-batch-size", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-2",
               "--warmup-steps", "3", "--schedule-steps", "34", "--log-example-indices", "--no-progress"]  # fmt: skip
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     done = bertpipe("pretrain", *common, "--max-steps", "30")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "stopped at step 30 (max_steps)" in done.stdout
+    # DeepSpeed's CPU all-reduce leaves a 66 MB buffer per rank in /dev/shm; the ranks and launcher remove theirs
+    assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31))

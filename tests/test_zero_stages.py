@@ -1,0 +1,117 @@
+"""Every ZeRO stage trains, resumes exactly and exports the fp32 master weights (two ranks, gloo, launcher).
+
+ZeRO-1 and ZeRO-3 each: a straight run, a run stopped at step 3 then ``--resume``d (same losses, same
+weights), an HF export that transformers loads with no missing or unexpected key and that equals the
+checkpoint's fp32 master weights, and a phase 2 (``--init-from``) that starts from that export. ZeRO-0 bf16
+(one process) exports the optimizer's fp32 master copies, not their bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import TINY, make_training_stage
+
+from bert.engine import MASTER_NAMES, checkpoint_state_dict
+from bert.pretrain import main
+from bert.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+BERTPIPE = Path(sys.executable).parent / "bertpipe"
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory) -> tuple[Path, Path]:
+    return make_training_stage(tmp_path_factory.mktemp("zero"), num_train=128, num_valid=16)
+
+
+def pretrain(out: Path, stage: tuple[Path, Path], deepspeed: str, *args: str) -> None:
+    """``bertpipe pretrain`` on the tiny stage, global batch 16 of micro batches of 4."""
+    examples, model_config = stage
+    command = [str(BERTPIPE), "pretrain", "--examples", str(examples), "--model-config", str(model_config),
+               "--out", str(out), "--deepspeed-config", str(REPO / "deepspeed_configs" / f"{deepspeed}.json"),
+               "--global-batch-size", "16", "--micro-batch-size", "4", "--lr", "1e-2", "--warmup-steps", "2",
+               "--schedule-steps", "12", "--no-progress", *args]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("deepspeed", ["zero1_fp32", "zero3_bf16"])
+def test_zero_stage_resumes_exactly_exports_master_weights_and_starts_phase_two(
+    stage, tmp_path: Path, deepspeed: str
+):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    pretrain(straight, stage, deepspeed, "--num-gpus", "2", "--max-steps", "5")
+    pretrain(split, stage, deepspeed, "--num-gpus", "2", "--max-steps", "3")
+    pretrain(split, stage, deepspeed, "--num-gpus", "2", "--max-steps", "5", "--resume")
+
+    a, b = losses(straight), losses(split)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert [b[s] for s in range(1, 6)] == pytest.approx([a[s] for s in range(1, 6)], rel=1e-6)
+    weights = checkpoint_state_dict(straight / "checkpoints")  # the fp32 master weights at step 5
+    resumed = checkpoint_state_dict(split / "checkpoints")
+    for name, value in weights.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
+
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.BertForPreTraining.from_pretrained(straight / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    exported = model.state_dict()
+    for name, value in weights.items():
+        assert torch.equal(exported[name], value), name
+    if "bf16" in deepspeed:  # the masters, not the bf16 working copy the ranks computed with
+        dense = exported["bert.encoder.layer.1.output.dense.weight"]
+        assert not torch.equal(dense, dense.bfloat16().float())
+
+    examples, _ = stage
+    phase2 = main(TrainConfig(examples=str(examples), out=str(tmp_path / "phase2"), init_from=str(straight),
+                              model_overrides=TINY, micro_batch_size=4, max_steps=2, progress_bar=False,
+                              tensorboard=False), do_train=False)  # fmt: skip
+    assert phase2.engine.global_step == 0
+    start = phase2.engine.module.state_dict()
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
+        assert torch.equal(start[name], weights[name]), name
+
+
+@pytest.mark.slow
+def test_zero0_bf16_exports_the_fp32_master_weights_not_their_bf16_rounding(stage, tmp_path: Path):
+    examples, _ = stage
+    out = tmp_path / "run"
+    main(TrainConfig(examples=str(examples), out=str(out), model_overrides=TINY, micro_batch_size=4,
+                     deepspeed_config=str(REPO / "deepspeed_configs/zero0_bf16.json"), lr=1e-2, max_steps=3,
+                     progress_bar=False, tensorboard=False))  # fmt: skip
+    saved = torch.load(out / "checkpoints/step-3/mp_rank_00_model_states.pt", weights_only=False)
+    masters = {
+        name: tensor
+        for names, group in zip(saved[MASTER_NAMES], saved["optimizer"]["fp32_groups"], strict=True)
+        for name, tensor in zip(names, group, strict=True)
+    }
+    working = saved["module"]  # the bf16 weights the rank computed with
+    assert working["bert.pooler.dense.weight"].dtype == torch.bfloat16
+
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.BertForPreTraining.from_pretrained(out / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    exported = model.state_dict()
+    assert set(masters) <= set(exported)
+    for name, master in masters.items():
+        assert master.dtype == torch.float32
+        assert torch.equal(master.bfloat16(), working[name]), name  # the right master for each name
+        assert torch.equal(exported[name], master), name
+    assert any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())  # not a bf16 rounding
+    tied = exported["cls.predictions.decoder.weight"]  # saved under both names: the master under both
+    assert torch.equal(tied, masters["bert.embeddings.word_embeddings.weight"])
