@@ -5,11 +5,13 @@ forward, backward, gradient clipping and AdamW, on each side; the first 5 steps 
 median milliseconds per phase and per step for each side, interleaving repeats so load hits both alike.
 
     python benchmarks/finetune_step.py --repeats 2
+    python benchmarks/finetune_step.py --model HF_DIR --device cuda --precision bf16 --batch-size 128
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -20,25 +22,34 @@ import torch
 from finetune_cola import minilm_dir  # benchmarks/ is on sys.path when a script here runs
 
 from bert import tasks as T
-from bert.finetune import build_model, collate, make_optimizer
+from bert.finetune import attention_kernels, autocast, build_model, collate, make_optimizer, to_device
 
 
-def time_steps(model, batches, warmup: int = 5) -> dict[str, float]:
+def time_steps(model, batches, warmup: int = 5, device=None, precision: str = "fp32") -> dict[str, float]:
+    device = device or torch.device("cpu")
+    model.to(device)
     optimizer, scheduler = make_optimizer(model, 1e-4, 0.01, 1000, 100)
     model.train()
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "clip": [], "optimizer": []}
+
+    def now() -> float:  # a phase ends when the GPU has done its work
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        loss = model(**batch).loss
-        t1 = time.perf_counter()
+        t0 = now()
+        with autocast(device, precision):
+            loss = model(**to_device(batch, device)).loss
+        t1 = now()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = now()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        t3 = time.perf_counter()
+        t3 = now()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = now()
         if i >= warmup:
             for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 phases[name].append(seconds)
@@ -55,6 +66,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--cudnn-attention", action="store_true", help="let SDPA use cuDNN (bert.finetune keeps it off)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,18 +83,29 @@ def main() -> None:
     labels = T.label_list(task, examples)
     features = T.encode_texts(T.load_tokenizer(model_dir), examples, 64, labels)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0)).tolist()
-    batches = [collate([features[i] for i in order[s * 32 : (s + 1) * 32]], 0) for s in range(args.batches)]
+    size = args.batch_size
+    batches = [
+        collate([features[i] for i in order[s * size : (s + 1) * size]], 0) for s in range(args.batches)
+    ]
+    device = torch.device(args.device)
     runs: dict[str, list[dict]] = {"bertpipe": [], "transformers": []}
     for _ in range(args.repeats):
-        torch.manual_seed(0)
-        runs["bertpipe"].append(time_steps(build_model(task, labels, model_dir), batches))
-        torch.manual_seed(0)
-        reference = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-        runs["transformers"].append(time_steps(reference, batches))
+        with contextlib.nullcontext() if args.cudnn_attention else attention_kernels(device):
+            torch.manual_seed(0)
+            runs["bertpipe"].append(
+                time_steps(build_model(task, labels, model_dir), batches, 5, device, args.precision)
+            )
+            torch.manual_seed(0)
+            reference = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+            runs["transformers"].append(time_steps(reference, batches, 5, device, args.precision))
     medians = {name: statistics.median(r["step_ms"] for r in rs) for name, rs in runs.items()}
     report = {
         "benchmark": "finetune_step",
         "threads": torch.get_num_threads(),
+        "device": args.device,
+        "precision": args.precision,
+        "batch_size": size,
+        "cudnn_attention": args.cudnn_attention,
         "load_average": os.getloadavg(),
         "mean_padded_length": statistics.mean(b["input_ids"].shape[1] for b in batches),
         "runs": runs,

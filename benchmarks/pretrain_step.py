@@ -135,6 +135,17 @@ def run_config(name: str, args) -> dict:
             if i >= args.warmup:
                 times[k].append(wall)
                 cpu_times[k].append(cpu)
+    peak: dict[str, dict] = {}
+    if device.type == "cuda":  # one more step each, alone, for memory: held state, and the step's own peak
+        for k, model in models.items():
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            timed_step(model, opts[k], batch, device, autocast)
+            peak[k] = {
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "step_memory_gib": round((torch.cuda.max_memory_allocated() - held) / 2**30, 2),
+            }
     result: dict = {
         "config": name,
         "params": ours.num_parameters(),
@@ -149,6 +160,7 @@ def run_config(name: str, args) -> dict:
             "min_step_s": round(min(ts), 4),
             "tokens_per_s": round(tokens / median, 1),
             "median_process_cpu_s": round(statistics.median(cpu_times[k]), 4),
+            **peak.get(k, {}),
         }
         if device.type == "cuda":
             result[k]["mfu"] = round(step_flops(cfg, batch) / median / args.peak_flops, 4)
