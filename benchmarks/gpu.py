@@ -167,6 +167,8 @@ def finetune_part(args) -> dict:
     out: dict = {}
     variants = [(32, "fp32", ""), (32, "bf16", ""), (32, "bf16", "--cudnn-attention"), (128, "fp32", ""),
                 (128, "bf16", ""), (128, "bf16", "--cudnn-attention")]  # fmt: skip
+    if args.finetune_variants:
+        variants = [variants[int(i)] for i in args.finetune_variants.split(",")]
     for batch_size, precision, cudnn in variants:
         name = f"{precision}-{batch_size}{'-cudnn' if cudnn else ''}"
         log = args.out / f"finetune-{name}.log"
@@ -210,6 +212,9 @@ def main() -> None:
     p.add_argument("--model", default="base", help="model preset of the pretrain part (tiny: a CPU dry run)")
     p.add_argument("--steps", type=int, default=20, help="timed steps of the step benchmark")
     p.add_argument("--pretrain-steps", type=int, default=60)
+    p.add_argument(
+        "--finetune-variants", default="", help="indices into the fine-tuning variants (default: all)"
+    )
     p.add_argument("--peak-flops", type=float, default=None, help="default: the datasheet's dense bf16 peak")
     args = p.parse_args()
     if not torch.cuda.is_available() and {"device", "step", "step_compile"} & set(args.parts.split(",")):
