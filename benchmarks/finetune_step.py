@@ -11,7 +11,6 @@ median milliseconds per phase and per step for each side, interleaving repeats s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import torch
 from finetune_cola import minilm_dir  # benchmarks/ is on sys.path when a script here runs
 
 from bert import tasks as T
-from bert.finetune import attention_kernels, autocast, build_model, collate, make_optimizer, to_device
+from bert.finetune import autocast, build_model, collate, make_optimizer, to_device
 
 
 def time_steps(model, batches, warmup: int = 5, device=None, precision: str = "fp32") -> dict[str, float]:
@@ -69,9 +68,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--cudnn-attention", action="store_true", help="let SDPA use cuDNN (bert.finetune keeps it off)"
-    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,14 +86,13 @@ def main() -> None:
     device = torch.device(args.device)
     runs: dict[str, list[dict]] = {"bertpipe": [], "transformers": []}
     for _ in range(args.repeats):
-        with contextlib.nullcontext() if args.cudnn_attention else attention_kernels(device):
-            torch.manual_seed(0)
-            runs["bertpipe"].append(
-                time_steps(build_model(task, labels, model_dir), batches, 5, device, args.precision)
-            )
-            torch.manual_seed(0)
-            reference = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-            runs["transformers"].append(time_steps(reference, batches, 5, device, args.precision))
+        torch.manual_seed(0)
+        runs["bertpipe"].append(
+            time_steps(build_model(task, labels, model_dir), batches, 5, device, args.precision)
+        )
+        torch.manual_seed(0)
+        reference = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        runs["transformers"].append(time_steps(reference, batches, 5, device, args.precision))
     medians = {name: statistics.median(r["step_ms"] for r in rs) for name, rs in runs.items()}
     report = {
         "benchmark": "finetune_step",
@@ -105,7 +100,6 @@ def main() -> None:
         "device": args.device,
         "precision": args.precision,
         "batch_size": size,
-        "cudnn_attention": args.cudnn_attention,
         "load_average": os.getloadavg(),
         "mean_padded_length": statistics.mean(b["input_ids"].shape[1] for b in batches),
         "runs": runs,

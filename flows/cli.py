@@ -226,7 +226,7 @@ def finetune(
         "auto", "--device", help="auto (the GPU when CUDA is available), cpu, cuda or cuda:N."
     ),
     precision: str = typer.Option(
-        "auto", "--precision", help="fp32 or bf16 (autocast); auto: bf16 on a GPU that has it, else fp32."
+        "fp32", "--precision", help="fp32, or bf16 (autocast: faster with large batches only)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     save_model: bool = typer.Option(
