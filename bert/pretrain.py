@@ -150,6 +150,9 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
             f"the examples manifest in {config.examples} does not record its vocabulary: pass --vocab DIR "
             "(the vocab stage directory the examples were made with)"
         )
+    from data_prep.manifest import verify_source
+
+    verify_source(vocab_dir)  # a vocab.txt changed after its stage wrote it would shift every id: refuse it
     tokens = read_vocab_tokens(vocab_dir)
     if vocab_dir.is_file():
         vocab_dir = vocab_dir.parent

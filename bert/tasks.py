@@ -21,6 +21,8 @@ from typing import Any
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
+from data_prep.manifest import verify_source
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of positions without a target (PyTorch's cross-entropy default)
@@ -426,6 +428,9 @@ def _from_hf(task: Task, dataset, where: str) -> list:
     return examples
 
 
+_FORMATS = {"qa": "SQuAD JSON", "tagging": "CoNLL"}  # any other kind: a table
+
+
 def load_examples(
     task: Task, source: str | Path | None, split: str, labels: Sequence[str] | None = None
 ) -> list:
@@ -435,11 +440,17 @@ def load_examples(
     if source is None:
         name = "/".join(task.hf_dataset or ())
         return _from_hf(task, _hf_split(task, None, split), f"{name}:{split}")
-    if task.kind == "qa":
-        return read_squad(source, task.version_2)
-    if task.kind == "tagging":
-        return read_conll(source, labels)
-    return read_table(source, task, labels)
+    try:
+        if task.kind == "qa":
+            return read_squad(source, task.version_2)
+        if task.kind == "tagging":
+            return read_conll(source, labels)
+        return read_table(source, task, labels)
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise TaskDataError(
+            f"{source}: not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded): give the "
+            f"{split} data as a UTF-8 {_FORMATS.get(task.kind, 'TSV, CSV or JSONL')} file"
+        ) from None
 
 
 def label_list(task: Task, train_examples: list) -> list[str] | None:
@@ -476,10 +487,16 @@ def load_tokenizer(model_dir: str | Path) -> tokenizers.Tokenizer:
     vocabulary holds upper-case pieces). Padding and truncation saved with the tokenizer are switched off.
     """
     model_dir = Path(model_dir)
+    verify_source(model_dir)  # a pretrain export: its tokenizer and config as its manifest lists them
     if (model_dir / "tokenizer.json").is_file():
         tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     elif (model_dir / "vocab.txt").is_file():
-        tokens = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        try:
+            tokens = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{model_dir / 'vocab.txt'}: not UTF-8 text ({e.reason} at byte {e.start}): give a BERT vocab.txt"
+            ) from None
         vocab = {t: i for i, t in enumerate(tokens) if t}
         config_path = model_dir / "tokenizer_config.json"
         lowercase = (

@@ -184,15 +184,21 @@ def ensure_token_cache(
     ``map_jobs`` runs one ``tokcache.build_shard_cache`` job per missing shard; None: ``config.workers``
     local processes.
     """
-    cache = tokcache.cache_directory(config.resolved_cache_dir(), corpus_manifest["fingerprint"], vocab)
+    content_key = tokcache.corpus_content_key(config.corpus, corpus_manifest)
+    cache = tokcache.cache_directory(config.resolved_cache_dir(), content_key, vocab)
+    sha256 = {entry["path"]: entry.get("sha256") for entry in corpus_manifest["files"]}
     shards = []
     for split, paths in _corpus_files(corpus_manifest).items():
         for path in paths:
             shards.append((split, path, cache / Path(path).with_suffix(".arrow")))
-    missing = [s for s in shards if tokcache.shard_counts(s[2]) is None]
+    missing = [
+        (split, path, cache_file)
+        for split, path, cache_file in shards
+        if tokcache.cached_shard_counts(cache_file, config.corpus / path, sha256[path]) is None
+    ]
     if missing:
         log.info("tokenising %d of %d corpus shards into %s", len(missing), len(shards), cache)
-        jobs = [(config.corpus / path, cache_file, vocab) for _, path, cache_file in missing]
+        jobs = [(config.corpus / path, cache_file, vocab, sha256[path]) for _, path, cache_file in missing]
         jobs.sort(key=lambda job: -job[0].stat().st_size)  # biggest first: better balance
         with _mapper(config, map_jobs) as run_jobs:
             run_jobs(tokcache.build_shard_cache, jobs, "tokenising")
@@ -364,6 +370,19 @@ def _summarise(part_stats: list[dict], config: ExamplesConfig) -> dict:
     return summary
 
 
+def _single_document_warnings(cached: dict[str, list[tuple]]) -> list[str]:
+    """A warning for each split of exactly one document: its random next segments cannot come from another."""
+    warnings = []
+    for split, shards in cached.items():
+        if sum(counts["documents"] for _, _, counts in shards) == 1:
+            warnings.append(
+                f"the {split} split holds 1 document: with fewer than 2 documents, random next segments come "
+                "from the same document (NSP negatives are not from another text); give a corpus of several "
+                "documents (--doc-boundary blank-line splits a file at blank lines)"
+            )
+    return warnings
+
+
 def _stage_inputs(corpus_manifest: dict, vocab) -> dict[str, str]:
     return {"corpus": corpus_manifest["fingerprint"], "vocab": vocab.fingerprint}
 
@@ -413,6 +432,9 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
         return read_manifest(config.out)
 
     cached = ensure_token_cache(config, corpus_manifest, vocab, map_jobs)
+    warnings = _single_document_warnings(cached)
+    for warning in warnings:
+        log.warning("%s", warning)
     pools = {}
     for split, shards in cached.items():
         total = sum(counts["tokens"] for _, _, counts in shards)
@@ -466,6 +488,8 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
         ordered.append((part.split, stats))
     files += _copy_vocab(config.vocab, vocab, stage.directory)
     summary = _summarise(ordered, config)
+    if warnings:
+        summary["warnings"] = warnings
     summary["seconds"] = round(time.perf_counter() - started, 2)
     manifest = stage.commit(files, summary, extra={"vocab_dir": VOCAB_DIR})
     for part in parts:

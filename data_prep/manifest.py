@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,9 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 INPROGRESS = ".inprogress.json"
 TABLE_SUFFIXES = (".parquet", ".arrow")
+# Vocabularies, tokenizers and configs: small, and one changed byte shifts every id, so their sha256 is checked
+# on every read; data files (tables, weights) have their size and rows checked, their sha256 on request.
+SMALL_FILE_SUFFIXES = (".txt", ".json")
 TEMPORARY_GLOB = ".*.tmp"  # how atomic_path (and the stages' temporary directories) name work in progress
 _UMASK_LOCK = threading.Lock()
 
@@ -317,7 +323,11 @@ def begin_stage(
     check_output_directory(directory)
     manifest = read_manifest(directory)
     if manifest is not None and manifest.get("fingerprint") == fp and not force:
-        return Stage(directory, stage, fp, config, inputs, format_version, complete=True)
+        try:  # sizes, rows and small files: what a reader checks, so "re-run the stage" mends what it refuses
+            verify(directory, manifest)
+            return Stage(directory, stage, fp, config, inputs, format_version, complete=True)
+        except StageError as e:
+            log.warning("%s; building %s again", e, directory)
     if manifest is not None and manifest.get("stage") != stage:
         raise StageError(
             f"{directory} holds a finished '{manifest.get('stage')}' stage, not '{stage}': "
@@ -380,28 +390,90 @@ def require_complete(directory: str | os.PathLike, stage: str, verify_rows: bool
     return manifest
 
 
-def verify(directory: str | os.PathLike, manifest: dict | None = None, check_sha256: bool = False) -> None:
-    """Check every file of a manifest exists with its recorded rows (and sha256 on request)."""
+def changed_file_error(
+    path: str | os.PathLike, stage: str, what: str, stage_dir: str | os.PathLike | None = None
+) -> StageError:
+    """The one-line error for a file that no longer matches the manifest of the ``stage`` that wrote it.
+
+    ``stage_dir``: given when only a sha256 over a data file shows the change. A re-run of a complete stage
+    checks sizes, rows and small files only, so it would not notice: the directory has to go first.
+    """
+    rerun = (
+        f"re-run bertpipe {stage}" if stage_dir is None else f"delete {stage_dir} and re-run bertpipe {stage}"
+    )
+    return StageError(
+        f"{path} does not match its manifest ({what}): the file was changed after the {stage} stage wrote it; "
+        f"{rerun}"
+    )
+
+
+def verify(
+    directory: str | os.PathLike,
+    manifest: dict | None = None,
+    check_sha256: bool = False,
+    under: str | None = None,
+) -> None:
+    """Check the files of a manifest: each exists with its recorded size and rows, each small file (vocabulary,
+    tokenizer, config) has its recorded sha256, and with ``check_sha256`` every file does.
+
+    ``under``: only the files at or below this relative path. A StageError names the file and the stage to
+    re-run.
+    """
     directory = Path(directory)
     if manifest is None:
         manifest = read_manifest(directory)
     if manifest is None:
         raise StageError(f"{directory} has no complete manifest.json: run the stage that writes it")
+    stage = str(manifest.get("stage", "that wrote it"))
     for entry in manifest["files"]:
-        full = directory / entry["path"]
-        if not full.exists():
-            raise StageError(f"{full} is listed in {directory / MANIFEST} but missing: re-run the stage")
-        if entry.get("rows") is not None and full.suffix in (".parquet", ".arrow"):
+        relpath = entry["path"]
+        if under and not (relpath == under or relpath.startswith(under.rstrip("/") + "/")):
+            continue
+        full = directory / relpath
+        if not full.is_file():
+            raise StageError(
+                f"{full} is listed in {directory / MANIFEST} but missing: re-run bertpipe {stage}"
+            )
+        if entry.get("rows") is not None and full.suffix in TABLE_SUFFIXES:
             rows = count_rows(full)
             if rows != entry["rows"]:
                 raise StageError(
-                    f"{full} has {rows} rows but its manifest says {entry['rows']}: "
-                    "the file was changed after the stage finished; re-run the stage"
+                    f"{full} has {rows} rows but its manifest says {entry['rows']}: the file was changed "
+                    f"after the {stage} stage wrote it; re-run bertpipe {stage}"
                 )
-        if check_sha256 and entry.get("sha256"):
-            digest = sha256_file(full)
-            if digest != entry["sha256"]:
-                raise StageError(f"{full} does not match the sha256 in its manifest: re-run the stage")
+        size = full.stat().st_size
+        if entry.get("bytes") is not None and size != entry["bytes"]:
+            raise changed_file_error(full, stage, f"{size} bytes, not {entry['bytes']}")
+        small = full.suffix in SMALL_FILE_SUFFIXES
+        if entry.get("sha256") and (check_sha256 or small) and sha256_file(full) != entry["sha256"]:
+            raise changed_file_error(full, stage, "sha256 differs", None if small else directory)
+
+
+def verify_source(path: str | os.PathLike) -> None:
+    """Check what a stage manifest promises about ``path``: a stage directory, a file it lists, or a folder
+    in one (the examples' ``vocab/``). Nothing when no manifest covers it (a vocabulary from elsewhere)."""
+    path = Path(path).absolute()
+    for directory in (path, *list(path.parents)[:2]):
+        manifest = read_manifest(directory) if directory.is_dir() else None
+        if manifest is None:
+            continue
+        under = None if directory == path else path.relative_to(directory).as_posix()
+        verify(directory, manifest, under=under)
+        return
+
+
+def find_stage_directories(root: str | os.PathLike) -> list[Path]:
+    """``root`` when it is a stage directory (finished or not), else its subdirectories that are (a run root)."""
+    root = Path(root)
+
+    def is_stage(directory: Path) -> bool:
+        return (directory / MANIFEST).is_file() or (directory / INPROGRESS).is_file()
+
+    if is_stage(root):
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and is_stage(d))
 
 
 def invalidate(directory: str | os.PathLike) -> None:

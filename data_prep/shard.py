@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencex
 
+from data_prep.languages import check_language
 from data_prep.manifest import (
     StageError,
     atomic_path,
@@ -66,7 +67,6 @@ SPILL_FLUSH_CHARS = 16 << 20  # a reading task buffers at most ~16 M characters 
 TASK_MIN_BYTES, TASK_MAX_BYTES = 1 << 20, 256 << 20
 ROW_GROUP_DOCUMENTS = 1024  # at most this many documents per Parquet row group ...
 ROW_GROUP_BYTES = 16 << 20  # ... and at most ~16 MB of sentence text (a one-document group may exceed it)
-_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]+)*")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s+)(?=[\"'(\[]*[A-Z0-9])")  # group 1: the gap to split at
 
 
@@ -91,7 +91,7 @@ class ShardConfig:
     text_field: str = "text"
     """The field/column holding the text in JSONL, Parquet and HF dataset inputs."""
     language: str = "en"
-    """Language code for sentencex's sentence splitter."""
+    """Language code for sentencex's sentence splitter: one it knows (``data_prep.languages``), any case."""
     max_sentence_chars: int = 2_000
     """Longer "sentences" (unbalanced quotes, run-on lines) are re-split at punctuation, then on spaces.
 
@@ -123,8 +123,7 @@ class ShardConfig:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if not self.text_field:
             raise ValueError("text_field must name a field or column, e.g. --text-field text")
-        if not _LANGUAGE.fullmatch(self.language):
-            raise ValueError(f"language must be a code such as 'en' or 'de', got {self.language!r}")
+        self.language = check_language(self.language)  # one sentencex knows, in its (lower) case
         if self.max_sentence_chars < 16:
             raise ValueError(f"max_sentence_chars must be at least 16, got {self.max_sentence_chars}")
 

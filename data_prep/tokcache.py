@@ -2,8 +2,12 @@
 
 Layout: ``<cache_root>/tokens-<fingerprint[:16]>/{train,valid}/part-XXXXX.arrow`` (one per corpus shard, same
 name) plus ``part-XXXXX.json`` (its counts, written after it: a shard is cached when both exist) and
-``cache.json`` (what the fingerprint covers). The fingerprint covers the corpus fingerprint, the vocabulary
-fingerprint, its casing and the cache format, so any seed, masking setting or sequence length reuses it.
+``cache.json`` (what the fingerprint covers). The fingerprint covers the content of the corpus (the sha256
+of every shard, as the shard manifest lists them), the vocabulary fingerprint, its casing and the cache
+format, so any seed, masking setting or sequence length reuses it, and another corpus never does. A shard is
+hashed and checked against its manifest when it is tokenised, and again on reuse when it changed after its
+cache was written (mtimes), so an edited shard is refused rather than read, or stood in for by the tokens
+of what it held before.
 
 Each ``.arrow`` file is an Arrow IPC file, one row per document: ``doc_id`` int64, ``ids`` list<uint16|int32>
 (all WordPieces of the document, no special tokens), ``sentence_offsets`` list<int32> (``num_sentences + 1``
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from itertools import chain
 from operator import attrgetter
@@ -28,13 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep.examples import DocumentBlock, segment_index
-from data_prep.manifest import atomic_path, fingerprint, write_json_atomic
+from data_prep.manifest import atomic_path, changed_file_error, fingerprint, sha256_file, write_json_atomic
 from data_prep.schema import token_id_type
 from data_prep.writer import list_offsets, numpy_type, to_arrow, to_numpy
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 2  # 2: block token counts in the sidecar (work is split by blocks)
+CACHE_FORMAT_VERSION = 3  # 2: block token counts in the sidecar (work is split by blocks); 3: content keys
 BLOCK_SENTENCES = 8192  # sentences per cache record batch, at least (whole documents)
 ENCODE_SENTENCES = 1024  # sentences per tokenizer call, across document boundaries (bounds its output)
 CORPUS_READ_ROWS = 8  # documents read from a corpus shard at a time (books are big); blocks end on multiples
@@ -51,10 +57,24 @@ def cache_schema(vocab_size: int) -> pa.Schema:
     )
 
 
-def cache_directory(cache_root: str | Path, corpus_fingerprint: str, vocab) -> Path:
-    """The cache directory of one (corpus, vocabulary) pair; writes its cache.json if new."""
+def corpus_content_key(corpus_dir: str | Path, corpus_manifest: dict) -> str:
+    """A digest of the corpus shards' content: their paths and sha256 as the manifest lists them (files
+    listed without one are hashed here)."""
+    return fingerprint(
+        sorted(
+            (entry["path"], entry.get("sha256") or sha256_file(Path(corpus_dir) / entry["path"]))
+            for entry in corpus_manifest["files"]
+        )
+    )
+
+
+def cache_directory(cache_root: str | Path, corpus_key: str, vocab) -> Path:
+    """The cache directory of one (corpus content, vocabulary) pair; writes its cache.json if new.
+
+    ``corpus_key``: ``corpus_content_key`` of the corpus, so the cache follows what the shards hold.
+    """
     key = {
-        "corpus": corpus_fingerprint,
+        "corpus": corpus_key,
         "vocab": vocab.fingerprint,
         "lowercase": vocab.lowercase,
         "format_version": CACHE_FORMAT_VERSION,
@@ -244,9 +264,31 @@ def _encoded_blocks(
         thread.join()
 
 
-def build_shard_cache(corpus_file: Path, cache_file: Path, vocab) -> dict:
-    """Tokenise one corpus shard into its cache file (atomically); returns its counts."""
+def check_corpus_file(corpus_file: Path, expected_sha256: str | None, cache_file: Path | None = None) -> None:
+    """A StageError when a corpus shard's sha256 is not ``expected_sha256`` (the shard manifest's).
+
+    ``cache_file``: the shard's cache, trusted without hashing when it was written after the shard last
+    changed (and touched after a hash that matched, so a copied corpus is hashed once).
+    """
+    corpus_file = Path(corpus_file)
+    if expected_sha256 is None:
+        return
+    if cache_file is not None and corpus_file.stat().st_mtime_ns < cache_file.stat().st_mtime_ns:
+        return
+    if sha256_file(corpus_file) != expected_sha256:
+        raise changed_file_error(corpus_file, "shard", "sha256 differs", corpus_file.parent.parent)
+    if cache_file is not None:  # newer than the shard from now on, even one stamped ahead by another clock
+        stamp = max(time.time_ns(), corpus_file.stat().st_mtime_ns + 1)
+        os.utime(cache_file, ns=(stamp, stamp))
+
+
+def build_shard_cache(corpus_file: Path, cache_file: Path, vocab, expected_sha256: str | None = None) -> dict:
+    """Tokenise one corpus shard into its cache file (atomically); returns its counts.
+
+    ``expected_sha256``: the shard manifest's; a file that no longer has it is refused before it is read.
+    """
     corpus_file, cache_file = Path(corpus_file), Path(cache_file)
+    check_corpus_file(corpus_file, expected_sha256)
     schema = cache_schema(vocab.size)
     id_type = numpy_type(schema.field("ids").type.value_type)
     counts = {"documents": 0, "sentences": 0, "tokens": 0, "block_tokens": []}
@@ -277,6 +319,15 @@ def shard_counts(cache_file: Path) -> dict | None:
         return json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def cached_shard_counts(cache_file: Path, corpus_file: Path, expected_sha256: str | None) -> dict | None:
+    """``shard_counts`` of a cached shard whose corpus file still holds what the manifest says (else a
+    StageError naming it), or None when the shard is not cached."""
+    counts = shard_counts(cache_file)
+    if counts is not None:
+        check_corpus_file(corpus_file, expected_sha256, cache_file)
+    return counts
 
 
 def _block_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

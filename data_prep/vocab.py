@@ -37,6 +37,7 @@ from data_prep.manifest import (
     read_manifest,
     require_complete,
     stage_fingerprint,
+    verify_source,
     write_json_atomic,
 )
 from data_prep.schema import SPECIAL_ID_NAMES, SPECIAL_TOKENS, vocab_fingerprint
@@ -180,6 +181,7 @@ def load_vocab(path: str | os.PathLike) -> Vocab:
     """
     path = Path(path)
     tokenizer_json, vocab_txt, config_json = _resolve_vocab_files(path)
+    verify_source(path)  # a stage's vocabulary must be the one its manifest lists, byte for byte
     if tokenizer_json is not None:
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))

@@ -168,6 +168,40 @@ def examples(
     )
 
 
+# --- verify ----------------------------------------------------------------------------------------------
+@app.command()
+def verify(
+    directory: Path = typer.Argument(..., help="A stage directory, or a run root holding several."),
+) -> None:
+    """Check stage directories against their manifests, every file's sha256 included: one line per stage."""
+    from data_prep.manifest import INPROGRESS, StageError, find_stage_directories, read_json, read_manifest
+    from data_prep.manifest import verify as verify_stage
+
+    if not directory.is_dir():
+        fail(f"{directory} is not a directory: give a stage directory or a run root")
+    stages = find_stage_directories(directory)
+    if not stages:
+        fail(f"{directory} is neither a stage directory nor a run root holding some (no manifest.json found)")
+    failed = 0
+    for stage_dir in stages:
+        manifest = read_manifest(stage_dir)
+        if manifest is None:
+            failed += 1
+            stage = (read_json(stage_dir / INPROGRESS) or {}).get("stage") or "its stage"
+            typer.echo(f"FAILED {stage_dir}: unfinished (no complete manifest.json): re-run bertpipe {stage}")
+            continue
+        try:
+            verify_stage(stage_dir, manifest, check_sha256=True)
+        except (StageError, OSError) as e:
+            failed += 1
+            typer.echo(f"FAILED {stage_dir}: {str(e).splitlines()[0]}")
+            continue
+        size = sum(entry.get("bytes") or 0 for entry in manifest["files"])
+        typer.echo(f"ok     {stage_dir}: {manifest['stage']}, {len(manifest['files'])} files, {size:,} bytes")
+    if failed:
+        raise typer.Exit(code=2)
+
+
 # --- finetune ---------------------------------------------------------------------------------------
 
 

@@ -91,3 +91,79 @@ def test_a_vocab_size_the_corpus_cannot_fill_is_said(corpus, tmp_path):
                                       "--vocab-size", "100000000"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "note: asked for 100000000 tokens; this corpus gives" in result.output
+
+
+def test_a_language_the_sentence_splitter_does_not_know_is_refused(shared_data, tmp_path):
+    # sentencex splits any unknown code with English rules, without a word.
+    source = str(shared_data / "corpus/inaugural/1789-Washington.txt")
+    refused("shard", "--input", source, "--out", str(tmp_path / "a"), "--num-shards", "1", "--language", "xx-klingon",
+            contains="--language xx-klingon: the sentence splitter (sentencex) does not know this code")  # fmt: skip
+    refused("shard", "--input", source, "--out", str(tmp_path / "b"), "--num-shards", "1", "--language", "en-US",
+            contains="give en")  # fmt: skip
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from data_prep.shard import ShardConfig
+
+    for code, used in (("en", "en"), ("zh", "zh"), ("pt-BR", "pt-br"), ("de-at", "de-at"), ("tr", "tr")):
+        assert (
+            ShardConfig(inputs=[source], out=str(tmp_path / "c"), num_shards=1, language=code).language
+            == used
+        )
+
+
+def test_a_binary_finetune_file_is_named_in_one_line(shared_data, tmp_path):
+    from bert.model import BertConfig, BertModel
+
+    model = tmp_path / "model"
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(model)  # fmt: skip
+    (model / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a"]) + "\n"
+    )
+    binary = tmp_path / "eval.tsv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    train = str(shared_data / "cola" / "train.tsv")
+    common = ["finetune", "--task", "cola", "--model", str(model), "--out", str(tmp_path / "o")]
+    refused(*common, "--train", train, "--eval", str(binary),
+            contains=f"{binary}: not UTF-8 text (byte 0x80 cannot be decoded)")  # fmt: skip
+    refused(*common, "--train", str(binary), "--eval", train, contains=f"{binary}: not UTF-8 text")
+    squad = [
+        "finetune",
+        "--task",
+        "squad",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "q"),
+        "--max-seq-length",
+        "64",
+    ]
+    refused(
+        *squad,
+        "--train",
+        str(binary),
+        "--eval",
+        str(binary),
+        contains="give the train data as a UTF-8 SQuAD JSON",
+    )
+
+
+def test_a_one_document_corpus_is_warned_about_once(tmp_path, caplog):
+    from test_examples_stage import write_corpus, write_vocab
+
+    from data_prep import reader
+    from data_prep.examples_stage import ExamplesConfig, generate_examples
+
+    corpus = write_corpus(tmp_path / "corpus", num_docs=1, shards=(("train", 1),))
+    config = ExamplesConfig(corpus, write_vocab(tmp_path / "vocab"), tmp_path / "out", max_seq_length=32)
+    with caplog.at_level("WARNING"):
+        stats = generate_examples(config)["stats"]
+    warning = (
+        "the train split holds 1 document: with fewer than 2 documents, random next segments come from the same "
+        "document"
+    )
+    assert [r.getMessage() for r in caplog.records if "fewer than 2 documents" in r.getMessage()] == [
+        stats["warnings"][0]
+    ]
+    assert len(stats["warnings"]) == 1 and stats["warnings"][0].startswith(warning)
+    rows = list(reader.iter_examples(tmp_path / "out", "train"))
+    assert rows and {(r["a_doc_id"], r["b_doc_id"]) for r in rows} == {(rows[0]["a_doc_id"],) * 2}
