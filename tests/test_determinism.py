@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_vocab import WORDS
 
 from data_prep.examples_stage import ExamplesConfig, generate_examples
 from data_prep.manifest import MANIFEST
@@ -69,23 +70,7 @@ def run_three_times(tmp_path: Path, inputs: list[str], doc_boundary: str, worker
 
 
 def test_three_runs_of_each_stage_give_identical_bytes_on_a_small_text(tmp_path):
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "lazy",
-        "dogs",
-        "while",
-        "seven",
-        "wizards",
-        "quietly",
-        "judge",
-        "boxing",
-        "matches",
-    ]
+    words = WORDS
     paragraphs = []
     for doc in range(40):
         sentences = [
