@@ -2,7 +2,8 @@
 
 The shard, vocab and examples stages run three times each, every run reading the previous stage's output of
 the same run, and every file they write is compared byte for byte. In manifest.json only the timings may
-differ (when it was written, how long the stage took); every other field must match too.
+differ (when it was written, how long the stage took); every other field must match too. Pretraining and
+fine-tuning (on the CPU) export the same weights and log the same metrics, timings aside.
 """
 
 from __future__ import annotations
@@ -96,3 +97,56 @@ def test_three_runs_of_each_stage_give_identical_bytes_on_the_sample_corpus(shar
         assert_identical_runs([run[stage] for run in runs])
     examples = json.loads((runs[0]["examples"] / MANIFEST).read_text())
     assert examples["stats"]["examples"] > 500  # enough text for the comparison to mean something
+
+
+TIMING_KEYS = {"step_time_s", "tokens_per_s", "tokens_per_s_per_rank", "samples_per_s", "train_seconds"}
+
+
+def without_timing_keys(obj):
+    """``obj`` (JSON) with the wall-clock fields dropped wherever they are nested."""
+    if isinstance(obj, dict):
+        return {k: without_timing_keys(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timing_keys(v) for v in obj]
+    return obj
+
+
+def test_three_pretraining_and_fine_tuning_runs_give_identical_weights_and_metrics(tmp_path):
+    """Pretraining (DeepSpeed, one process) and fine-tuning, three runs each: the same exported bytes."""
+    from test_data import TINY, make_examples, make_vocab
+
+    from bert.finetune import FinetuneConfig
+    from bert.finetune import main as finetune
+    from bert.pretrain import main as pretrain
+    from bert.train_config import TrainConfig
+
+    examples = make_examples(
+        tmp_path / "examples", make_vocab(tmp_path / "vocab"), num_train=64, num_valid=16
+    )
+    rows = [f"{' '.join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(6))}\t{i % 2}\n" for i in range(48)]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows[:32]))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows[32:]))
+    runs = []
+    for run in range(3):
+        out = tmp_path / f"run{run}"
+        pretrain(TrainConfig(examples=str(examples), out=str(out / "pretrain"), model_overrides=TINY,
+                             micro_batch_size=4, gradient_accumulation_steps=2, lr=1e-2, warmup_steps=2,
+                             max_steps=4, progress_bar=False, tensorboard=False))  # fmt: skip
+        finetune(FinetuneConfig(task="sst2", model=out / "pretrain" / "hf", out=out / "finetune",
+                                train=tmp_path / "train.tsv", eval=tmp_path / "dev.tsv", seeds=(0,), epochs=2,
+                                batch_size=8, max_seq_length=32, progress=False))  # fmt: skip
+        metrics = [json.loads(line) for line in (out / "pretrain/metrics.jsonl").read_text().splitlines()]
+        runs.append(
+            {
+                "hf": stage_files(out / "pretrain/hf"),
+                "pretrain metrics": without_timing_keys(metrics),
+                "finetune metrics": without_timing_keys(
+                    json.loads((out / "finetune/metrics.json").read_text())
+                ),
+                "predictions": stage_files(out / "finetune/predictions"),
+            }
+        )
+    assert runs[0]["hf"] and runs[0]["predictions"] and len(runs[0]["pretrain metrics"]) >= 4
+    for other in runs[1:]:
+        for key, value in runs[0].items():
+            assert other[key] == value, key
