@@ -19,18 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import torch
 
-from data_prep.manifest import require_complete
-from data_prep.schema import ExampleMetadata, continuation_table, replacement_ids
+from data_prep import masking
+from data_prep.manifest import open_arrow_ipc, require_complete
+from data_prep.schema import WORD_START_COLUMN, ExampleMetadata, continuation_table, replacement_ids
 
 LIST_COLUMNS = ("input_ids", "token_type_ids", "masked_lm_positions", "masked_lm_ids")
+OPTIONAL_LIST_COLUMNS = (WORD_START_COLUMN,)  # read where shards have them (dynamic whole-word masking)
 IGNORE_INDEX = -100
 
 
 class ExampleShards:
-    """Random access by global index over Arrow IPC example shards, through memory maps (no copy)."""
+    """Random access by global index over Arrow IPC example shards, through memory maps (no copy).
+
+    Reads IPC streams (what the examples stage writes) and IPC files (older example directories).
+    """
 
     def __init__(self, paths: list[str | os.PathLike]):
         if not paths:
@@ -43,21 +47,23 @@ class ExampleShards:
         for path in self.paths:
             source = pa.memory_map(str(path), "r")
             self._sources.append(source)
-            reader = ipc.open_file(source)
-            shard_metadata = ExampleMetadata.from_arrow(reader.schema, where=str(path))
+            schema, batches = open_arrow_ipc(source)
+            shard_metadata = ExampleMetadata.from_arrow(schema, where=str(path))
             if metadata is None:
                 metadata = shard_metadata
+                # equal metadata, equal columns: the first shard's list columns are every shard's
+                optional = tuple(name for name in OPTIONAL_LIST_COLUMNS if name in schema.names)
+                self._list_columns = LIST_COLUMNS + optional
             elif shard_metadata != metadata:
                 raise ValueError(
                     f"{path} was generated with other settings than {self.paths[0]} (metadata differs): "
                     "train on shards of one `bertpipe examples` run"
                 )
-            for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
+            for batch in batches:
                 if batch.num_rows == 0:
                     continue
                 columns = {}
-                for name in LIST_COLUMNS:
+                for name in self._list_columns:
                     array = batch.column(name)
                     columns[name + ".offsets"] = array.offsets.to_numpy()
                     columns[name] = array.values.to_numpy(zero_copy_only=False)
@@ -76,7 +82,7 @@ class ExampleShards:
         b = bisect.bisect_right(self._starts, index) - 1
         columns, row = self._batches[b], index - self._starts[b]
         example = {}
-        for name in LIST_COLUMNS:
+        for name in self._list_columns:
             offsets = columns[name + ".offsets"]
             example[name] = columns[name][offsets[row] : offsets[row + 1]]
         example["next_sentence_label"] = int(columns["next_sentence_label"][row])
@@ -227,39 +233,29 @@ def dynamic_mask(
     masked_lm_prob: float,
     max_predictions: int,
     is_continuation: np.ndarray | None = None,
+    word_start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """BERT's 80/10/10 masking of one example: (masked ids, positions ascending, original ids).
+    """BERT's 80/10/10 masking of one example by the rule of data_prep/masking.py, the one static masking
+    follows: (masked ids, positions ascending, original ids).
 
-    Special tokens are never chosen; random replacements come from ``replacement_ids`` (no special tokens).
-    With ``is_continuation`` (a bool per vocabulary id, True for "##" pieces) whole words are masked.
+    ``special_ids`` ([PAD] [UNK] [CLS] [SEP] [MASK]) are never chosen; the budget counts the whole example;
+    random replacements come from ``replacement_ids``. Whole words are masked over ``word_start`` (per
+    token, the examples' ``word_start`` column: "##" pieces and segmenter words), or else over "##" pieces
+    (``is_continuation``, a bool per vocabulary id).
     """
     ids = np.asarray(input_ids, dtype=np.int64)
-    candidates = np.flatnonzero(~np.isin(ids, special_ids))
-    num_to_predict = min(
-        max_predictions, max(1, int(round(len(candidates) * masked_lm_prob))), len(candidates)
+    offsets = np.array([0, len(ids)], dtype=np.int64)
+    candidate = ~np.isin(ids, special_ids)
+    if word_start is not None:
+        word_start = np.asarray(word_start).astype(bool)
+        word_start[:1] = True
+    elif is_continuation is not None:
+        word_start = masking.word_starts(ids, offsets, candidate, is_continuation)
+    positions, _ = masking.choose_predictions(
+        ids, offsets, candidate, masked_lm_prob, max_predictions, rng, word_start
     )
-    if is_continuation is None:
-        words = [[int(p)] for p in candidates]
-    else:
-        words = []
-        for p in candidates:
-            if words and is_continuation[ids[p]] and words[-1][-1] == p - 1:
-                words[-1].append(int(p))
-            else:
-                words.append([int(p)])
-    chosen: list[int] = []
-    for w in rng.permutation(len(words)):
-        if len(chosen) >= num_to_predict:
-            break
-        if len(chosen) + len(words[w]) <= num_to_predict:
-            chosen.extend(words[w])
-    positions = np.array(sorted(chosen), dtype=np.int64)
-    originals = ids[positions].copy()
     masked = ids.copy()
-    draw = rng.random(len(positions))
-    masked[positions[draw < 0.8]] = mask_id
-    random_positions = positions[(draw >= 0.8) & (draw < 0.9)]
-    masked[random_positions] = replacement_ids[rng.integers(0, len(replacement_ids), len(random_positions))]
+    originals, _, _ = masking.replace_80_10_10(masked, positions, mask_id, replacement_ids, rng)
     return masked, positions, originals
 
 
@@ -281,15 +277,15 @@ class Collator:
         self.pad_id = metadata.special_ids.get("pad", 0)
         self.mask_id = metadata.special_ids["mask"]
         self.special_ids = np.array(sorted(set(metadata.special_ids.values())), dtype=np.int64)
+        self.never_predicted = masking.never_predicted_ids(metadata.special_ids)
         self.dynamic = metadata.masking == "dynamic"
         if tokens is not None:
             self.replacement_ids = replacement_ids(tokens[: metadata.vocab_size], metadata.special_ids)
         else:  # no token strings: every id but the special ones
             self.replacement_ids = np.setdiff1d(np.arange(metadata.vocab_size), self.special_ids)
+        self.whole_word = self.dynamic and metadata.whole_word_mask
         self.is_continuation = None
-        if self.dynamic and metadata.whole_word_mask:
-            if tokens is None:
-                raise ValueError("whole-word dynamic masking needs the vocabulary's tokens")
+        if self.whole_word and tokens is not None:
             self.is_continuation = continuation_table(tokens)
 
     def __call__(self, dataset: ExampleShards, indices: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
@@ -310,12 +306,13 @@ class Collator:
                 ids, positions, originals = dynamic_mask(
                     ids,
                     rng,
-                    self.special_ids,
+                    self.never_predicted,
                     self.replacement_ids,
                     self.mask_id,
                     self.metadata.masked_lm_prob,
                     self.metadata.max_predictions_per_seq,
                     self.is_continuation,
+                    self._word_start(example),
                 )
             else:
                 positions = np.asarray(example["masked_lm_positions"], dtype=np.int64)
@@ -333,6 +330,23 @@ class Collator:
             "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.from_numpy(nsp),
         }
+
+    def _word_start(self, example: dict) -> np.ndarray | None:
+        """The example's whole-word boundaries: its ``word_start`` column (written by the examples stage for
+        dynamic whole-word masking), else None to group "##" pieces by the vocabulary."""
+        if not self.whole_word:
+            return None
+        word_start = example.get(WORD_START_COLUMN)
+        if word_start is not None:
+            return word_start
+        if self.metadata.word_segmenter is not None:
+            raise ValueError(
+                f"the examples were segmented into words by {self.metadata.word_segmenter} but this example "
+                f"lacks its {WORD_START_COLUMN!r} column: read the shards with a bert.data that loads it"
+            )
+        if self.is_continuation is None:
+            raise ValueError("whole-word dynamic masking needs the vocabulary's tokens")
+        return None
 
 
 # --- agreement between examples, tokenizer and model ----------------------------------------------------

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_prep import masking
+from data_prep.masking import num_to_predict  # noqa: F401 (part of this module's interface)
+
 MIN_MAX_SEQ_LENGTH = 8  # [CLS] A [SEP] B [SEP] with a target of at least 2 tokens and room to truncate
-COLUMN_BITS = 16  # masking keys keep the token position in their low bits (positions fit in uint16)
 
 
 @dataclass
@@ -33,6 +35,9 @@ class DocumentBlock:
     sent_offsets: list[int]  # global token offsets, per document num_sentences + 1 entries
     doc_bounds: list[int]  # (num_docs + 1,) index into sent_offsets
     doc_ids: list[int]
+    # (num_tokens,) bool: the token is in the same Chinese word as the one before it (data_prep/segment.py);
+    # None when the corpus was not segmented
+    continues_word: np.ndarray | None = None
 
     @property
     def num_docs(self) -> int:
@@ -178,6 +183,8 @@ class ExampleArrays:
     masked_lm_positions: np.ndarray | None = None  # (num_predictions,) uint16
     masked_lm_ids: np.ndarray | None = None
     masked_lm_offsets: np.ndarray | None = None  # (num_examples + 1,) int64
+    continues_word: np.ndarray | None = None  # (num_tokens,) bool, segmenter words; False at/after specials
+    word_start: np.ndarray | None = None  # (num_tokens,) bool, whole-word masking words (dynamic mode)
 
     @property
     def num_examples(self) -> int:
@@ -196,8 +203,14 @@ def assemble_examples(
     cls_id: int,
     sep_id: int,
     rng: np.random.Generator,
+    block_continues: np.ndarray | None = None,
+    pool_continues: np.ndarray | None = None,
 ) -> ExampleArrays:
-    """Truncate each pair (random side per removed token) and build ``[CLS] A [SEP] B [SEP]``."""
+    """Truncate each pair (random side per removed token) and build ``[CLS] A [SEP] B [SEP]``.
+
+    ``block_continues`` / ``pool_continues`` (the blocks' ``continues_word``): carried along into the
+    examples' ``continues_word``, False at [CLS]/[SEP] and after them (a word cut by truncation starts anew).
+    """
     len_a, len_b = spans["a_len"], spans["b_len"]
     cut_a, cut_b = truncation_cuts(len_a, len_b, max_num_tokens)
     # Each removed token comes from the front or the back with probability 1/2, as in Google's loop.
@@ -215,14 +228,30 @@ def assemble_examples(
     ids[starts] = cls_id
     ids[starts + len_a + 1] = sep_id
     ids[offsets[1:] - 1] = sep_id
-    ids[segment_index(starts + 1, len_a)] = block_ids[segment_index(a_start, len_a)]
+    a_dest, a_source = segment_index(starts + 1, len_a), segment_index(a_start, len_a)
+    ids[a_dest] = block_ids[a_source]
     token_type_ids = np.zeros(len(ids), dtype=np.uint8)
     token_type_ids[offsets[1:] - 1] = 1
+    continues = None
+    if block_continues is not None and pool_continues is not None:
+        continues = np.zeros(len(ids), dtype=bool)
+        continues[a_dest] = block_continues[a_source]
     random_next = spans["is_random_next"].astype(bool)
-    for source, rows in ((block_ids, ~random_next), (pool_ids, random_next)):
-        b_dest = segment_index((starts + len_a + 2)[rows], len_b[rows])
-        ids[b_dest] = source[segment_index(b_start[rows], len_b[rows])]
+    for source, rows, source_continues in (
+        (block_ids, ~random_next, block_continues),
+        (pool_ids, random_next, pool_continues),
+    ):
+        b_dest, b_source = (
+            segment_index((starts + len_a + 2)[rows], len_b[rows]),
+            segment_index(b_start[rows], len_b[rows]),
+        )
+        ids[b_dest] = source[b_source]
         token_type_ids[b_dest] = 1
+        if continues is not None:
+            continues[b_dest] = source_continues[b_source]
+    if continues is not None:
+        continues[starts + 1] = False  # first of A
+        continues[starts + len_a + 2] = False  # first of B
     return ExampleArrays(
         input_ids=ids,
         token_type_ids=token_type_ids,
@@ -232,88 +261,30 @@ def assemble_examples(
         a_doc_id=spans["a_doc_id"],
         b_doc_id=spans["b_doc_id"],
         truncated=(cut_a + cut_b) > 0,
+        continues_word=continues,
     )
 
 
-def num_to_predict(lengths: np.ndarray, masked_lm_prob: float, max_predictions_per_seq: int) -> np.ndarray:
-    """Google's ``min(max_predictions_per_seq, max(1, round(len(tokens) * masked_lm_prob)))``.
-
-    ``len(tokens)`` counts [CLS] and both [SEP]; np.rint rounds half to even like Python's round.
-    """
-    wanted = np.maximum(1, np.rint(lengths * masked_lm_prob).astype(np.int64))
-    return np.minimum(wanted, max_predictions_per_seq)
-
-
-def _special_positions(examples: ExampleArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, position, is_special) per token: [CLS] and both [SEP] are never candidates."""
+def example_candidates(examples: ExampleArrays, never_ids: np.ndarray | None = None) -> np.ndarray:
+    """True per token that may be predicted: not [CLS]/[SEP] (by position) nor any id of ``never_ids``
+    (``masking.never_predicted_ids``: [PAD] [UNK] [CLS] [SEP] [MASK])."""
     lengths = examples.lengths
-    row = np.repeat(np.arange(examples.num_examples, dtype=np.int64), lengths)
-    position = np.arange(len(examples.input_ids), dtype=np.int64) - np.repeat(examples.offsets[:-1], lengths)
+    row, position = masking.rows_and_positions(examples.offsets)
     special = (position == 0) | (position == (examples.len_a + 1)[row]) | (position == (lengths - 1)[row])
-    return row, position, special
+    if never_ids is not None:
+        special |= np.isin(examples.input_ids, never_ids)
+    return ~special
 
 
-def _choose_tokens(
-    lengths: np.ndarray, len_a: np.ndarray, wanted: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """A uniformly random set of ``wanted[i]`` candidate positions per example: (row, position), ascending.
-
-    On an (examples × max length) grid every position gets a random 64-bit key with the position in its low
-    bits (so keys never tie); [CLS], [SEP] and padding get the largest key. The chosen positions are those
-    at or below the ``wanted``-th smallest key of their row.
-    """
-    num_examples, width = len(lengths), int(lengths.max())
-    column = np.arange(width, dtype=np.uint64)
-    keys = rng.bit_generator.random_raw((num_examples, width))
-    keys &= np.uint64(~((1 << COLUMN_BITS) - 1) & 0xFFFFFFFFFFFFFFFF)
-    keys |= column
-    col = column.astype(np.int64)
-    never = (col == 0) | (col == (len_a + 1)[:, None]) | (col >= (lengths - 1)[:, None])
-    keys[never] = np.iinfo(np.uint64).max
-    most = int(wanted.max())
-    smallest = np.sort(np.partition(keys, most - 1, axis=1)[:, :most], axis=1)
-    threshold = smallest[np.arange(num_examples), wanted - 1]
-    return np.nonzero(keys <= threshold[:, None])
-
-
-def _choose_whole_words(
-    row: np.ndarray,
-    special: np.ndarray,
-    word_start: np.ndarray,
-    wanted: np.ndarray,
-    rng: np.random.Generator,
+def example_word_starts(
+    examples: ExampleArrays, is_continuation: np.ndarray | None, never_ids: np.ndarray | None = None
 ) -> np.ndarray:
-    """Whole-word selection: words in random order, each taken when it still fits under ``wanted``.
-
-    As Google's whole-word loop: a word that would overflow the budget is skipped and smaller later words
-    may still fill it, so a word is never split.
-    """
-    num_examples = len(wanted)
-    candidate = ~special
-    word_of_token = np.cumsum(word_start) - 1  # valid on candidates only
-    starts = np.flatnonzero(word_start)
-    word_row = row[starts]
-    word_size = np.bincount(word_of_token[candidate], minlength=len(starts))
-    # Random order of the words within each example: sort by (row, random key).
-    order = np.lexsort((rng.random(len(starts)), word_row))
-    words_per_row = np.bincount(word_row, minlength=num_examples)
-    column = np.arange(len(starts)) - np.repeat(np.cumsum(words_per_row) - words_per_row, words_per_row)
-    width = int(words_per_row.max()) if len(starts) else 0
-    sizes = np.full((num_examples, max(width, 1)), np.iinfo(np.int64).max // 4, dtype=np.int64)
-    sizes[word_row[order], column] = word_size[order]
-    taken = np.zeros_like(sizes, dtype=bool)
-    filled = np.zeros(num_examples, dtype=np.int64)
-    for col in range(width):
-        fits = filled + sizes[:, col] <= wanted
-        taken[:, col] = fits
-        filled += np.where(fits, sizes[:, col], 0)
-        if (filled >= wanted).all():
-            break
-    word_taken = np.zeros(len(starts), dtype=bool)
-    word_taken[order] = taken[word_row[order], column]
-    chosen = np.zeros(len(row), dtype=bool)
-    chosen[candidate] = word_taken[word_of_token[candidate]]
-    return chosen
+    """Where the words of whole-word masking begin: "##" pieces (``is_continuation``, per vocabulary id)
+    and, when the examples carry them, the segmenter's Chinese words (``examples.continues_word``)."""
+    candidate = example_candidates(examples, never_ids)
+    return masking.word_starts(
+        examples.input_ids, examples.offsets, candidate, is_continuation, examples.continues_word
+    )
 
 
 def mask_examples(
@@ -324,38 +295,33 @@ def mask_examples(
     replacement_ids: np.ndarray,
     rng: np.random.Generator,
     is_continuation: np.ndarray | None = None,
+    never_ids: np.ndarray | None = None,
 ) -> dict[str, int]:
-    """Static masking in place, as create_masked_lm_predictions; returns counts for the stats.
+    """Static masking in place, by the rule of data_prep/masking.py; returns counts for the stats.
 
-    Per example ``num_to_predict`` positions (never [CLS]/[SEP]); each 80% [MASK], 10% a random token drawn
-    from ``replacement_ids`` (no special tokens), 10% unchanged. With ``is_continuation`` (a bool per vocab
-    id, True for "##" pieces) whole words are chosen, never split. Positions come out ascending.
+    Per example ``num_to_predict`` positions, never [CLS]/[SEP] nor an id of ``never_ids`` ([PAD] [UNK]
+    [MASK] too, ``masking.never_predicted_ids``); each 80% [MASK], 10% a random token drawn from
+    ``replacement_ids`` (no special tokens), 10% unchanged. With ``is_continuation`` (a bool per vocab id,
+    True for "##" pieces) whole words are chosen, never split, the segmenter's words too when the examples
+    carry them (``continues_word``). Positions come out ascending.
     """
     lengths = examples.lengths
     uncapped = np.maximum(1, np.rint(lengths * masked_lm_prob).astype(np.int64))
-    wanted = np.minimum(num_to_predict(lengths, masked_lm_prob, max_predictions_per_seq), lengths - 3)
+    candidate = example_candidates(examples, never_ids)
+    word_start = None
+    if is_continuation is not None:
+        word_start = masking.word_starts(
+            examples.input_ids, examples.offsets, candidate, is_continuation, examples.continues_word
+        )
     ids = examples.input_ids
-    if is_continuation is None:
-        row, position = _choose_tokens(lengths, examples.len_a, wanted, rng)
-        selected = examples.offsets[row] + position
-        candidates = int((lengths - 3).sum())
-    else:
-        token_row, token_position, special = _special_positions(examples)
-        after_special = np.zeros(len(ids), dtype=bool)
-        after_special[1:] = special[:-1]
-        # A "##" piece right after [CLS]/[SEP] (front truncation) starts a word of its own.
-        word_start = ~special & (~is_continuation[ids] | after_special)
-        selected = np.flatnonzero(_choose_whole_words(token_row, special, word_start, wanted, rng))
-        row, position = token_row[selected], token_position[selected]
-        candidates = int((~special).sum())
+    selected, _ = masking.choose_predictions(
+        ids, examples.offsets, candidate, masked_lm_prob, max_predictions_per_seq, rng, word_start
+    )
     # ``selected`` is ascending, so positions are ascending within each example.
-    labels = ids[selected]  # fancy indexing copies
-    draw = rng.random(len(selected))
-    to_mask, to_random = draw < 0.8, draw >= 0.9
-    ids[selected[to_mask]] = mask_id
-    ids[selected[to_random]] = replacement_ids[rng.integers(0, len(replacement_ids), int(to_random.sum()))]
+    labels, to_mask, to_random = masking.replace_80_10_10(ids, selected, mask_id, replacement_ids, rng)
+    row = np.searchsorted(examples.offsets, selected, side="right") - 1
     counts = np.bincount(row, minlength=examples.num_examples)
-    examples.masked_lm_positions = position.astype(np.uint16)
+    examples.masked_lm_positions = (selected - examples.offsets[row]).astype(np.uint16)
     examples.masked_lm_ids = labels
     examples.masked_lm_offsets = np.zeros(examples.num_examples + 1, dtype=np.int64)
     np.cumsum(counts, out=examples.masked_lm_offsets[1:])
@@ -364,7 +330,7 @@ def mask_examples(
         "masked_as_mask": int(to_mask.sum()),
         "masked_as_random": int(to_random.sum()),
         "capped": int((uncapped > max_predictions_per_seq).sum()),
-        "candidates": candidates,
+        "candidates": int(candidate.sum()),
     }
 
 

@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from data_prep import examples as ex
-from data_prep import tokcache
+from data_prep import segment, tokcache
+from data_prep.cjk import decode_wordpieces
 from data_prep.manifest import (
     StageError,
     begin_stage,
@@ -36,15 +38,17 @@ from data_prep.manifest import (
     stage_fingerprint,
     write_json_atomic,
 )
+from data_prep.masking import never_predicted_ids
 from data_prep.parallel import Mapper, local_mapper
+from data_prep.schema import FORMAT_VERSION as SCHEMA_FORMAT_VERSION
 from data_prep.schema import (
-    FORMAT_VERSION,
+    WORD_START_COLUMN,
     ExampleMetadata,
     continuation_table,
     example_schema,
     replacement_ids,
 )
-from data_prep.writer import open_example_file, record_batch
+from data_prep.writer import open_example_file, record_batch, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ MASKING_MODES = ("static", "dynamic")
 VOCAB_DIR = "vocab"  # the tokenizer files copied beside the examples, so the trainer needs nothing else
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PART_TOKENS = 1 << 19  # cache tokens per output file / unit of work (whole cache blocks, at least one)
+# The stage's version, in its fingerprint (a change rebuilds complete example directories): the column
+# contract's (in every shard's metadata) plus one per change of layout since: +1, IPC streams instead of IPC
+# files (datasets.Dataset.from_file opens streams; the trainer still reads the older files).
+FORMAT_VERSION = SCHEMA_FORMAT_VERSION + 1
 
 
 @dataclass
@@ -162,7 +170,8 @@ class _Context:
     metadata: ExampleMetadata
     pools: dict[str, ex.DocumentBlock]
     replacement_ids: np.ndarray
-    continuation: np.ndarray | None
+    continuation: np.ndarray | None  # per vocabulary id, "##" pieces; None without whole-word masking
+    never_ids: np.ndarray  # never a prediction: [PAD] [UNK] [CLS] [SEP] [MASK]
     tokens: list[str]
 
 
@@ -176,6 +185,12 @@ def _corpus_files(corpus_manifest: dict) -> dict[str, list[str]]:
     return {split: sorted(paths) for split, paths in files.items()}
 
 
+def corpus_segmenter(corpus_manifest: dict) -> str | None:
+    """The word segmenter of the corpus's language (the shard manifest's ``language``): "jieba <version>"
+    for Chinese, whose whole-word masking groups the characters of a word; None otherwise."""
+    return segment.segmenter_for((corpus_manifest.get("config") or {}).get("language"))
+
+
 def ensure_token_cache(
     config: ExamplesConfig, corpus_manifest: dict, vocab, map_jobs: Mapper | None = None
 ) -> dict[str, list[tuple]]:
@@ -185,7 +200,8 @@ def ensure_token_cache(
     local processes.
     """
     content_key = tokcache.corpus_content_key(config.corpus, corpus_manifest)
-    cache = tokcache.cache_directory(config.resolved_cache_dir(), content_key, vocab)
+    segmenter = corpus_segmenter(corpus_manifest)  # Chinese is segmented once, whatever the masking
+    cache = tokcache.cache_directory(config.resolved_cache_dir(), content_key, vocab, segmenter)
     sha256 = {entry["path"]: entry.get("sha256") for entry in corpus_manifest["files"]}
     shards = []
     for split, paths in _corpus_files(corpus_manifest).items():
@@ -198,8 +214,13 @@ def ensure_token_cache(
     ]
     if missing:
         log.info("tokenising %d of %d corpus shards into %s", len(missing), len(shards), cache)
-        jobs = [(config.corpus / path, cache_file, vocab, sha256[path]) for _, path, cache_file in missing]
+        jobs = [
+            (config.corpus / path, cache_file, vocab, sha256[path], segmenter)
+            for _, path, cache_file in missing
+        ]
         jobs.sort(key=lambda job: -job[0].stat().st_size)  # biggest first: better balance
+        if segmenter is not None:
+            segment.load()  # once here: forked workers inherit the loaded dictionary
         with _mapper(config, map_jobs) as run_jobs:
             run_jobs(tokcache.build_shard_cache, jobs, "tokenising")
     else:
@@ -236,8 +257,17 @@ def _generate_part(part: _Part, context: _Context) -> dict:
         # Batches never span blocks: (block, batch within block) names the rng whatever the parts.
         rng = ex.batch_rng(config.seed, part.split_index, part.shard_index, (block_index << 32) | batch_index)
         batch_index += 1
+        whole_word = context.continuation is not None
         arrays = ex.assemble_examples(
-            taken, block.ids, pool.ids, max_num_tokens, special["cls"], special["sep"], rng
+            taken,
+            block.ids,
+            pool.ids,
+            max_num_tokens,
+            special["cls"],
+            special["sep"],
+            rng,
+            block.continues_word if whole_word else None,
+            pool.continues_word if whole_word else None,
         )
         masked = None
         if config.masking == "static":
@@ -249,11 +279,14 @@ def _generate_part(part: _Part, context: _Context) -> dict:
                 context.replacement_ids,
                 rng,
                 context.continuation,
+                context.never_ids,
             )
+        elif whole_word:  # the trainer masks these words (the word_start column)
+            arrays.word_start = ex.example_word_starts(arrays, context.continuation, context.never_ids)
         _add_batch_stats(stats, arrays, taken, masked, config.max_seq_length)
         if stats["example"] is None and arrays.num_examples:
             stats["example"] = _decode_example(arrays, 0, context.tokens)
-        writer.write(record_batch(arrays, schema))
+        writer.write(_record_batch(arrays, schema))
 
     with open_example_file(part.out_file, schema) as writer:
         if pool.num_docs == 0:
@@ -274,6 +307,20 @@ def _generate_part(part: _Part, context: _Context) -> dict:
     log.info("%s/%s: %d examples", part.split, part.out_file.name, stats["examples"])
     write_json_atomic(_stats_file(part.out_file), stats)
     return stats
+
+
+def _record_batch(arrays: ex.ExampleArrays, schema: pa.Schema) -> pa.RecordBatch:
+    """``writer.record_batch`` plus the ``word_start`` column of dynamic whole-word masking."""
+    if WORD_START_COLUMN not in schema.names:
+        return record_batch(arrays, schema)
+    core = pa.schema([f for f in schema if f.name != WORD_START_COLUMN], metadata=schema.metadata)
+    batch = record_batch(arrays, core)
+    word_start = pa.ListArray.from_arrays(
+        to_arrow(arrays.offsets, pa.int32()),
+        to_arrow(arrays.word_start, pa.uint8()),
+        type=schema.field(WORD_START_COLUMN).type,
+    )
+    return pa.RecordBatch.from_arrays([*batch.columns, word_start], schema=schema)
 
 
 def _stats_file(out_file: Path) -> Path:
@@ -312,9 +359,13 @@ def _add_batch_stats(
 
 
 def _decode_example(arrays: ex.ExampleArrays, row: int, tokens: list[str]) -> dict:
+    """One example for a human to read: ``text`` decoded (``##`` pieces joined, no spaces between CJK
+    characters), ``tokens`` one by one, and its labels."""
     start, end = int(arrays.offsets[row]), int(arrays.offsets[row + 1])
+    pieces = [tokens[i] for i in arrays.input_ids[start:end]]
     example = {
-        "tokens": " ".join(tokens[i] for i in arrays.input_ids[start:end]),
+        "text": decode_wordpieces(pieces),
+        "tokens": " ".join(pieces),
         "token_type_ids": "".join(str(t) for t in arrays.token_type_ids[start:end]),
         "next_sentence_label": int(arrays.next_sentence_label[row]),
         "a_doc_id": int(arrays.a_doc_id[row]),
@@ -383,15 +434,25 @@ def _single_document_warnings(cached: dict[str, list[tuple]]) -> list[str]:
     return warnings
 
 
-def _stage_inputs(corpus_manifest: dict, vocab) -> dict[str, str]:
-    return {"corpus": corpus_manifest["fingerprint"], "vocab": vocab.fingerprint}
+def _stage_inputs(corpus_manifest: dict, vocab, config: ExamplesConfig) -> dict[str, str]:
+    inputs = {"corpus": corpus_manifest["fingerprint"], "vocab": vocab.fingerprint}
+    segmenter = _masking_segmenter(config, corpus_manifest)
+    if segmenter is not None:  # its words decide the masks: another version, other examples
+        inputs["segmenter"] = segmenter
+    return inputs
+
+
+def _masking_segmenter(config: ExamplesConfig, corpus_manifest: dict) -> str | None:
+    """The segmenter whose words whole-word masking groups, None when masking is not whole-word or the
+    corpus language is not segmented."""
+    return corpus_segmenter(corpus_manifest) if config.whole_word_mask else None
 
 
 def expected_fingerprint(config: ExamplesConfig) -> str:
     """The fingerprint the stage directory will have (the corpus and vocabulary must be complete)."""
     from data_prep.vocab import load_vocab
 
-    inputs = _stage_inputs(require_complete(config.corpus, "shard"), load_vocab(config.vocab))
+    inputs = _stage_inputs(require_complete(config.corpus, "shard"), load_vocab(config.vocab), config)
     return stage_fingerprint("examples", config.stage_config(), inputs, FORMAT_VERSION)
 
 
@@ -417,6 +478,7 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
         whole_word_mask=config.whole_word_mask,
         seed=config.seed,
         lowercase=vocab.lowercase,
+        word_segmenter=_masking_segmenter(config, corpus_manifest),
         extra={
             "dupe_factor": config.dupe_factor,
             "short_seq_prob": config.short_seq_prob,
@@ -425,7 +487,7 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
             "negative_pool_tokens": config.negative_pool_tokens,
         },
     )
-    inputs = _stage_inputs(corpus_manifest, vocab)
+    inputs = _stage_inputs(corpus_manifest, vocab, config)
     stage = begin_stage(config.out, "examples", config.stage_config(), inputs, FORMAT_VERSION)
     if stage.complete:
         log.info("%s is complete for this configuration: nothing to do", config.out)
@@ -447,6 +509,7 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
         pools=pools,
         replacement_ids=replacement_ids(vocab.tokens, vocab.special_ids),
         continuation=continuation_table(vocab.tokens) if config.whole_word_mask else None,
+        never_ids=never_predicted_ids(vocab.special_ids),
         tokens=vocab.tokens,
     )
     parts, part_stats, todo = [], {}, []

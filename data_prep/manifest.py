@@ -21,7 +21,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa  # imported where used: reading a manifest needs no pyarrow
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ TABLE_SUFFIXES = (".parquet", ".arrow")
 # Vocabularies, tokenizers and configs: small, and one changed byte shifts every id, so their sha256 is checked
 # on every read; data files (tables, weights) have their size and rows checked, their sha256 on request.
 SMALL_FILE_SUFFIXES = (".txt", ".json")
+# An Arrow IPC file starts with these bytes; an IPC stream starts with a message (0xFFFFFFFF, then its length).
+ARROW_FILE_MAGIC = b"ARROW1"
 TEMPORARY_GLOB = ".*.tmp"  # how atomic_path (and the stages' temporary directories) name work in progress
 _UMASK_LOCK = threading.Lock()
 
@@ -151,8 +156,26 @@ def remove_temporaries(directory: str | os.PathLike) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def open_arrow_ipc(source: pa.NativeFile) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The schema and (lazily) the record batches of the Arrow IPC stream or IPC file on ``source``.
+
+    On a memory map no data is copied: the batches' buffers are slices of the map. Example shards are IPC
+    streams (what ``datasets.Dataset.from_file`` reads); older example shards and the token cache are IPC
+    files, told apart by their first bytes.
+    """
+    import pyarrow as pa
+
+    is_file = source.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC
+    source.seek(0)
+    if is_file:
+        reader = pa.ipc.open_file(source)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    reader = pa.ipc.open_stream(source)
+    return reader.schema, iter(reader)
+
+
 def count_rows(path: str | os.PathLike) -> int:
-    """Rows of a Parquet or Arrow IPC file, read from its footer only."""
+    """Rows of a Parquet file (from its footer) or an Arrow IPC stream or file (from its batch headers)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -162,8 +185,8 @@ def count_rows(path: str | os.PathLike) -> int:
             return pq.ParquetFile(path).metadata.num_rows
         if path.endswith(".arrow"):
             with pa.memory_map(path) as source:
-                reader = pa.ipc.open_file(source)
-                return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+                _, batches = open_arrow_ipc(source)
+                return sum(batch.num_rows for batch in batches)
     except (pa.ArrowInvalid, pa.ArrowIOError) as e:
         raise StageError(
             f"{path} is not a readable {Path(path).suffix[1:]} file (truncated or damaged: {e}); "

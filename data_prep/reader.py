@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from data_prep.manifest import StageError, require_complete, verify
+from data_prep.manifest import StageError, open_arrow_ipc, require_complete, verify
 from data_prep.schema import ExampleMetadata
 
 
@@ -29,17 +29,17 @@ def read_metadata(directory: str | Path) -> ExampleMetadata:
     for split in ("train", "valid"):
         for path in example_files(directory, split):
             with pa.memory_map(str(path)) as source:
-                return ExampleMetadata.from_arrow(pa.ipc.open_file(source).schema, where=str(path))
+                schema, _ = open_arrow_ipc(source)
+                return ExampleMetadata.from_arrow(schema, where=str(path))
     raise StageError(f"{directory} holds no example files")
 
 
 def iter_record_batches(directory: str | Path, split: str = "train") -> Iterator[pa.RecordBatch]:
-    """Record batches of ``split`` in file order, memory-mapped (zero copy)."""
+    """Record batches of ``split`` in file order, memory-mapped (zero copy); IPC streams or older IPC files."""
     for path in example_files(directory, split):
         with pa.memory_map(str(path)) as source:
-            reader = pa.ipc.open_file(source)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
+            _, batches = open_arrow_ipc(source)
+            yield from batches
 
 
 def iter_examples(directory: str | Path, split: str = "train") -> Iterator[dict]:

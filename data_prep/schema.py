@@ -12,6 +12,10 @@ Example shards (Arrow IPC files, one row per example, not padded):
 | masked_lm_positions | list<uint16> | static mode: positions chosen for prediction, ascending; empty in dynamic mode |
 | masked_lm_ids | list<uint16/int32> | static mode: the original ids at those positions; empty in dynamic mode |
 | a_doc_id, b_doc_id | int64 | lineage: the corpus documents A and B came from |
+| word_start | list<uint8> | dynamic whole-word masking only: 1 where a word of whole-word masking begins |
+
+``word_start`` carries the word boundaries static masking would use ("##" pieces and, for Chinese, the
+segmenter's words, data_prep/segment.py), so the trainer's dynamic masking groups tokens the same way.
 
 The schema's key/value metadata holds one key, ``bertpipe``, whose value is the JSON of ExampleMetadata.
 """
@@ -27,6 +31,7 @@ import pyarrow as pa
 
 FORMAT_VERSION = 1
 METADATA_KEY = b"bertpipe"
+WORD_START_COLUMN = "word_start"
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SPECIAL_ID_NAMES = {"[PAD]": "pad", "[UNK]": "unk", "[CLS]": "cls", "[SEP]": "sep", "[MASK]": "mask"}
@@ -87,6 +92,9 @@ class ExampleMetadata:
     whole_word_mask: bool
     seed: int
     lowercase: bool | None = None
+    # Whole-word masking of Chinese: the word segmenter and its version ("jieba 0.42.1"); None when words
+    # are "##" pieces only
+    word_segmenter: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -136,18 +144,24 @@ class ExampleMetadata:
         return problems
 
 
+def has_word_starts(metadata: ExampleMetadata) -> bool:
+    """Whether the shards carry the ``word_start`` column: dynamic whole-word masking (static masking has
+    used the word boundaries already)."""
+    return metadata.masking == "dynamic" and metadata.whole_word_mask
+
+
 def example_schema(metadata: ExampleMetadata) -> pa.Schema:
     """The Arrow schema of example shards for a vocabulary of ``metadata.vocab_size`` ids."""
     ids = token_id_type(metadata.vocab_size)
-    return pa.schema(
-        [
-            ("input_ids", pa.list_(ids)),
-            ("token_type_ids", pa.list_(pa.uint8())),
-            ("next_sentence_label", pa.int8()),
-            ("masked_lm_positions", pa.list_(pa.uint16())),
-            ("masked_lm_ids", pa.list_(ids)),
-            ("a_doc_id", pa.int64()),
-            ("b_doc_id", pa.int64()),
-        ],
-        metadata=metadata.to_arrow(),
-    )
+    fields = [
+        ("input_ids", pa.list_(ids)),
+        ("token_type_ids", pa.list_(pa.uint8())),
+        ("next_sentence_label", pa.int8()),
+        ("masked_lm_positions", pa.list_(pa.uint16())),
+        ("masked_lm_ids", pa.list_(ids)),
+        ("a_doc_id", pa.int64()),
+        ("b_doc_id", pa.int64()),
+    ]
+    if has_word_starts(metadata):
+        fields.append((WORD_START_COLUMN, pa.list_(pa.uint8())))
+    return pa.schema(fields, metadata=metadata.to_arrow())

@@ -6,8 +6,13 @@ Two passes, both with bounded memory and both resumable after a kill:
    sentences (sentencex), hashed, and appended to a per-shard spill file (``DIR/.spill/task-*/``). A
    document's shard and split are a pure function of its content hash and the seed, so duplicates meet
    in one shard and the output does not depend on ``--workers`` or on file order.
+   With near-duplicate removal on, each task also writes every document's MinHash signature
+   (``data_prep.neardup``); between the passes one global LSH pass over the signatures only (never the
+   text) picks the near-duplicates to drop, the survivor of each being the smallest content hash, and lists
+   them in ``near_duplicates.jsonl``.
 2. *write* (parallel over shards): each shard's spill is sorted by content hash (hence by ``doc_id``),
-   exact duplicates are dropped (the copy with the smallest ``source`` is kept), and the rows go to
+   exact duplicates and the chosen near-duplicates are dropped (of exact copies, the one with the smallest
+   ``source`` is kept), and the rows go to
    ``DIR/train/part-NNNNN.parquet`` and ``DIR/valid/part-NNNNN.parquet``, each written atomically.
 
 Every finished task and shard leaves a small JSON marker, so a re-run of a killed stage (same
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -37,6 +43,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import sentencex
 
+from data_prep import neardup
+from data_prep.cjk import CJK_WORD_CHARS_RE2, HAS_ALNUM_RE2, reattach_closers, split_cjk_sentences
 from data_prep.languages import check_language
 from data_prep.manifest import (
     StageError,
@@ -56,18 +64,29 @@ from data_prep.textio import InputUnit, discover_inputs, iter_unit_documents
 log = logging.getLogger(__name__)
 
 STAGE = "shard"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CJK line joins and sentence ends (data_prep.cjk)
 DOC_BOUNDARIES = ("blank-line", "file")
 SPLITS = ("train", "valid")
 SPILL_DIR = ".spill"
 SPILL_SCHEMA = pa.schema(
     [("digest", pa.binary()), ("source", pa.string()), ("sentences", pa.list_(pa.string()))]
 )
+SIGNATURE_SCHEMA = pa.schema(
+    [
+        ("digest", pa.binary(16)),
+        ("source", pa.string()),
+        ("signature", pa.list_(pa.uint32(), neardup.NUM_PERM)),
+    ]
+)
+SIGNATURES = "signatures.arrow"  # per read task, beside its shard spills: every document's MinHash signature
+NEAR_DUPLICATES = "near_duplicates.jsonl"  # the stage's list of near-duplicates dropped, one JSON per line
+NEAR_DUPLICATE_DROPS = "near-dup-{shard:05d}.bin"  # in the spill: digests (16 bytes each) pass 2 drops
 SPILL_FLUSH_CHARS = 16 << 20  # a reading task buffers at most ~16 M characters before writing its spill
 TASK_MIN_BYTES, TASK_MAX_BYTES = 1 << 20, 256 << 20
 ROW_GROUP_DOCUMENTS = 1024  # at most this many documents per Parquet row group ...
 ROW_GROUP_BYTES = 16 << 20  # ... and at most ~16 MB of sentence text (a one-document group may exceed it)
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s+)(?=[\"'(\[]*[A-Z0-9])")  # group 1: the gap to split at
+_CJK_CLAUSE_ENDS = "，；、："  # where a long run of CJK text without spaces is best cut
 
 
 @dataclass
@@ -92,6 +111,9 @@ class ShardConfig:
     """The field/column holding the text in JSONL, Parquet and HF dataset inputs."""
     language: str = "en"
     """Language code for sentencex's sentence splitter: one it knows (``data_prep.languages``), any case."""
+    near_dup_threshold: float = 0.8
+    """Drop a document whose estimated Jaccard similarity (5-word/5-CJK-character shingles, MinHash) with a
+    kept document reaches this; 0 turns near-duplicate removal off (exact duplicates are always dropped)."""
     max_sentence_chars: int = 2_000
     """Longer "sentences" (unbalanced quotes, run-on lines) are re-split at punctuation, then on spaces.
 
@@ -124,6 +146,11 @@ class ShardConfig:
         if not self.text_field:
             raise ValueError("text_field must name a field or column, e.g. --text-field text")
         self.language = check_language(self.language)  # one sentencex knows, in its (lower) case
+        if not 0.0 <= self.near_dup_threshold <= 1.0:
+            raise ValueError(
+                f"near_dup_threshold must be in [0, 1], got {self.near_dup_threshold}: e.g. "
+                "--near-dup-threshold 0.8, or 0 (--no-near-dup) to keep near-duplicates"
+            )
         if self.max_sentence_chars < 16:
             raise ValueError(f"max_sentence_chars must be at least 16, got {self.max_sentence_chars}")
 
@@ -132,6 +159,8 @@ class ShardConfig:
         values = asdict(self)
         for key in ("out", "workers", "force"):
             values.pop(key)
+        if self.near_dup_threshold > 0:  # a new library or shingling changes which documents survive
+            values["near_dup_method"] = neardup.method()
         return values
 
 
@@ -139,14 +168,21 @@ class ShardConfig:
 
 
 def chunk_on_whitespace(text: str, max_chars: int) -> list[str]:
-    """Cut ``text`` into pieces of at most ``max_chars``, at the last space before the limit if any."""
+    """Cut ``text`` into pieces of at most ``max_chars``, at the last space or CJK clause end (``，；、：``,
+    which Chinese and Japanese write without spaces) before the limit if any."""
     pieces = []
     start = 0
     while len(text) - start > max_chars:
         cut = text.rfind(" ", start, start + max_chars + 1)
-        end = cut if cut > start else start + max_chars  # no space: a hard cut inside one huge "word"
+        clause = max(text.rfind(c, start, start + max_chars) for c in _CJK_CLAUSE_ENDS) + 1
+        if clause > max(cut, start):  # cut after the clause's punctuation
+            end = next_start = clause
+        elif cut > start:
+            end, next_start = cut, cut + 1
+        else:  # no space: a hard cut inside one huge "word" (or between two CJK characters)
+            end = next_start = start + max_chars
         pieces.append(text[start:end])
-        start = end + 1 if cut > start else end
+        start = next_start
     pieces.append(text[start:])
     return [p for p in (p.strip() for p in pieces) if p]
 
@@ -170,14 +206,20 @@ def split_long_sentence(sentence: str, max_chars: int) -> list[str]:
 
 
 def split_sentences(paragraph: str, language: str, max_sentence_chars: int, stats: Counter) -> list[str]:
-    """Sentences of one paragraph (sentencex), stripped; over-long ones re-split and counted."""
+    """Sentences of one paragraph (sentencex, then cut after every CJK sentence end), stripped; over-long
+    ones re-split and counted.
+
+    sentencex keeps quotes together, so an unbalanced or mismatched quote (``“control D"``) hides every
+    ``。`` after it; ``。！？`` are unambiguous sentence ends, so ``split_cjk_sentences`` cuts there whatever
+    the language and the quotes around them.
+    """
     sentences = []
-    for sentence in sentencex.segment(language, paragraph):
-        sentence = sentence.strip()
+    pieces = [p for segment in sentencex.segment(language, paragraph) for p in split_cjk_sentences(segment)]
+    for sentence in reattach_closers(pieces):
         if len(sentence) > max_sentence_chars:
             stats["long_sentences_split"] += 1
             sentences.extend(split_long_sentence(sentence, max_sentence_chars))
-        elif sentence:
+        else:
             sentences.append(sentence)
     return sentences
 
@@ -227,11 +269,13 @@ def group_units(units: list[InputUnit]) -> list[list[InputUnit]]:
 class _SpillWriter:
     """Appends documents to one Arrow stream file per shard, flushing when the buffer grows."""
 
-    def __init__(self, directory: Path, num_shards: int) -> None:
+    def __init__(self, directory: Path, num_shards: int, sign: bool = False) -> None:
         self.directory = directory
         self.buffers: list[list[tuple[bytes, str, list[str]]]] = [[] for _ in range(num_shards)]
         self.writers: dict[int, pa.RecordBatchStreamWriter] = {}
         self.buffered_chars = 0
+        self.signatures: pa.RecordBatchStreamWriter | None = None
+        self.sign = sign  # also write every document's MinHash signature to SIGNATURES
 
     def add(self, shard: int, digest: bytes, source: str, sentences: list[str]) -> None:
         self.buffers[shard].append((digest, source, sentences))
@@ -240,6 +284,8 @@ class _SpillWriter:
             self.flush()
 
     def flush(self) -> None:
+        if self.sign:
+            self._write_signatures([row for rows in self.buffers for row in rows])
         for shard, rows in enumerate(self.buffers):
             if not rows:
                 continue
@@ -253,9 +299,24 @@ class _SpillWriter:
             rows.clear()
         self.buffered_chars = 0
 
+    def _write_signatures(self, rows: list[tuple[bytes, str, list[str]]]) -> None:
+        signatures, signed = neardup.signatures([sentences for _, _, sentences in rows])
+        if not len(signed):
+            return
+        if self.signatures is None:
+            sink = pa.OSFile(str(self.directory / SIGNATURES), "wb")
+            self.signatures = pa.ipc.new_stream(sink, SIGNATURE_SCHEMA)
+        values = pa.array(signatures.reshape(-1), pa.uint32())
+        columns = [
+            [rows[i][0] for i in signed],
+            [rows[i][1] for i in signed],
+            pa.FixedSizeListArray.from_arrays(values, neardup.NUM_PERM),
+        ]
+        self.signatures.write_batch(pa.record_batch(columns, schema=SIGNATURE_SCHEMA))
+
     def close(self) -> None:
         self.flush()
-        for writer in self.writers.values():
+        for writer in (*self.writers.values(), *filter(None, [self.signatures])):
             writer.close()
 
 
@@ -284,7 +345,7 @@ def read_task(task_index: int, units: list[InputUnit], config: ShardConfig, spil
     shutil.rmtree(final, ignore_errors=True)
     partial.mkdir(parents=True)
     stats: Counter = Counter()
-    spill = _SpillWriter(partial, config.num_shards)
+    spill = _SpillWriter(partial, config.num_shards, sign=config.near_dup_threshold > 0)
     for unit in units:
         stats["input_units"] += 1
         stats["input_bytes"] += unit.size
@@ -307,12 +368,17 @@ def read_task(task_index: int, units: list[InputUnit], config: ShardConfig, spil
 
 
 def _split_stats(table: pa.Table) -> dict:
+    """Counts of one part. ``words`` as ``data_prep.cjk.count_words``: every ideograph or kana character, and
+    every whitespace-separated run of other text holding a letter or digit; ``cjk_characters`` the former."""
     flat = pc.list_flatten(table.column("sentences"))
-    words = pc.list_value_length(pc.utf8_split_whitespace(flat))
+    num_cjk = int(pc.sum(pc.count_substring_regex(flat, CJK_WORD_CHARS_RE2)).as_py() or 0)
+    rest = pc.replace_substring_regex(flat, CJK_WORD_CHARS_RE2, " ") if num_cjk else flat
+    runs = pc.list_flatten(pc.utf8_split_whitespace(rest))
     return {
         "documents": table.num_rows,
         "sentences": len(flat),
-        "words": int(pc.sum(words).as_py() or 0),
+        "words": num_cjk + int(pc.sum(pc.match_substring_regex(runs, HAS_ALNUM_RE2)).as_py() or 0),
+        "cjk_characters": num_cjk,
         "bytes": int(pc.sum(pc.binary_length(flat)).as_py() or 0),
     }
 
@@ -346,21 +412,33 @@ def part_path(split: str, shard: int) -> str:
     return f"{split}/part-{shard:05d}.parquet"
 
 
+def _read_stream(path: Path, columns: list[str] | None = None) -> pa.Table:
+    with pa.OSFile(str(path), "rb") as source:
+        table = pa.ipc.open_stream(source).read_all()
+    return table if columns is None else table.select(columns)
+
+
 def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
-    """Pass 2 for one shard: sort by content hash, drop exact duplicates, split, write both parts."""
+    """Pass 2 for one shard: sort by content hash, drop exact duplicates and the near-duplicates the global
+    pass chose, split, write both parts."""
     stage_dir = Path(stage_dir)
     spill_root = stage_dir / SPILL_DIR
     spills = sorted(spill_root.glob(f"task-*[0-9]/shard-{shard:05d}.arrow"))
-    tables = []
-    for spill in spills:
-        with pa.OSFile(str(spill), "rb") as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
+    tables = [_read_stream(spill) for spill in spills]
     table = pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
     # digest then source: the kept copy of a duplicate does not depend on file order or workers
     table = table.sort_by([("digest", "ascending"), ("source", "ascending")])
     digests = table.column("digest").to_pylist()
-    keep = [i == 0 or digests[i] != digests[i - 1] for i in range(len(digests))]
+    near_duplicates = set()
+    if config.near_dup_threshold > 0:
+        drops = (spill_root / NEAR_DUPLICATE_DROPS.format(shard=shard)).read_bytes()
+        near_duplicates = {drops[i : i + 16] for i in range(0, len(drops), 16)}
+    keep = [
+        (i == 0 or digests[i] != digests[i - 1]) and digests[i] not in near_duplicates
+        for i in range(len(digests))
+    ]
     table = table.filter(pa.array(keep, pa.bool_()))
+    num_exact = len(keep) - sum(keep) - len(near_duplicates)
     digests = [d for d, k in zip(digests, keep, strict=True) if k]
     is_valid = [placement(d, config.seed, config.num_shards, config.valid_fraction)[1] for d in digests]
     corpus = pa.table(
@@ -372,7 +450,7 @@ def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
         schema=CORPUS_SCHEMA,
     )
     valid_mask = pa.array(is_valid, pa.bool_())
-    result = {"duplicates": len(keep) - corpus.num_rows}
+    result = {"duplicates": num_exact, "near_duplicates": len(near_duplicates)}
     for split, part in (
         ("train", corpus.filter(pc.invert(valid_mask))),
         ("valid", corpus.filter(valid_mask)),
@@ -429,6 +507,87 @@ def _write_shards(stage_dir: Path, config: ShardConfig, map_jobs: Mapper) -> lis
     return [shard_stats[s] for s in range(config.num_shards)]
 
 
+_NO_KEYS = pa.table(
+    {
+        "high": pa.array([], pa.uint64()),
+        "low": pa.array([], pa.uint64()),
+        "source": pa.array([], pa.string()),
+        "file": pa.array([], pa.int32()),
+        "row": pa.array([], pa.int64()),
+    }
+)
+
+
+def _drop_near_duplicates(stage_dir: Path, config: ShardConfig) -> int:
+    """The global pass between reading and writing: LSH over every distinct document's signature (read
+    tasks wrote them beside their spills), in digest order, so the survivor of a group is the document with
+    the smallest content digest whatever the shard, task or worker each copy went through. Writes the
+    stage's ``near_duplicates.jsonl`` and each shard's list of digests to drop; returns how many.
+
+    Memory: 512 bytes of signature per distinct document (NUM_PERM 32-bit values; 100k documents: 51 MB,
+    1M: 0.5 GB) plus ~60 bytes of digest, order and source per document read, plus one task's signature
+    file at a time; never the text.
+    """
+    spill_root = stage_dir / SPILL_DIR
+    paths = sorted(spill_root.glob(f"task-*[0-9]/{SIGNATURES}"))
+    keys = []
+    for number, path in enumerate(paths):  # first read: which row of which file is each distinct document
+        table = _read_stream(path, ["digest", "source"])
+        words = np.frombuffer(table.column("digest").combine_chunks().buffers()[1], ">u8").reshape(-1, 2)
+        words = words[: table.num_rows]  # a buffer may be longer than its rows
+        keys.append(
+            pa.table(
+                {
+                    "high": words[:, 0].astype(np.uint64),
+                    "low": words[:, 1].astype(np.uint64),
+                    "source": table.column("source"),
+                    "file": np.full(table.num_rows, number, np.int32),
+                    "row": np.arange(table.num_rows, dtype=np.int64),
+                }
+            )
+        )
+    # the copy of an exact duplicate that write_shard keeps: the smallest source
+    by_digest = [("high", "ascending"), ("low", "ascending"), ("source", "ascending")]
+    order = pa.concat_tables(keys).sort_by(by_digest) if keys else _NO_KEYS
+    high, low = order.column("high").to_numpy(), order.column("low").to_numpy()
+    first = np.ones(len(high), dtype=bool)
+    first[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
+    order = order.filter(first)  # one row per distinct document, by digest: row r has rank r
+    high, low = order.column("high").to_numpy(), order.column("low").to_numpy()
+    file_of, row_of = order.column("file").to_numpy(), order.column("row").to_numpy()
+    signatures = np.empty((order.num_rows, neardup.NUM_PERM), dtype=np.uint32)
+    for number, path in enumerate(paths):  # second read: the signatures, one file at a time
+        flat = _read_stream(path, ["signature"]).column("signature").combine_chunks().flatten()
+        rows = np.flatnonzero(file_of == number)
+        signatures[rows] = flat.to_numpy().reshape(-1, neardup.NUM_PERM)[row_of[rows]]
+    dropped, kept, similarity = neardup.find_near_duplicates(
+        signatures, np.arange(order.num_rows), config.near_dup_threshold
+    )
+    del signatures
+
+    def digest(row: int) -> bytes:
+        return int(high[row]).to_bytes(8, "big") + int(low[row]).to_bytes(8, "big")
+
+    sources = order.column("source")
+    drops: list[list[bytes]] = [[] for _ in range(config.num_shards)]
+    with atomic_path(stage_dir / NEAR_DUPLICATES) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for d, k, s in zip(dropped.tolist(), kept.tolist(), similarity.tolist(), strict=True):
+            record = {
+                "doc_id": doc_id_of(digest(d)),
+                "source": sources[d].as_py(),
+                "duplicate_of": doc_id_of(digest(k)),
+                "duplicate_of_source": sources[k].as_py(),
+                "similarity": round(s, 4),  # estimated Jaccard: the share of equal signature values
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            shard, _ = placement(digest(d), config.seed, config.num_shards, config.valid_fraction)
+            drops[shard].append(digest(d))
+    for shard, digests in enumerate(drops):
+        with atomic_path(spill_root / NEAR_DUPLICATE_DROPS.format(shard=shard)) as tmp:
+            tmp.write_bytes(b"".join(digests))
+    return len(dropped)
+
+
 def _stage_inputs(config: ShardConfig) -> tuple[list[InputUnit], dict[str, str]]:
     """(the input units, the inputs' fingerprint): StageError when the inputs hold no file."""
     units, skipped = discover_inputs(config.inputs)
@@ -471,6 +630,8 @@ def shard_corpus(config: ShardConfig, map_jobs: Mapper | None = None) -> dict:
                 f"documents ({read['binary_files_skipped']} binary files skipped, {read['bad_records']} "
                 f"records without a {config.text_field!r} text field)"
             )
+        if config.near_dup_threshold > 0:
+            _drop_near_duplicates(stage.directory, config)
         shard_stats = _write_shards(stage.directory, config, map_jobs)
 
     stats = _stage_stats(read, shard_stats)
@@ -479,10 +640,13 @@ def shard_corpus(config: ShardConfig, map_jobs: Mapper | None = None) -> dict:
         for split in SPLITS
         for s in range(config.num_shards)
     ]
+    if config.near_dup_threshold > 0:
+        files.append(file_entry(stage.directory, NEAR_DUPLICATES))
     manifest = stage.commit(files, stats)
     shutil.rmtree(spill_root, ignore_errors=True)
     log.info(
-        "shard: %d documents (%d train, %d valid), %d sentences, %d words in %d shards; %d duplicates dropped",
+        "shard: %d documents (%d train, %d valid), %d sentences, %d words in %d shards; %d duplicates and "
+        "%d near-duplicates dropped",
         stats["documents"],
         stats["splits"]["train"]["documents"],
         stats["splits"]["valid"]["documents"],
@@ -490,6 +654,7 @@ def shard_corpus(config: ShardConfig, map_jobs: Mapper | None = None) -> dict:
         stats["words"],
         config.num_shards,
         stats["dropped"]["duplicate"],
+        stats["dropped"]["near_duplicate"],
     )
     return manifest
 
@@ -504,11 +669,13 @@ def _stage_stats(read: Counter, shard_stats: list[dict]) -> dict:
         "documents": total["documents"],
         "sentences": total["sentences"],
         "words": total["words"],
+        "cjk_characters": total["cjk_characters"],
         "bytes": total["bytes"],
         "short_documents": total["short_documents"],
         "dropped": {
             "empty": read["dropped_empty"],
             "duplicate": sum(r["duplicates"] for r in shard_stats),
+            "near_duplicate": sum(r.get("near_duplicates", 0) for r in shard_stats),
             "bad_records": read["bad_records"],
         },
         "input_units": read["input_units"],

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.cjk import join_lines
 from data_prep.manifest import StageError
 
 log = logging.getLogger(__name__)
@@ -188,8 +189,9 @@ def iter_lines(path: str, stats: Counter) -> Iterator[str]:
 
 
 def paragraphs_of(text: str) -> list[str]:
-    """Blank-line separated paragraphs, hard-wrapped lines joined and whitespace collapsed to one space."""
-    paragraphs = (" ".join(p.split()) for p in _BLANK_LINE.split(text.replace("\r\n", "\n")))
+    """Blank-line separated paragraphs, hard-wrapped lines joined (``cjk.join_lines``: no space between two
+    CJK characters) and whitespace collapsed to one space."""
+    paragraphs = (join_lines(p.splitlines()) for p in _BLANK_LINE.split(text.replace("\r\n", "\n")))
     return [p for p in paragraphs if p]
 
 
@@ -209,13 +211,13 @@ def iter_text_documents(path: str, doc_boundary: str, stats: Counter) -> Iterato
             lines.append(line)
             continue
         if lines:
-            paragraphs.append(" ".join(" ".join(lines).split()))
+            paragraphs.append(join_lines(lines))
             lines = []
         if doc_boundary == "blank-line" and paragraphs:
             yield f"{path}:{start}", paragraphs
             paragraphs = []
     if lines:
-        paragraphs.append(" ".join(" ".join(lines).split()))
+        paragraphs.append(join_lines(lines))
     if paragraphs:
         yield f"{path}:{start}", paragraphs
 

@@ -11,9 +11,10 @@ of what it held before.
 
 Each ``.arrow`` file is an Arrow IPC file, one row per document: ``doc_id`` int64, ``ids`` list<uint16|int32>
 (all WordPieces of the document, no special tokens), ``sentence_offsets`` list<int32> (``num_sentences + 1``
-boundaries into ``ids``, starting at 0). Sentences that tokenise to nothing and documents left empty are
-dropped, as Google drops them. Record batches hold about ``BLOCK_SENTENCES`` sentences, so readers stream
-with bounded memory.
+boundaries into ``ids``, starting at 0) and, for a Chinese corpus, ``continues_word`` list<bool> (per token:
+in the same jieba word as the token before it, data_prep/segment.py; the segmenter and its version are in
+the fingerprint). Sentences that tokenise to nothing and documents left empty are dropped, as Google drops
+them. Record batches hold about ``BLOCK_SENTENCES`` sentences, so readers stream with bounded memory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_prep import segment
 from data_prep.examples import DocumentBlock, segment_index
 from data_prep.manifest import atomic_path, changed_file_error, fingerprint, sha256_file, write_json_atomic
 from data_prep.schema import token_id_type
@@ -40,21 +42,25 @@ from data_prep.writer import list_offsets, numpy_type, to_arrow, to_numpy
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 3  # 2: block token counts in the sidecar (work is split by blocks); 3: content keys
+# 2: block token counts in the sidecar (work is split by blocks); 3: content keys; 4: continues_word (Chinese
+# word segmentation) and the segmenter in the key
+CACHE_FORMAT_VERSION = 4
 BLOCK_SENTENCES = 8192  # sentences per cache record batch, at least (whole documents)
 ENCODE_SENTENCES = 1024  # sentences per tokenizer call, across document boundaries (bounds its output)
 CORPUS_READ_ROWS = 8  # documents read from a corpus shard at a time (books are big); blocks end on multiples
 PARQUET_BUFFER_BYTES = 1 << 20  # stream a row group's pages instead of loading the whole column chunk
 
 
-def cache_schema(vocab_size: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("doc_id", pa.int64()),
-            ("ids", pa.list_(token_id_type(vocab_size))),
-            ("sentence_offsets", pa.list_(pa.int32())),
-        ]
-    )
+def cache_schema(vocab_size: int, segmented: bool = False) -> pa.Schema:
+    """The cache files' schema; ``segmented``: with the ``continues_word`` column."""
+    fields = [
+        ("doc_id", pa.int64()),
+        ("ids", pa.list_(token_id_type(vocab_size))),
+        ("sentence_offsets", pa.list_(pa.int32())),
+    ]
+    if segmented:
+        fields.append(("continues_word", pa.list_(pa.bool_())))
+    return pa.schema(fields)
 
 
 def corpus_content_key(corpus_dir: str | Path, corpus_manifest: dict) -> str:
@@ -68,15 +74,18 @@ def corpus_content_key(corpus_dir: str | Path, corpus_manifest: dict) -> str:
     )
 
 
-def cache_directory(cache_root: str | Path, corpus_key: str, vocab) -> Path:
-    """The cache directory of one (corpus content, vocabulary) pair; writes its cache.json if new.
+def cache_directory(cache_root: str | Path, corpus_key: str, vocab, segmenter: str | None = None) -> Path:
+    """The cache directory of one (corpus content, vocabulary, word segmenter) triple; writes its cache.json
+    if new.
 
-    ``corpus_key``: ``corpus_content_key`` of the corpus, so the cache follows what the shards hold.
+    ``corpus_key``: ``corpus_content_key`` of the corpus, so the cache follows what the shards hold;
+    ``segmenter``: ``segment.segmenter_for(language)``, None for a corpus that is not segmented into words.
     """
     key = {
         "corpus": corpus_key,
         "vocab": vocab.fingerprint,
         "lowercase": vocab.lowercase,
+        "segmenter": segmenter,
         "format_version": CACHE_FORMAT_VERSION,
     }
     directory = Path(cache_root) / f"tokens-{fingerprint(key)[:16]}"
@@ -90,6 +99,11 @@ def encode_sentences(tokenizer, sentences: list[str]) -> list:
     """The tokenizer's encodings of a batch of sentences, without special tokens (releases the GIL)."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     return encode(sentences, add_special_tokens=False)
+
+
+def encode_sentences_with_offsets(tokenizer, sentences: list[str]) -> list:
+    """``encode_sentences`` with each token's character offsets (``encode_batch_fast`` leaves them zero)."""
+    return tokenizer.encode_batch(sentences, add_special_tokens=False)
 
 
 def ids_of(encodings: list, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
@@ -107,9 +121,15 @@ def tokenize_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.
 
 
 def _cache_batch(
-    doc_ids: list[int], sentences_per_doc: np.ndarray, flat: np.ndarray, lengths: np.ndarray, schema
+    doc_ids: list[int],
+    sentences_per_doc: np.ndarray,
+    flat: np.ndarray,
+    lengths: np.ndarray,
+    schema,
+    continues: np.ndarray | None = None,
 ) -> pa.RecordBatch:
-    """One cache record batch from the tokenised sentences of whole documents."""
+    """One cache record batch from the tokenised sentences of whole documents (``continues``: per token of
+    ``flat``, for the ``continues_word`` column of a segmented cache)."""
     num_docs = len(doc_ids)
     sentence_doc = np.repeat(np.arange(num_docs), sentences_per_doc)
     kept = lengths > 0
@@ -130,18 +150,32 @@ def _cache_batch(
     sentence_slot = np.arange(len(lengths)) + np.repeat(np.arange(len(kept_counts)), kept_counts) + 1
     bounds[sentence_slot] = within
     ids_type, bounds_type = schema.field("ids").type, schema.field("sentence_offsets").type
-    return pa.RecordBatch.from_arrays(
-        [
-            to_arrow(np.asarray(doc_ids, dtype=np.int64)[nonempty], pa.int64()),
-            pa.ListArray.from_arrays(
-                to_arrow(token_offsets, pa.int32()), to_arrow(flat, ids_type.value_type), type=ids_type
-            ),
-            pa.ListArray.from_arrays(
-                to_arrow(bound_offsets, pa.int32()), to_arrow(bounds, pa.int32()), type=bounds_type
-            ),
-        ],
-        schema=schema,
-    )
+    columns = [
+        to_arrow(np.asarray(doc_ids, dtype=np.int64)[nonempty], pa.int64()),
+        pa.ListArray.from_arrays(
+            to_arrow(token_offsets, pa.int32()), to_arrow(flat, ids_type.value_type), type=ids_type
+        ),
+        pa.ListArray.from_arrays(
+            to_arrow(bound_offsets, pa.int32()), to_arrow(bounds, pa.int32()), type=bounds_type
+        ),
+    ]
+    if "continues_word" in schema.names:
+        bits = pa.Array.from_buffers(
+            pa.bool_(), len(continues), [None, pa.py_buffer(np.packbits(continues, bitorder="little"))]
+        )
+        list_type = schema.field("continues_word").type
+        columns.append(pa.ListArray.from_arrays(to_arrow(token_offsets, pa.int32()), bits, type=list_type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _bool_values(array: pa.ListArray, first: int, stop: int) -> np.ndarray:
+    """Values ``first .. stop - 1`` of a list<bool> array as a numpy bool array (unpacked from its bitmap)."""
+    values = array.values
+    if stop <= first:
+        return np.zeros(0, dtype=bool)
+    start = values.offset + first
+    bitmap = np.frombuffer(values.buffers()[1], dtype=np.uint8)
+    return np.unpackbits(bitmap, count=start + (stop - first), bitorder="little")[start:].astype(bool)
 
 
 def _corpus_documents(corpus_file: Path) -> Iterator[tuple[int, pa.Array]]:
@@ -169,10 +203,12 @@ class _BlockBuilder:
     Sentences are encoded in fixed-size chunks whatever the document boundaries (a book is many chunks)
     and only their ids are kept (``id_type``: 2 bytes a token for a BERT vocabulary), so neither the
     tokenizer's heavy per-token Encoding objects nor Python strings exist for more than one chunk.
+    ``segmented``: the chunk's Chinese words are found too (``continues_word`` per token).
     """
 
-    def __init__(self, tokenizer, id_type) -> None:
-        self.tokenizer, self.id_type = tokenizer, id_type
+    def __init__(self, tokenizer, id_type, segmented: bool = False) -> None:
+        self.tokenizer, self.id_type, self.segmented = tokenizer, id_type, segmented
+        self.continue_parts: list[np.ndarray] = []
         self.doc_ids: list[int] = []
         self.sentences_per_doc: list[int] = []
         self.pending: list[str] = []
@@ -194,31 +230,41 @@ class _BlockBuilder:
 
     def _encode(self) -> None:
         if self.pending:
-            flat, lengths = ids_of(encode_sentences(self.tokenizer, self.pending), self.id_type)
+            if self.segmented:
+                encodings = encode_sentences_with_offsets(self.tokenizer, self.pending)
+            else:
+                encodings = encode_sentences(self.tokenizer, self.pending)
+            flat, lengths = ids_of(encodings, self.id_type)
+            if self.segmented:
+                self.continue_parts.append(segment.sentences_continue_word(self.pending, encodings))
+            del encodings
             self.id_parts.append(flat)
             self.length_parts.append(lengths)
             self.pending = []
 
-    def finish(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
-        """(doc ids, sentences per document, flat ids, tokens per sentence) of the block."""
+    def finish(self) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(doc ids, sentences per document, flat ids, tokens per sentence, continues_word per token or
+        None) of the block."""
         self._encode()
         flat = np.concatenate(self.id_parts) if self.id_parts else np.zeros(0, dtype=self.id_type)
         lengths = np.concatenate(self.length_parts) if self.length_parts else np.zeros(0, dtype=np.int64)
-        return self.doc_ids, np.asarray(self.sentences_per_doc, dtype=np.int64), flat, lengths
+        continues = None
+        if self.segmented:
+            parts = self.continue_parts
+            continues = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        return self.doc_ids, np.asarray(self.sentences_per_doc, dtype=np.int64), flat, lengths, continues
 
 
-def _blocks(
-    corpus_file: Path, tokenizer, id_type
-) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]:
+def _blocks(corpus_file: Path, tokenizer, id_type, segmented: bool = False) -> Iterator[tuple]:
     """The tokenised blocks of a corpus shard: a block ends after a multiple of CORPUS_READ_ROWS documents
     once it holds at least BLOCK_SENTENCES sentences (counted by row, so the blocks depend on the shard's
     rows only, not on its Parquet row groups)."""
-    builder = _BlockBuilder(tokenizer, id_type)
+    builder = _BlockBuilder(tokenizer, id_type, segmented)
     for row, (doc_id, sentences) in enumerate(_corpus_documents(corpus_file), start=1):
         builder.add(doc_id, sentences)
         if row % CORPUS_READ_ROWS == 0 and builder.num_sentences >= BLOCK_SENTENCES:
             yield builder.finish()
-            builder = _BlockBuilder(tokenizer, id_type)
+            builder = _BlockBuilder(tokenizer, id_type, segmented)
     if builder.doc_ids:
         yield builder.finish()
 
@@ -226,9 +272,7 @@ def _blocks(
 _DONE = object()
 
 
-def _encoded_blocks(
-    corpus_file: Path, tokenizer, id_type
-) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]:
+def _encoded_blocks(corpus_file: Path, tokenizer, id_type, segmented: bool = False) -> Iterator[tuple]:
     """``_blocks`` read and tokenised by a thread (the tokenizer releases the GIL), so building and writing
     a block overlaps with tokenising the next; at most one finished block waits in the hand-off."""
     handoff: queue.Queue = queue.Queue(maxsize=1)
@@ -245,7 +289,7 @@ def _encoded_blocks(
 
     def produce() -> None:
         try:
-            for block in _blocks(corpus_file, tokenizer, id_type):
+            for block in _blocks(corpus_file, tokenizer, id_type, segmented):
                 if not put(block):
                     return
             put(_DONE)
@@ -282,14 +326,24 @@ def check_corpus_file(corpus_file: Path, expected_sha256: str | None, cache_file
         os.utime(cache_file, ns=(stamp, stamp))
 
 
-def build_shard_cache(corpus_file: Path, cache_file: Path, vocab, expected_sha256: str | None = None) -> dict:
+def build_shard_cache(
+    corpus_file: Path,
+    cache_file: Path,
+    vocab,
+    expected_sha256: str | None = None,
+    segmenter: str | None = None,
+) -> dict:
     """Tokenise one corpus shard into its cache file (atomically); returns its counts.
 
     ``expected_sha256``: the shard manifest's; a file that no longer has it is refused before it is read.
+    ``segmenter``: the cache directory's (``segment.segmenter_for``): Chinese words are found when set.
     """
     corpus_file, cache_file = Path(corpus_file), Path(cache_file)
     check_corpus_file(corpus_file, expected_sha256)
-    schema = cache_schema(vocab.size)
+    segmented = segmenter is not None
+    if segmented and segmenter != segment.segmenter_name():
+        raise ValueError(f"the cache is keyed for {segmenter}, this process has {segment.segmenter_name()}")
+    schema = cache_schema(vocab.size, segmented)
     id_type = numpy_type(schema.field("ids").type.value_type)
     counts = {"documents": 0, "sentences": 0, "tokens": 0, "block_tokens": []}
     with (
@@ -297,10 +351,10 @@ def build_shard_cache(corpus_file: Path, cache_file: Path, vocab, expected_sha25
         pa.OSFile(str(tmp), "wb") as sink,
         pa.ipc.new_file(sink, schema) as writer,
     ):
-        for doc_ids, sentences_per_doc, flat, lengths in _encoded_blocks(
-            corpus_file, vocab.tokenizer, id_type
+        for doc_ids, sentences_per_doc, flat, lengths, continues in _encoded_blocks(
+            corpus_file, vocab.tokenizer, id_type, segmented
         ):
-            batch = _cache_batch(doc_ids, sentences_per_doc, flat, lengths, schema)
+            batch = _cache_batch(doc_ids, sentences_per_doc, flat, lengths, schema, continues)
             writer.write_batch(batch)
             counts["documents"] += batch.num_rows
             counts["sentences"] += int((lengths > 0).sum())
@@ -330,8 +384,9 @@ def cached_shard_counts(cache_file: Path, corpus_file: Path, expected_sha256: st
     return counts
 
 
-def _block_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, sentence offsets into ids, per-document counts of boundaries, doc ids) of a cache batch."""
+def _block_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, ...]:
+    """(ids, sentence offsets into ids, per-document counts of boundaries, doc ids, continues_word or None)
+    of a cache batch."""
     ids_col, bounds_col = batch.column("ids"), batch.column("sentence_offsets")
     token_offsets = list_offsets(ids_col).astype(np.int64)
     ids = to_numpy(ids_col.values)[token_offsets[0] : token_offsets[-1]]
@@ -339,15 +394,18 @@ def _block_arrays(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.nda
     local = to_numpy(bounds_col.values)[bound_offsets[0] : bound_offsets[-1]].astype(np.int64)
     bounds_per_doc = np.diff(bound_offsets)
     sent_offsets = local + np.repeat(token_offsets[:-1] - token_offsets[0], bounds_per_doc)
-    return ids, sent_offsets, bounds_per_doc, to_numpy(batch.column("doc_id"))
+    continues = None
+    if "continues_word" in batch.schema.names:
+        continues = _bool_values(batch.column("continues_word"), token_offsets[0], token_offsets[-1])
+    return ids, sent_offsets, bounds_per_doc, to_numpy(batch.column("doc_id")), continues
 
 
 def block_from_batch(batch: pa.RecordBatch) -> DocumentBlock:
     """A DocumentBlock view of one cache record batch (ids zero-copy, boundaries as Python lists)."""
-    ids, sent_offsets, bounds_per_doc, doc_ids = _block_arrays(batch)
+    ids, sent_offsets, bounds_per_doc, doc_ids, continues = _block_arrays(batch)
     doc_bounds = np.zeros(len(bounds_per_doc) + 1, dtype=np.int64)
     np.cumsum(bounds_per_doc, out=doc_bounds[1:])
-    return DocumentBlock(ids, sent_offsets.tolist(), doc_bounds.tolist(), doc_ids.tolist())
+    return DocumentBlock(ids, sent_offsets.tolist(), doc_bounds.tolist(), doc_ids.tolist(), continues)
 
 
 def iter_blocks(cache_file: Path, first: int = 0, stop: int | None = None) -> Iterator[DocumentBlock]:
@@ -376,13 +434,13 @@ def sample_pool(cache_files: list[Path], total_tokens: int, max_tokens: int, see
     current shard) while a worker's memory stays bounded by ``max_tokens``.
     """
     keep_share = 1.0 if total_tokens <= max_tokens else max_tokens / total_tokens
-    id_parts, bound_parts, count_parts, doc_parts = [], [], [], []
+    id_parts, bound_parts, count_parts, doc_parts, continue_parts = [], [], [], [], []
     token_base = 0
     for cache_file in cache_files:
         with pa.memory_map(str(cache_file)) as source:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
-                ids, sent_offsets, bounds_per_doc, doc_ids = _block_arrays(reader.get_batch(i))
+                ids, sent_offsets, bounds_per_doc, doc_ids, continues = _block_arrays(reader.get_batch(i))
                 if keep_share < 1.0:
                     keep = _unit_hash(doc_ids, seed) < keep_share
                     if not keep.any():
@@ -393,7 +451,10 @@ def sample_pool(cache_files: list[Path], total_tokens: int, max_tokens: int, see
                         sent_offsets[first[keep]],
                         sent_offsets[first[keep] + bounds_per_doc[keep] - 1],
                     )
-                    ids = ids[segment_index(doc_starts, doc_ends - doc_starts)]
+                    kept_tokens = segment_index(doc_starts, doc_ends - doc_starts)
+                    ids = ids[kept_tokens]
+                    if continues is not None:
+                        continues = continues[kept_tokens]
                     shift = np.repeat(
                         np.cumsum(doc_ends - doc_starts) - (doc_ends - doc_starts) - doc_starts,
                         bounds_per_doc[keep],
@@ -408,6 +469,8 @@ def sample_pool(cache_files: list[Path], total_tokens: int, max_tokens: int, see
                 bound_parts.append(sent_offsets + token_base)
                 count_parts.append(bounds_per_doc)
                 id_parts.append(np.array(ids))  # a copy: the memory map closes
+                if continues is not None:
+                    continue_parts.append(continues)  # unpacked: already a copy
                 doc_parts.append(np.array(doc_ids))
                 token_base += len(ids)
     if not doc_parts:
@@ -419,4 +482,5 @@ def sample_pool(cache_files: list[Path], total_tokens: int, max_tokens: int, see
         np.concatenate(bound_parts).tolist(),
         doc_bounds.tolist(),
         np.concatenate(doc_parts).tolist(),
+        np.concatenate(continue_parts) if continue_parts else None,
     )

@@ -10,6 +10,10 @@ run, and breaks ties between merges of equal count by those ids, so left alone t
 even its token set change from run to run (``limit_alphabet`` ties too). ``train_tokenizer`` therefore counts
 the corpus' words first (tokenizers' own counting), chooses the alphabet and its ``##`` forms from the counts
 with ties broken by the character, and trains from those counts with these tokens registered in that order.
+
+The alphabet covers every character of the train split by default (``character_coverage`` 1.0): BERT splits
+Chinese and Japanese ideographs into one word each, so a character left out is an [UNK] wherever it occurs,
+and a fixed cap (tokenizers' ``limit_alphabet`` of 1,000) drops real characters of such a script.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import pyarrow.parquet as pq
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from data_prep.cjk import count_words
 from data_prep.manifest import (
     MANIFEST,
     StageError,
@@ -241,8 +246,14 @@ class VocabConfig:
     """Uncased (lowercase and strip accents, as bert-base-uncased) or cased."""
     min_frequency: int = 2
     """A merge must occur at least this often in the corpus."""
-    limit_alphabet: int = 1000
-    """At most this many distinct characters become tokens; rarer ones map to [UNK]."""
+    character_coverage: float = 1.0
+    """Share of the train split's character occurrences the alphabet covers, most frequent characters first
+    (SentencePiece's ``character_coverage``). 1.0: every character seen in training, which Chinese or Japanese
+    (thousands of characters, each missing one an [UNK]) need; a noisy web corpus may pass e.g. 0.9999 to
+    leave its rarest symbols out of the alphabet."""
+    limit_alphabet: int | None = None
+    """At most this many characters (the most frequent) become tokens, rarer ones map to [UNK]; None: no cap
+    beyond ``character_coverage``."""
     from_path: str | None = None
     """Adopt this vocab.txt or tokenizer directory instead of training (lowercase then comes from it)."""
     force: bool = field(default=False, repr=False)
@@ -258,8 +269,15 @@ class VocabConfig:
             )
         if self.min_frequency < 1:
             raise ValueError(f"min_frequency must be at least 1, got {self.min_frequency}")
-        if self.limit_alphabet < 1:
-            raise ValueError(f"limit_alphabet must be at least 1, got {self.limit_alphabet}")
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ValueError(
+                f"character_coverage must be in (0, 1], got {self.character_coverage}: 1.0 keeps every "
+                "character of the train split, e.g. 0.9999 leaves out the rarest 0.01% of occurrences"
+            )
+        if self.limit_alphabet is not None and self.limit_alphabet < 1:
+            raise ValueError(
+                f"limit_alphabet must be at least 1 (or None: no cap), got {self.limit_alphabet}"
+            )
 
     def output_config(self) -> dict:
         """The settings that decide the output: the stage fingerprint's config."""
@@ -294,11 +312,14 @@ def corpus_word_counts(parts: list[Path], lowercase: bool) -> dict[str, int]:
         raise StageError(f"this tokenizers {tokenizers.__version__} keeps no word counts in a trainer") from e
 
 
-def initial_tokens(word_counts: dict[str, int], limit_alphabet: int) -> tuple[list[str], list[str]]:
+def initial_tokens(
+    word_counts: dict[str, int], limit_alphabet: int | None = None, character_coverage: float = 1.0
+) -> tuple[list[str], list[str]]:
     """(alphabet, its ``##`` forms): the tokens WordPiece training starts from, each sorted.
 
-    The alphabet is the ``limit_alphabet`` most frequent characters, ties broken by the character (the
-    trainer breaks them in hash order); a ``##`` form exists for each of them that occurs inside a word.
+    The alphabet is the fewest most frequent characters that cover ``character_coverage`` of all character
+    occurrences (1.0: every character), at most ``limit_alphabet`` of them, ties broken by the character
+    (the trainer breaks them in hash order); a ``##`` form exists for each of them that occurs inside a word.
     """
     char_counts: Counter[str] = Counter()
     inside: set[str] = set()
@@ -307,7 +328,14 @@ def initial_tokens(word_counts: dict[str, int], limit_alphabet: int) -> tuple[li
             char_counts[char] += count
         inside.update(word[1:])
     by_frequency = sorted(char_counts, key=lambda char: (-char_counts[char], char))
-    alphabet = sorted(by_frequency[:limit_alphabet])
+    needed = character_coverage * sum(char_counts.values())
+    covered = num_chars = 0
+    while num_chars < len(by_frequency) and covered < needed:
+        covered += char_counts[by_frequency[num_chars]]
+        num_chars += 1
+    if limit_alphabet is not None:
+        num_chars = min(num_chars, limit_alphabet)
+    alphabet = sorted(by_frequency[:num_chars])
     return alphabet, [f"##{char}" for char in alphabet if char in inside]
 
 
@@ -332,7 +360,8 @@ def train_tokenizer(parts: list[Path], config: VocabConfig) -> tokenizers.Tokeni
     Ids: special tokens 0..4, the alphabet, its ``##`` forms, then the trainer's merges in merge order.
     """
     word_counts = corpus_word_counts(parts, config.lowercase)
-    alphabet, continuing = initial_tokens(word_counts, config.limit_alphabet)
+    alphabet, continuing = initial_tokens(word_counts, config.limit_alphabet, config.character_coverage)
+    log.info("vocab: an alphabet of %d characters (%d ## forms)", len(alphabet), len(continuing))
     initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
     trainer = trainers.WordPieceTrainer(
         vocab_size=config.vocab_size,
@@ -351,7 +380,8 @@ def train_tokenizer(parts: list[Path], config: VocabConfig) -> tokenizers.Tokeni
     if size > config.vocab_size:
         raise StageError(
             f"--vocab-size {config.vocab_size} is smaller than the {len(SPECIAL_TOKENS)} special tokens plus the "
-            f"corpus alphabet (with ## forms): {size} tokens are needed; pass --vocab-size {size} or more"
+            f"corpus alphabet (with ## forms): {size} tokens are needed; pass --vocab-size {size} or more, or "
+            "leave the rarest characters out with a character_coverage below 1 (e.g. 0.9999)"
         )
     tokens = _tokens_of(trained, parts[0].parent if parts else Path("."))
     assert tokens[: len(initial)] == initial, (tokens[:10], initial[:10])
@@ -360,21 +390,26 @@ def train_tokenizer(parts: list[Path], config: VocabConfig) -> tokenizers.Tokeni
 
 
 def vocab_stats(vocab: Vocab, parts: list[Path], max_sentences: int = STATS_MAX_SENTENCES) -> dict:
-    """UNK rate and tokens per (whitespace) word over ``parts``, at most ``max_sentences`` sentences."""
-    num_sentences = num_words = num_tokens = num_unk = 0
+    """UNK rate and tokens per word (``data_prep.cjk.count_words``: a CJK character is a word) over ``parts``,
+    at most ``max_sentences`` sentences."""
+    num_sentences = num_words = num_cjk = num_tokens = num_unk = 0
     unk = vocab.special_ids["unk"]
     for sentences in iter_sentence_batches(parts):
         sentences = sentences[: max_sentences - num_sentences]
         for encoding in vocab.tokenizer.encode_batch(sentences, add_special_tokens=False):
             num_tokens += len(encoding.ids)
             num_unk += encoding.ids.count(unk)
-        num_words += sum(len(s.split()) for s in sentences)
+        for sentence in sentences:
+            words, cjk = count_words(sentence)
+            num_words += words
+            num_cjk += cjk
         num_sentences += len(sentences)
         if num_sentences >= max_sentences:
             break
     return {
         "sentences": num_sentences,
         "words": num_words,
+        "cjk_characters": num_cjk,
         "tokens": num_tokens,
         "unk_tokens": num_unk,
         "unk_rate": num_unk / num_tokens if num_tokens else 0.0,
@@ -457,6 +492,7 @@ def train_vocab(config: VocabConfig) -> dict:
         "lowercase": vocab.lowercase,
         "special_ids": vocab.special_ids,
         "vocab_fingerprint": vocab.fingerprint,
+        "alphabet_size": sum(1 for t in vocab.tokens if len(t) == 1),  # no merge makes a single character
         "source": config.from_path or "trained",
         "stats_split": stats_split,
         **vocab_stats(vocab, parts),

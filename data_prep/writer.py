@@ -1,4 +1,9 @@
-"""Writing example shards: Arrow IPC files (memory-mappable) of record batches built from flat arrays."""
+"""Writing example shards: Arrow IPC streams (memory-mappable) of record batches built from flat arrays.
+
+The IPC *stream* layout, not the IPC *file* layout (a stream plus a footer): ``datasets.Dataset.from_file``
+reads only streams, and a memory-mapped stream is read without a copy all the same
+(``data_prep.manifest.open_arrow_ipc``).
+"""
 
 from __future__ import annotations
 
@@ -85,9 +90,9 @@ def record_batch(examples: ExampleArrays, schema: pa.Schema) -> pa.RecordBatch:
 
 
 class ExampleFileWriter:
-    """Appends record batches to one Arrow IPC file; the file appears (atomically) only when complete."""
+    """Appends record batches to one example shard; the file appears (atomically) only when complete."""
 
-    def __init__(self, writer: pa.ipc.RecordBatchFileWriter):
+    def __init__(self, writer: pa.ipc.RecordBatchStreamWriter):
         self._writer = writer
         self.rows = 0
 
@@ -102,6 +107,6 @@ def open_example_file(path: str | Path, schema: pa.Schema) -> Iterator[ExampleFi
     with (
         atomic_path(path) as tmp,
         pa.OSFile(str(tmp), "wb") as sink,
-        pa.ipc.new_file(sink, schema) as writer,
+        pa.ipc.new_stream(sink, schema) as writer,
     ):
         yield ExampleFileWriter(writer)

@@ -51,12 +51,19 @@ def shard(
     workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF inputs."),
     language: str = typer.Option("en", "--language", help="Sentence splitter language code."),
+    near_dup_threshold: float | None = typer.Option(
+        None, "--near-dup-threshold", help="Jaccard similarity that makes a near-duplicate (default 0.8)."
+    ),
+    no_near_dup: bool = typer.Option(False, "--no-near-dup", help="Keep near-duplicates (same as 0)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """Raw text/JSONL/Parquet/HF datasets → sentence-split documents in N Parquet shards."""
     from data_prep.manifest import StageError
     from data_prep.shard import ShardConfig, shard_corpus
 
+    near_dup = {"near_dup_threshold": 0.0} if no_near_dup else {}
+    if near_dup_threshold is not None and not no_near_dup:
+        near_dup["near_dup_threshold"] = near_dup_threshold  # else ShardConfig's default
     try:
         config = ShardConfig(
             inputs=input,
@@ -69,6 +76,7 @@ def shard(
             text_field=text_field,
             language=language,
             force=force,
+            **near_dup,
         )
         manifest = shard_corpus(config)
     except (StageError, ValueError) as e:
@@ -76,7 +84,8 @@ def shard(
     stats = manifest["stats"]
     typer.echo(
         f"{out}: {stats['documents']} documents, {stats['sentences']} sentences, {stats['words']} words "
-        f"({stats['splits']['valid']['documents']} valid)"
+        f"({stats['splits']['valid']['documents']} valid; {stats['dropped']['near_duplicate']} near-duplicates "
+        "dropped)"
     )
 
 
@@ -88,6 +97,9 @@ def vocab(
     vocab_size: int = typer.Option(30522, "--vocab-size", help="Tokens, special tokens included."),
     lowercase: bool = typer.Option(True, "--lowercase/--cased", help="Uncased (BERT-uncased) or cased."),
     min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum count of a merge."),
+    character_coverage: float = typer.Option(
+        1.0, "--character-coverage", help="Share of character occurrences the alphabet covers (1: all)."
+    ),
     from_path: str | None = typer.Option(None, "--from", help="Adopt this vocab.txt or tokenizer dir."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
@@ -102,6 +114,7 @@ def vocab(
             vocab_size=vocab_size,
             lowercase=lowercase,
             min_frequency=min_frequency,
+            character_coverage=character_coverage,
             from_path=from_path,
             force=force,
         )
