@@ -15,6 +15,10 @@ document's shingle strings, ~2.6 GB at 100k documents, which the benchmark keeps
 stage shingles 1,024 documents at a time). Prints one JSON object.
 
     python benchmarks/near_dup.py [--num-docs 100000] [--planted 0.05] [--threshold 0.8] [--library both]
+
+``--stage`` measures the shard stage itself instead: the same documents written as JSONL, then `bertpipe shard`
+with near-duplicate removal and without (each a fresh process: wall time, documents/s, peak RSS of the stage's
+processes, documents dropped).
 """
 
 from __future__ import annotations
@@ -213,6 +217,44 @@ def run_library(library: str, num_docs: int, planted: float, threshold: float, s
     }
 
 
+def run_stage(args) -> dict:
+    """`bertpipe shard` on the synthetic corpus with and without near-duplicate removal."""
+    import os
+    import tempfile
+
+    documents, originals = synthetic_corpus(args.num_docs, args.planted, args.seed)
+    report: dict = {"documents": args.num_docs, "planted_copies": len(originals), "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="near-dup-stage-") as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:
+            for i, sentences in enumerate(documents):
+                f.write(json.dumps({"id": str(i), "text": "\n\n".join(sentences)}) + "\n")
+        report["corpus_mb"] = round(corpus.stat().st_size / 2**20, 1)
+        del documents
+        bertpipe = Path(sys.executable).parent / "bertpipe"
+        for name, flags in (("near_dup", []), ("exact_only", ["--no-near-dup"])):
+            out = Path(tmp) / name
+            command = [str(bertpipe), "shard", "--input", str(corpus), "--out", str(out), "--num-shards", "4",
+                       "--workers", str(args.workers), *flags]  # fmt: skip
+            script = (
+                "import resource, subprocess, sys, time; t = time.perf_counter();"
+                "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode;"
+                "print(code, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+            )
+            done = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True,
+                                  check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            code, seconds, max_rss_kib = done.stdout.split()
+            stats = json.loads((out / "manifest.json").read_text())["stats"]
+            report["runs"][name] = {
+                "returncode": int(code),
+                "seconds": round(float(seconds), 1),
+                "docs_per_s": round(args.num_docs / float(seconds)),
+                "peak_rss_mb_largest_process": round(int(max_rss_kib) / 1024),
+                "dropped": stats.get("dropped"),
+            }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-docs", type=int, default=100_000)
@@ -223,7 +265,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--library", choices=(*LIBRARIES, "both"), default="both")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", action="store_true", help="measure `bertpipe shard` itself (see above)")
+    parser.add_argument("--workers", type=int, default=2, help="with --stage: the stage's --workers")
     args = parser.parse_args()
+    if args.stage:
+        print(json.dumps(run_stage(args), indent=2))
+        return
     if args.child:
         print(json.dumps(run_library(args.library, args.num_docs, args.planted, args.threshold, args.seed)))
         return
