@@ -54,10 +54,10 @@ class ExampleShards:
                 # equal metadata, equal columns: the first shard's list columns are every shard's
                 optional = tuple(name for name in OPTIONAL_LIST_COLUMNS if name in schema.names)
                 self._list_columns = LIST_COLUMNS + optional
-            elif shard_metadata != metadata:
+            elif not shard_metadata.compatible(metadata):
                 raise ValueError(
                     f"{path} was generated with other settings than {self.paths[0]} (metadata differs): "
-                    "train on shards of one `bertpipe examples` run"
+                    "train on shards of one vocabulary, sequence length and masking setup"
                 )
             for batch in batches:
                 if batch.num_rows == 0:

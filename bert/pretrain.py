@@ -142,7 +142,7 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
         raise ValueError(f"{config.examples} has no train/*.arrow shards")
     valid = open_split(config.examples, "valid")
     metadata = train.metadata
-    if valid is not None and valid.metadata != metadata:
+    if valid is not None and not valid.metadata.compatible(metadata):
         raise ValueError(f"{config.examples}: the valid shards' metadata differs from the train shards'")
     vocab_dir = Path(config.vocab) if config.vocab else vocab_dir_of(config.examples, metadata)
     if vocab_dir is None:

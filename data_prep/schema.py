@@ -114,6 +114,18 @@ class ExampleMetadata:
             )
         return cls(**values)
 
+    def compatible(self, other: ExampleMetadata) -> bool:
+        """Whether shards of these two metadata can be trained on together: everything a trainer reads agrees.
+
+        ``seed`` and ``extra`` are provenance (which corpus, how segments were drawn), so the parts of several
+        examples runs of one vocabulary and masking setup (continued pretraining on new data) mix.
+        """
+        mine, theirs = asdict(self), asdict(other)
+        for key in ("seed", "extra"):
+            mine.pop(key)
+            theirs.pop(key)
+        return mine == theirs
+
     def mismatches(
         self,
         vocab_size: int,

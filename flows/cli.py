@@ -494,6 +494,55 @@ def run(
 
 
 @app.command()
+def retrain(
+    config: str = typer.Option(
+        "retrain-demo", "--config", help="Retrain preset name (configs/pipeline/) or JSON file."
+    ),
+    overrides: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override a setting: section.key=value (e.g. gate.mlm_loss_tolerance=0.1); repeatable.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Root of every retraining run: registry/, data/, runs/, evals/."
+    ),
+    shared: Path = typer.Option(
+        None,
+        "--shared",
+        help="Where relative corpus/task paths are read from: SHARED/data (default ../shared).",
+    ),
+) -> None:
+    """Retrain on what is new in the corpus as the Prefect flow `bert-retrain` (Prefect's embedded server).
+
+    The first run (empty registry) trains from scratch and makes version 1 champion; later runs continue the
+    champion on new files only, and promote the result when the gate holds. Nothing new: ends at once.
+    """
+    import json as _json
+
+    prefect_defaults()
+    from flows.config import PipelineConfigError
+    from flows.retrain import load_retrain_config
+    from flows.retrain import retrain as retrain_flow
+
+    shared = shared or default_shared()
+    try:  # every section is checked before Prefect starts
+        load_retrain_config(config, overrides)
+    except (PipelineConfigError, ValueError) as e:
+        fail(str(e))
+    state = retrain_flow(
+        config=config, overrides=overrides, out=str(out), shared=str(shared), return_state=True
+    )
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        message = str(error).splitlines()[0] if isinstance(error, BaseException) else state.message
+        typer.secho(f"error: the retraining run ended {state.name}: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    summary = state.result()
+    typer.echo(_json.dumps(summary, indent=2, default=str))
+    typer.echo(f"{summary.get('decision')}: {summary.get('reason')}", err=True)
+
+
+@app.command()
 def deploy(
     pool: str = typer.Option("bertpipe", "--pool", help="Process work pool to create if missing."),
     name: str = typer.Option(
@@ -516,6 +565,105 @@ def deploy(
     if done.returncode != 0:
         fail("prefect deploy failed (see above)")
     typer.echo(f"deployed; start a worker with: prefect worker start --pool {pool}")
+
+
+# --- models (the model registry, flows/registry.py) ---------------------------------------------------------
+
+models_app = typer.Typer(
+    help="The model registry (MLflow): versions, metrics, lineage, the champion.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+
+ROOT_HELP = (
+    "Run root of the retrain flow (its --out): the registry is ROOT/registry/mlflow.db, "
+    "unless MLFLOW_TRACKING_URI names another MLflow store."
+)
+
+
+def _registry(root: Path):
+    from flows.registry import Registry
+
+    return Registry(root)
+
+
+def _one_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+@models_app.command("list")
+def models_list(
+    root: Path = typer.Option(Path("runs/retrain"), "--root", help=ROOT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per version and line."),
+) -> None:
+    """Every registered version, oldest first: aliases, metrics, lineage."""
+    import json
+
+    registry = _registry(root)
+    versions = registry.versions(download=False)
+    if not versions:
+        fail(f"the registry {registry.uri} holds no versions of {registry.name}")
+    if as_json:
+        for v in versions:  # hf_dir left out: not fetched from a remote artifact store for a listing
+            typer.echo(json.dumps({k: x for k, x in v.to_dict().items() if k != "hf_dir"}))
+        return
+    metric_names = sorted({name for v in versions for name in v.metrics})
+    rows = [["version", "aliases", "created", *metric_names, "parent"]]
+    for v in versions:
+        rows.append(
+            [str(v.version), ",".join(v.aliases) or "-", v.created_at.replace("+00:00", "Z")]
+            + [f"{v.metrics[m]:.4g}" if m in v.metrics else "-" for m in metric_names]
+            + [v.lineage.get("parent_version") or "-"]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@models_app.command("show")
+def models_show(
+    version: int = typer.Argument(..., help="Version number."),
+    root: Path = typer.Option(Path("runs/retrain"), "--root", help=ROOT_HELP),
+) -> None:
+    """One version as JSON: aliases, metrics, lineage, tags and the local directory of its HF export."""
+    import json
+
+    try:
+        model = _registry(root).get(version)
+    except ValueError as e:
+        fail(_one_line(e))
+    typer.echo(json.dumps(model.to_dict(), indent=2))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: int = typer.Argument(..., help="Version number."),
+    reason: str = typer.Option("", "--reason", help="Why (kept as the version's tag champion_reason)."),
+    root: Path = typer.Option(Path("runs/retrain"), "--root", help=ROOT_HELP),
+) -> None:
+    """Make VERSION the champion by hand; the champion it replaces is remembered for rollback."""
+    registry = _registry(root)
+    try:
+        before = registry.champion()
+        model = registry.promote(version, reason=reason)
+    except ValueError as e:
+        fail(_one_line(e))
+    was = f" (was version {before.version})" if before and before.version != model.version else ""
+    typer.echo(f"{registry.name} version {model.version} is champion{was}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: str = typer.Option("", "--reason", help="Why (kept as the version's tag champion_reason)."),
+    root: Path = typer.Option(Path("runs/retrain"), "--root", help=ROOT_HELP),
+) -> None:
+    """Make the previous champion champion again."""
+    registry = _registry(root)
+    try:
+        before = registry.champion()
+        model = registry.rollback(reason=reason)
+    except ValueError as e:
+        fail(_one_line(e))
+    typer.echo(f"{registry.name} version {model.version} is champion again (was version {before.version})")
 
 
 if __name__ == "__main__":  # python -m flows.cli: the same commands where no `bertpipe` script is installed

@@ -22,7 +22,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "pipeline"
 SECTIONS = ("shard", "vocab", "examples", "pretrain", "finetune")
-TOP_LEVEL = ("name", "description", "corpus", *SECTIONS)
+RETRAIN_SECTIONS = ("retrain", "gate")  # read by flows/retrain.py only; the pipeline ignores them
+TOP_LEVEL = ("name", "description", "corpus", *SECTIONS, *RETRAIN_SECTIONS)
 # Set by the pipeline from the run directory; a section may not name them.
 PIPELINE_OWNED = {
     "shard": ("inputs", "out", "force"),
@@ -63,6 +64,8 @@ class PipelineConfig:
     finetune: list[dict] = field(default_factory=list)
     name: str = "pipeline"
     description: str = ""
+    retrain: dict = field(default_factory=dict)  # flows.retrain.RetrainSettings fields
+    gate: dict = field(default_factory=dict)  # flows.retrain.GateRule fields
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):

@@ -539,3 +539,59 @@ def degenerate_note(figures: dict) -> str | None:
     else:
         text += " Fine-tuning SST-2 (sentiment, carried by words rather than syntax) beside it shows what the model does learn."
     return text
+
+
+# --- the retraining report -------------------------------------------------------------------------------
+
+
+def render_retrain_markdown(summary: dict) -> str:
+    """A retraining run in Markdown: what was new, UNK drift, champion vs challenger per gate check, the
+    decision and why (``summary`` is what ``flows.retrain.retrain`` returns)."""
+    lines = ["# bertpipe retraining run", ""]
+    champion = summary.get("champion")
+    lines += [
+        f"Champion before this run: {'version ' + str(champion) if champion else 'none (first run)'}.",
+        "",
+    ]
+    if summary.get("decision") == "nothing-new":
+        return "\n".join([*lines, f"**Nothing new.** {summary.get('reason', '')}", ""])
+    new = summary.get("new_data") or {}
+    files, changed = summary.get("new_files") or [], summary.get("changed_files") or []
+    lines += ["## What was new", "", "| figure | value |", "|---|---:|"]
+    lines += [f"| files (new content) | {format_value(len(files), 'count')} |",
+              f"| of them changed in place | {format_value(len(changed), 'count')} |",
+              f"| documents | {format_value(new.get('documents'), 'count')} |",
+              f"| tokens (frozen vocabulary) | {format_value(new.get('tokens'), 'count')} |"]  # fmt: skip
+    mix = summary.get("mix") or {}
+    if mix:
+        lines.append(f"| training rows: new / old sample | {format_value(mix.get('new_rows'), 'count')} / "
+                     f"{format_value(mix.get('old_rows'), 'count')} |")  # fmt: skip
+    shown = files[:20]
+    lines += ["", *(f"- `{_cell(f)}`{' (changed)' if f in changed else ''}" for f in shown)]
+    if len(files) > len(shown):
+        lines.append(f"- … and {len(files) - len(shown)} more")
+    lines += ["", "## UNK drift", "", "| | UNK rate |", "|---|---:|",
+              f"| new text | {format_value(new.get('unk_rate'), 'rate')} |",
+              f"| champion's corpus | {format_value(new.get('champion_unk_rate'), 'rate')} |",
+              f"| drift | {format_change(new.get('unk_rate'), new.get('champion_unk_rate'), 'rate')} |", ""]  # fmt: skip
+    if summary.get("warning"):
+        lines += [f"**Warning:** {summary['warning']}", ""]
+    lines += ["## Champion vs challenger", ""]
+    checks = summary.get("checks") or []
+    if checks:
+        lines += ["| gate metric | champion | challenger | rule | held |", "|---|---:|---:|---|---|"]
+        for c in checks:
+            kind = "sig4" if "loss" in c["metric"] else "score"
+            lines.append(f"| {c['metric']} | {format_value(c['champion'], kind)} | "
+                         f"{format_value(c['challenger'], kind)} | {_cell(c['rule'])} | "
+                         f"{'yes' if c['passed'] else '**no**'} |")  # fmt: skip
+    else:
+        figures = summary.get("challenger_metrics") or {}
+        lines += ["| metric | challenger |", "|---|---:|"]
+        lines += [
+            f"| {k} | {format_value(v, 'sig4' if 'loss' in k else 'score')} |" for k, v in figures.items()
+        ]
+    decision = summary.get("decision", "?")
+    version = summary.get("version")
+    lines += ["", "## Decision", "", f"**Version {version} {decision}.** {summary.get('reason', '')}", ""]
+    return "\n".join(lines)

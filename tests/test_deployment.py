@@ -306,3 +306,17 @@ def test_cancelling_during_pretraining_leaves_no_process_and_the_next_run_resume
     assert states.get("pretrain") == "Completed", states
     assert {n: (out / n / "manifest.json").stat().st_mtime_ns for n in data_manifests} == data_manifests
     assert not run_processes(out)
+
+
+def test_the_retrain_deployment_deploys_with_its_schedule_off(stack):
+    """`prefect deploy` accepts prefect.yaml's retrain schedule, and registers it inactive (nothing trains)."""
+    deployed = subprocess.run([str(BIN / "bertpipe"), "deploy", "--name", "nightly"], env=stack.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    deployment = stack.get("/deployments/name/bert-retrain/nightly")
+    assert deployment["entrypoint"] == "flows/retrain.py:retrain", deployment
+    [schedule] = deployment["schedules"]
+    assert schedule["slug"] == "nightly-retrain" and schedule["active"] is False, schedule
+    assert schedule["schedule"]["cron"] == "0 3 * * *", schedule
+    runs = stack.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+    assert runs == [], runs  # an inactive schedule creates no runs
