@@ -130,6 +130,19 @@ def _differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def _other_settings(out: Path, changed: list[str]) -> StageError:
+    return StageError(
+        f"{out} holds checkpoints of a run with other settings ({'; '.join(changed[:6])}): "
+        "choose a new --out, or start from its weights with --init-from"
+    )
+
+
+def _already_has_checkpoints(out: Path) -> StageError:
+    return StageError(
+        f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+    )
+
+
 def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig, dict | None]:
     """Decide how to run ``config``: (config with ``resume`` set, the manifest when already complete).
 
@@ -160,14 +173,9 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
             clear_directory(out)
             has_checkpoints = False
         else:
-            raise StageError(
-                f"{out} holds checkpoints of a run with other settings ({'; '.join(changed[:6])}): "
-                "choose a new --out, or start from its weights with --init-from"
-            )
+            raise _other_settings(out, changed)
     if has_checkpoints and resume is False:
-        raise StageError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
-        )
+        raise _already_has_checkpoints(out)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is not complete
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -220,15 +228,11 @@ def follow(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig
         record = read_json(out / INPROGRESS) or (manifest or {})
         if record.get("trajectory") != trajectory(values, inputs):
             before = record.get("config") or {}
-            changed = _differences(before, values) or ["(a run from before stage manifests)"]
-            raise StageError(
-                f"{out} holds checkpoints of a run with other settings ({'; '.join(changed[:6])}): "
-                "choose a new --out, or start from its weights with --init-from"
+            raise _other_settings(
+                out, _differences(before, values) or ["(a run from before stage manifests)"]
             )
         if not resume:
-            raise StageError(
-                f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
-            )
+            raise _already_has_checkpoints(out)
     return dataclasses.replace(config, resume=resume is not False), None
 
 
