@@ -91,7 +91,7 @@ MEASURE = r"""
 import json, statistics, sys, time
 import numpy as np
 directory, lookups, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-from bert.data import open_split
+from bert.pretrain.data import open_split
 import datasets
 # Resident MiB: anonymous (copies, heap) and file-backed (pages of the memory maps that were touched).
 def rss():

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from bert import metrics
-from bert import tasks as T
-from bert.finetune import FinetuneConfig
+from bert.finetune import FinetuneConfig, metrics
 from bert.finetune import main as finetune_main
+from bert.finetune.readers import load_examples
+from bert.finetune.tasks import get_task
 
 
 def minilm_dir() -> Path:
@@ -68,13 +68,13 @@ def run_transformers(args, seed: int) -> dict:
     started = time.perf_counter()
     transformers.set_seed(seed)
     tokenizer = transformers.BertTokenizerFast.from_pretrained(args.model)
-    task = T.get_task("cola")
-    train = T.load_examples(task, args.train, "train")
+    task = get_task("cola")
+    train = load_examples(task, args.train, "train")
     if args.max_train_examples:
-        from bert.finetune import _subsample
+        from bert.finetune.stage import _subsample
 
         train = _subsample(train, args.max_train_examples)
-    dev = T.load_examples(task, args.eval, "validation")
+    dev = load_examples(task, args.eval, "validation")
 
     def encode(examples):
         enc = tokenizer([e.texts[0] for e in examples], truncation=True, max_length=args.max_seq_length)

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from finetune_cola import minilm_dir  # benchmarks/ is on sys.path when a script here runs
 
-from bert import tasks as T
-from bert.finetune import autocast, build_model, collate, make_optimizer, to_device
+from bert.finetune.features import collate, encode_texts, load_tokenizer
+from bert.finetune.loop import autocast, build_model, make_optimizer, to_device
+from bert.finetune.readers import label_list, load_examples
+from bert.finetune.tasks import get_task
 
 
 def time_steps(model, batches, warmup: int = 5, device=None, precision: str = "fp32") -> dict[str, float]:
@@ -74,10 +76,10 @@ def main() -> None:
     model_dir = args.model or minilm_dir()
     import transformers
 
-    task = T.get_task("cola")
-    examples = T.load_examples(task, args.train, "train")
-    labels = T.label_list(task, examples)
-    features = T.encode_texts(T.load_tokenizer(model_dir), examples, 64, labels)
+    task = get_task("cola")
+    examples = load_examples(task, args.train, "train")
+    labels = label_list(task, examples)
+    features = encode_texts(load_tokenizer(model_dir), examples, 64, labels)
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0)).tolist()
     size = args.batch_size
     batches = [

@@ -148,8 +148,8 @@ def finetune_model(args) -> Path:
         return export
     import shutil
 
-    from bert.data import vocab_dir_of
     from bert.model import BertConfig, BertForPreTraining
+    from bert.pretrain.data import vocab_dir_of
 
     model_dir = args.work / "base-random"
     vocab = vocab_dir_of(args.examples)

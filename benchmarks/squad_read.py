@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bert.tasks import QAExample, TaskDataError, read_squad
+from bert.finetune.readers import QAExample, read_squad
+from bert.finetune.tasks import TaskDataError
 
 
 def synthetic_squad(num_paragraphs: int, num_questions: int, seed: int = 0) -> dict:

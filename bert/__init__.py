@@ -1,12 +1,16 @@
-"""bertpipe's BERT: the model (bert.model, bert.heads) and Hugging Face checkpoint I/O (bert.hf)."""
+"""bertpipe's BERT: the model (``bert.model``), pretraining (``bert.pretrain``), fine-tuning (``bert.finetune``).
 
-from bert.heads import (
+The model's public classes are importable from here too (``from bert import BertForPreTraining``).
+"""
+
+from bert.model import (
+    BertConfig,
     BertForPreTraining,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
+    BertModel,
 )
-from bert.model import BertConfig, BertModel
 
 __all__ = [
     "BertConfig",

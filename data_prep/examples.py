@@ -35,7 +35,7 @@ class DocumentBlock:
     sent_offsets: list[int]  # global token offsets, per document num_sentences + 1 entries
     doc_bounds: list[int]  # (num_docs + 1,) index into sent_offsets
     doc_ids: list[int]
-    # (num_tokens,) bool: the token is in the same Chinese word as the one before it (data_prep/segment.py);
+    # (num_tokens,) bool: the token is in the same Chinese word as the one before it (data_prep/zh_words.py);
     # None when the corpus was not segmented
     continues_word: np.ndarray | None = None
 

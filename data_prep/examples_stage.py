@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep import examples as ex
-from data_prep import segment, tokcache
+from data_prep import tokcache, zh_words
 from data_prep.cjk import decode_wordpieces
 from data_prep.manifest import (
     StageError,
@@ -48,6 +48,7 @@ from data_prep.schema import (
     example_schema,
     replacement_ids,
 )
+from data_prep.vocab import TOKENIZER_FILES
 from data_prep.writer import open_example_file, record_batch, to_arrow
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 MASKING_MODES = ("static", "dynamic")
 VOCAB_DIR = "vocab"  # the tokenizer files copied beside the examples, so the trainer needs nothing else
-VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PART_TOKENS = 1 << 19  # cache tokens per output file / unit of work (whole cache blocks, at least one)
 # The stage's version, in its fingerprint (a change rebuilds complete example directories): the column
 # contract's (in every shard's metadata) plus one per change of layout since: +1, IPC streams instead of IPC
@@ -188,7 +188,7 @@ def _corpus_files(corpus_manifest: dict) -> dict[str, list[str]]:
 def corpus_segmenter(corpus_manifest: dict) -> str | None:
     """The word segmenter of the corpus's language (the shard manifest's ``language``): "jieba <version>"
     for Chinese, whose whole-word masking groups the characters of a word; None otherwise."""
-    return segment.segmenter_for((corpus_manifest.get("config") or {}).get("language"))
+    return zh_words.segmenter_for((corpus_manifest.get("config") or {}).get("language"))
 
 
 def ensure_token_cache(
@@ -220,7 +220,7 @@ def ensure_token_cache(
         ]
         jobs.sort(key=lambda job: -job[0].stat().st_size)  # biggest first: better balance
         if segmenter is not None:
-            segment.load()  # once here: forked workers inherit the loaded dictionary
+            zh_words.load()  # once here: forked workers inherit the loaded dictionary
         with _mapper(config, map_jobs) as run_jobs:
             run_jobs(tokcache.build_shard_cache, jobs, "tokenising")
     else:
@@ -578,7 +578,7 @@ def _copy_vocab(source: Path, vocab, stage_dir: Path) -> list[dict]:
     tokens when the source has none (a tokenizer.json alone), so BERT-style loaders find it too.
     """
     if source.is_dir():
-        found = {name: source / name for name in VOCAB_FILES if (source / name).is_file()}
+        found = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
     else:
         found = {"tokenizer.json" if source.suffix == ".json" else "vocab.txt": source}
     target = stage_dir / VOCAB_DIR

@@ -9,7 +9,7 @@ and dynamic masking in the trainer's collator (bert/data.py).
 - Candidates: every token but [PAD] [UNK] [CLS] [SEP] [MASK]. Google may choose [UNK]; here it never is a
   target, since one id stands for every unknown piece and predicting it teaches nothing.
 - Whole words: a word is a token and the tokens that continue it ("##" pieces; for Chinese, the characters
-  of one segmenter word, see data_prep/segment.py); words are taken in random order while they fit in the
+  of one segmenter word, see data_prep/zh_words.py); words are taken in random order while they fit in the
   budget, never split (Google's whole-word loop). Non-candidates inside a word are skipped, not the word.
 - Each chosen token becomes [MASK] 80% of the time, a random non-special token 10%, stays 10%.
 

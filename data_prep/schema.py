@@ -15,7 +15,7 @@ Example shards (Arrow IPC files, one row per example, not padded):
 | word_start | list<uint8> | dynamic whole-word masking only: 1 where a word of whole-word masking begins |
 
 ``word_start`` carries the word boundaries static masking would use ("##" pieces and, for Chinese, the
-segmenter's words, data_prep/segment.py), so the trainer's dynamic masking groups tokens the same way.
+segmenter's words, data_prep/zh_words.py), so the trainer's dynamic masking groups tokens the same way.
 
 The schema's key/value metadata holds one key, ``bertpipe``, whose value is the JSON of ExampleMetadata.
 """

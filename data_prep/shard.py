@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import shutil
 import zlib
 from collections import Counter
@@ -41,10 +40,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import sentencex
 
 from data_prep import neardup
-from data_prep.cjk import CJK_WORD_CHARS_RE2, HAS_ALNUM_RE2, reattach_closers, split_cjk_sentences
+from data_prep.cjk import CJK_WORD_CHARS_RE2, HAS_ALNUM_RE2
 from data_prep.languages import check_language
 from data_prep.manifest import (
     StageError,
@@ -59,6 +57,7 @@ from data_prep.manifest import (
 )
 from data_prep.parallel import Mapper, local_mapper
 from data_prep.schema import CORPUS_SCHEMA
+from data_prep.sentences import split_sentences
 from data_prep.textio import InputUnit, discover_inputs, iter_unit_documents
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,6 @@ SPILL_FLUSH_CHARS = 16 << 20  # a reading task buffers at most ~16 M characters 
 TASK_MIN_BYTES, TASK_MAX_BYTES = 1 << 20, 256 << 20
 ROW_GROUP_DOCUMENTS = 1024  # at most this many documents per Parquet row group ...
 ROW_GROUP_BYTES = 16 << 20  # ... and at most ~16 MB of sentence text (a one-document group may exceed it)
-_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s+)(?=[\"'(\[]*[A-Z0-9])")  # group 1: the gap to split at
-_CJK_CLAUSE_ENDS = "，；、："  # where a long run of CJK text without spaces is best cut
 
 
 @dataclass
@@ -165,63 +162,6 @@ class ShardConfig:
 
 
 # --- documents: sentences, hashes, placement -------------------------------------------------------------
-
-
-def chunk_on_whitespace(text: str, max_chars: int) -> list[str]:
-    """Cut ``text`` into pieces of at most ``max_chars``, at the last space or CJK clause end (``，；、：``,
-    which Chinese and Japanese write without spaces) before the limit if any."""
-    pieces = []
-    start = 0
-    while len(text) - start > max_chars:
-        cut = text.rfind(" ", start, start + max_chars + 1)
-        clause = max(text.rfind(c, start, start + max_chars) for c in _CJK_CLAUSE_ENDS) + 1
-        if clause > max(cut, start):  # cut after the clause's punctuation
-            end = next_start = clause
-        elif cut > start:
-            end, next_start = cut, cut + 1
-        else:  # no space: a hard cut inside one huge "word" (or between two CJK characters)
-            end = next_start = start + max_chars
-        pieces.append(text[start:end])
-        start = next_start
-    pieces.append(text[start:])
-    return [p for p in (p.strip() for p in pieces) if p]
-
-
-def split_long_sentence(sentence: str, max_chars: int) -> list[str]:
-    """Re-split an over-long "sentence" at sentence punctuation, then cut what is still too long on spaces.
-
-    sentencex never splits inside quotes or brackets, so one unbalanced ``(`` or ``"`` can swallow a
-    whole paragraph; those paragraphs are what this fallback sees.
-    """
-    pieces = []
-    starts = [0] + [m.end(1) for m in _SENTENCE_END.finditer(sentence)]
-    ends = [m.start(1) for m in _SENTENCE_END.finditer(sentence)] + [len(sentence)]
-    for start, end in zip(starts, ends, strict=True):
-        piece = sentence[start:end].strip()
-        if len(piece) > max_chars:
-            pieces.extend(chunk_on_whitespace(piece, max_chars))
-        elif piece:
-            pieces.append(piece)
-    return pieces
-
-
-def split_sentences(paragraph: str, language: str, max_sentence_chars: int, stats: Counter) -> list[str]:
-    """Sentences of one paragraph (sentencex, then cut after every CJK sentence end), stripped; over-long
-    ones re-split and counted.
-
-    sentencex keeps quotes together, so an unbalanced or mismatched quote (``“control D"``) hides every
-    ``。`` after it; ``。！？`` are unambiguous sentence ends, so ``split_cjk_sentences`` cuts there whatever
-    the language and the quotes around them.
-    """
-    sentences = []
-    pieces = [p for segment in sentencex.segment(language, paragraph) for p in split_cjk_sentences(segment)]
-    for sentence in reattach_closers(pieces):
-        if len(sentence) > max_sentence_chars:
-            stats["long_sentences_split"] += 1
-            sentences.extend(split_long_sentence(sentence, max_sentence_chars))
-        else:
-            sentences.append(sentence)
-    return sentences
 
 
 def content_digest(sentences: list[str]) -> bytes:

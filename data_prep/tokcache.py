@@ -12,7 +12,7 @@ of what it held before.
 Each ``.arrow`` file is an Arrow IPC file, one row per document: ``doc_id`` int64, ``ids`` list<uint16|int32>
 (all WordPieces of the document, no special tokens), ``sentence_offsets`` list<int32> (``num_sentences + 1``
 boundaries into ``ids``, starting at 0) and, for a Chinese corpus, ``continues_word`` list<bool> (per token:
-in the same jieba word as the token before it, data_prep/segment.py; the segmenter and its version are in
+in the same jieba word as the token before it, data_prep/zh_words.py; the segmenter and its version are in
 the fingerprint). Sentences that tokenise to nothing and documents left empty are dropped, as Google drops
 them. Record batches hold about ``BLOCK_SENTENCES`` sentences, so readers stream with bounded memory.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import segment
+from data_prep import zh_words
 from data_prep.examples import DocumentBlock, segment_index
 from data_prep.manifest import atomic_path, changed_file_error, fingerprint, sha256_file, write_json_atomic
 from data_prep.schema import token_id_type
@@ -79,7 +79,7 @@ def cache_directory(cache_root: str | Path, corpus_key: str, vocab, segmenter: s
     if new.
 
     ``corpus_key``: ``corpus_content_key`` of the corpus, so the cache follows what the shards hold;
-    ``segmenter``: ``segment.segmenter_for(language)``, None for a corpus that is not segmented into words.
+    ``segmenter``: ``zh_words.segmenter_for(language)``, None for a corpus that is not segmented into words.
     """
     key = {
         "corpus": corpus_key,
@@ -236,7 +236,7 @@ class _BlockBuilder:
                 encodings = encode_sentences(self.tokenizer, self.pending)
             flat, lengths = ids_of(encodings, self.id_type)
             if self.segmented:
-                self.continue_parts.append(segment.sentences_continue_word(self.pending, encodings))
+                self.continue_parts.append(zh_words.sentences_continue_word(self.pending, encodings))
             del encodings
             self.id_parts.append(flat)
             self.length_parts.append(lengths)
@@ -336,13 +336,13 @@ def build_shard_cache(
     """Tokenise one corpus shard into its cache file (atomically); returns its counts.
 
     ``expected_sha256``: the shard manifest's; a file that no longer has it is refused before it is read.
-    ``segmenter``: the cache directory's (``segment.segmenter_for``): Chinese words are found when set.
+    ``segmenter``: the cache directory's (``zh_words.segmenter_for``): Chinese words are found when set.
     """
     corpus_file, cache_file = Path(corpus_file), Path(cache_file)
     check_corpus_file(corpus_file, expected_sha256)
     segmented = segmenter is not None
-    if segmented and segmenter != segment.segmenter_name():
-        raise ValueError(f"the cache is keyed for {segmenter}, this process has {segment.segmenter_name()}")
+    if segmented and segmenter != zh_words.segmenter_name():
+        raise ValueError(f"the cache is keyed for {segmenter}, this process has {zh_words.segmenter_name()}")
     schema = cache_schema(vocab.size, segmented)
     id_type = numpy_type(schema.field("ids").type.value_type)
     counts = {"documents": 0, "sentences": 0, "tokens": 0, "block_tokens": []}

@@ -54,7 +54,12 @@ STAGE = "vocab"
 FORMAT_VERSION = 2  # 2: deterministic training (the ## forms sorted after the alphabet)
 MODEL_MAX_LENGTH = 512
 STATS_MAX_SENTENCES = 200_000  # UNK rate and tokens/word are measured on at most this many sentences
-OUTPUT_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)  # what a tokenizer directory may hold: copied with a model
 
 
 @dataclass
@@ -511,6 +516,6 @@ def train_vocab(config: VocabConfig) -> dict:
         100 * stats["unk_rate"],
         stats["tokens_per_word"],
     )
-    files = [file_entry(stage.directory, name) for name in OUTPUT_FILES]
+    files = [file_entry(stage.directory, name) for name in TOKENIZER_FILES]
     files[0]["rows"] = len(vocab.tokens)  # vocab.txt: one token per line
     return stage.commit(files, stats)

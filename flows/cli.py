@@ -381,7 +381,7 @@ def pretrain(
     )  # fmt: skip
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     values["resume"] = resume or values.get("resume", False)
-    from bert.launch import Nodes, check_launch
+    from bert.pretrain.launch import Nodes, check_launch
 
     nodes = None
     try:
@@ -394,8 +394,8 @@ def pretrain(
     for name in ("examples", "out"):
         if not values.get(name):
             fail(f"--{name} is required")
-    from bert.pretrain_stage import run_pretrain_stage
-    from bert.train_config import TrainConfig
+    from bert.pretrain.config import TrainConfig
+    from bert.pretrain.stage import run_pretrain_stage
     from data_prep.manifest import StageError
 
     try:

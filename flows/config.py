@@ -247,7 +247,7 @@ def _build(section: str, cls: type, settings: dict, owned: dict) -> Any:
 def build_stage_configs(config: PipelineConfig, shared_data: str | Path, out: str | Path) -> StageConfigs:
     """Every stage's typed config for a run in ``out``: any mistake is a PipelineConfigError, before work."""
     from bert.finetune import FinetuneConfig
-    from bert.train_config import TrainConfig
+    from bert.pretrain.config import TrainConfig
     from data_prep.examples_stage import ExamplesConfig
     from data_prep.shard import ShardConfig
     from data_prep.vocab import VocabConfig

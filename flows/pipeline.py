@@ -215,8 +215,8 @@ def _last_step(metrics_file: Path) -> int | None:
 @task(name="pretrain", task_run_name="pretrain", cache_policy=NO_CACHE)
 def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = None,
                   deadline_s: float | None = None) -> str:  # fmt: skip
-    """Examples → pretrained model (``bert.pretrain_stage``: the deepspeed launcher, ranks' lines in the log)."""
-    from bert import pretrain_stage
+    """Examples → pretrained model (``bert.pretrain.stage``: the deepspeed launcher, ranks' lines in the log)."""
+    from bert.pretrain import stage as pretrain_stage
 
     logger = get_run_logger()
     out = Path(config.out)
@@ -266,16 +266,18 @@ def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = No
 
 @task(name="finetune", task_run_name="finetune-{config.task}", **RETRIES)
 def finetune_task(config) -> dict:
-    """A pretrained model → fine-tuned on one task, evaluated (``bert.finetune.main``); its metrics."""
-    from bert import finetune
+    """A pretrained model → fine-tuned on one task, evaluated (``bert.finetune.stage.main``); its metrics."""
+    from bert.finetune import stage as finetune_stage
 
     out = Path(config.out)
     metrics = lambda: json.loads((out / "metrics.json").read_text())  # noqa: E731
     if (
-        state := cached_state(out, "finetune", lambda: finetune.expected_fingerprint(config), data=metrics)
+        state := cached_state(
+            out, "finetune", lambda: finetune_stage.expected_fingerprint(config), data=metrics
+        )
     ) is not None:
         return state
-    return finetune.main(config)
+    return finetune_stage.main(config)
 
 
 # --- the report -----------------------------------------------------------------------------------------------

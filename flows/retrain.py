@@ -351,7 +351,7 @@ def eval_dir(evals_root: Path, model_dir: Path) -> Path:
 @task(name="heldout", task_run_name="heldout-{who}", cache_policy=NO_CACHE)
 def heldout_task(who: str, model_dir: str, out: str, heldout: str, num_examples: int) -> dict[str, float]:
     """Held-out MLM loss and accuracy of one model (``bert.heldout``), cached in ``out`` by held-out set."""
-    from bert.heldout import evaluate_mlm
+    from bert.pretrain.heldout import evaluate_mlm
 
     heldout_fp = (read_manifest(heldout) or {}).get("fingerprint", "")[:16]
     cache = Path(out) / f"heldout-{heldout_fp}-{num_examples}.json"

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.cjk import count_words, decode_wordpieces, join_lines, split_cjk_sentences
-from data_prep.shard import ShardConfig, chunk_on_whitespace, shard_corpus, split_sentences
+from data_prep.sentences import chunk_on_whitespace, split_sentences
+from data_prep.shard import ShardConfig, shard_corpus
 from data_prep.textio import paragraphs_of
 from data_prep.vocab import VocabConfig, corpus_word_counts, initial_tokens, load_vocab, train_vocab
 

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from bert.data import (
-    IGNORE_INDEX,
+from bert.finetune.tasks import IGNORE_INDEX
+from bert.pretrain.data import (
     Collator,
     DataPosition,
     ExampleShards,

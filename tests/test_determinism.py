@@ -117,8 +117,8 @@ def test_three_pretraining_and_fine_tuning_runs_give_identical_weights_and_metri
 
     from bert.finetune import FinetuneConfig
     from bert.finetune import main as finetune
-    from bert.pretrain import main as pretrain
-    from bert.train_config import TrainConfig
+    from bert.pretrain.config import TrainConfig
+    from bert.pretrain.rank import main as pretrain
 
     examples = make_examples(
         tmp_path / "examples", make_vocab(tmp_path / "vocab"), num_train=64, num_valid=16

@@ -119,7 +119,7 @@ def test_stage_writes_readable_examples_and_stats(toy):
 
 
 def test_examples_directory_carries_its_vocabulary(toy):
-    from bert.data import vocab_dir_of
+    from bert.pretrain.data import vocab_dir_of
     from data_prep.vocab import load_vocab
 
     manifest = generate_examples(config(toy, "out"))

@@ -166,7 +166,7 @@ def test_killed_shard_run_finishes_without_temporaries(shared_data, tmp_path, mo
 
 
 def test_data_log_is_line_buffered_so_a_kill_keeps_every_line(tmp_path):
-    from bert.pretrain import open_data_log
+    from bert.pretrain.rank import open_data_log
 
     log_file = tmp_path / "data_log" / "rank0.jsonl"
     data_log = open_data_log(tmp_path, 0)

@@ -7,7 +7,10 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
-from bert import finetune as F
+from bert.finetune import FinetuneConfig, main
+from bert.finetune.loop import Evaluation, SeedRun, make_optimizer
+from bert.finetune.stage import summarise
+from bert.finetune.tasks import get_task
 from bert.model import BertConfig, BertForSequenceClassification, BertModel
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -45,9 +48,9 @@ def run(tiny_model, tmp_path, task, train, eval_, **kwargs):
     defaults = dict(
         seeds=(0, 1), epochs=1, batch_size=8, lr=1e-3, max_seq_length=48, progress=False, num_threads=1
     )
-    config = F.FinetuneConfig(task=task, model=tiny_model, out=tmp_path / "out", train=train, eval=eval_,
+    config = FinetuneConfig(task=task, model=tiny_model, out=tmp_path / "out", train=train, eval=eval_,
                               **{**defaults, **kwargs})  # fmt: skip
-    summary = F.main(config)
+    summary = main(config)
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     return summary
@@ -184,12 +187,12 @@ def test_degenerate_seeds_are_flagged_not_scored(tiny_model, tmp_path):
 
 
 def test_summary_excludes_degenerate_from_median():
-    task = F.T.get_task("cola")
+    task = get_task("cola")
 
     def seed_run(seed, mcc, degenerate=None):
-        return F.SeedRun(seed, F.Evaluation({"mcc": mcc, "accuracy": 0.5}, [], degenerate), 1, [], 1.0, None)
+        return SeedRun(seed, Evaluation({"mcc": mcc, "accuracy": 0.5}, [], degenerate), 1, [], 1.0, None)
 
-    summary = F.summarise(task, [seed_run(0, 0.2), seed_run(1, 0.0, "one class"), seed_run(2, 0.4)])
+    summary = summarise(task, [seed_run(0, 0.2), seed_run(1, 0.0, "one class"), seed_run(2, 0.4)])
     assert summary["degenerate_seeds"] == [1]
     assert summary["median"]["mcc"] == pytest.approx(0.3) and summary["mean"]["mcc"] == pytest.approx(0.3)
     assert summary["std"]["mcc"] == pytest.approx(0.1414213562, rel=1e-6)
@@ -197,9 +200,9 @@ def test_summary_excludes_degenerate_from_median():
 
 
 def test_summary_leads_with_the_task_metric():
-    task = F.T.get_task("ner")
+    task = get_task("ner")
     scores = {"precision": 0.5, "recall": 0.7, "f1": 0.6}  # the order metrics.entity_scores returns
-    summary = F.summarise(task, [F.SeedRun(0, F.Evaluation(scores, [], None), 1, [], 1.0, None)])
+    summary = summarise(task, [SeedRun(0, Evaluation(scores, [], None), 1, [], 1.0, None)])
     assert list(summary["median"]) == ["f1", "precision", "recall"] and summary["metric"] == "f1"
 
 
@@ -224,7 +227,7 @@ def test_schedule_matches_transformers(total, warmup):
     import transformers
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    optimizer, scheduler = F.make_optimizer(model, 1e-3, 0.01, total, warmup)
+    optimizer, scheduler = make_optimizer(model, 1e-3, 0.01, total, warmup)
     reference_opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-3)
     reference = transformers.get_linear_schedule_with_warmup(reference_opt, warmup, total)
     ours, theirs = [], []

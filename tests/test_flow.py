@@ -95,7 +95,7 @@ def test_flow_end_to_end_cached_rerun_and_exact_invalidation(shared_data, tmp_pa
     with monkeypatch.context() as patch:
         for module, name in (("data_prep.shard", "shard_corpus"), ("data_prep.vocab", "train_vocab"),
                              ("data_prep.examples_stage", "generate_examples"),
-                             ("bert.pretrain_stage", "run_pretrain_stage"), ("bert.finetune", "main")):  # fmt: skip
+                             ("bert.pretrain.stage", "run_pretrain_stage"), ("bert.finetune.stage", "main")):  # fmt: skip
             patch.setattr(f"{module}.{name}", must_not_run)
         again = run_flow(preset, out, shared_data)
     assert again.is_completed(), again.message

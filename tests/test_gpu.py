@@ -102,17 +102,18 @@ def _toy_task(path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_finetuning_runs_on_the_gpu_and_matches_the_cpu_in_fp32(tmp_path: Path):
-    from bert import finetune as F
+    from bert.finetune import FinetuneConfig, main
+    from bert.finetune.config import resolve_device
 
     model_dir, train, dev = _toy_task(tmp_path)
 
     def run(device: str, precision: str) -> dict:
-        config = F.FinetuneConfig(task="sst2", model=model_dir, out=tmp_path / f"{device}-{precision}",
+        config = FinetuneConfig(task="sst2", model=model_dir, out=tmp_path / f"{device}-{precision}",
                                   train=train, eval=dev, seeds=(0,), epochs=6, batch_size=16, lr=1e-3,
                                   max_seq_length=32, warmup_ratio=0.0, progress=False, save_model=False,
                                   device=device, precision=precision)  # fmt: skip
-        assert F.resolve_device(config)[0].type == device
-        return F.main(config)["results"][0]
+        assert resolve_device(config)[0].type == device
+        return main(config)["results"][0]
 
     cpu, gpu, bf16 = run("cpu", "fp32"), run("cuda", "fp32"), run("cuda", "bf16")
     for a, b in zip(cpu["epochs"], gpu["epochs"], strict=True):  # the same math: fp32 rounding apart

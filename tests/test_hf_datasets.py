@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from bert.data import Collator, open_split
+from bert.pretrain.data import Collator, open_split
 from data_prep import reader
 from data_prep.examples_stage import ExamplesConfig, generate_examples
 from data_prep.manifest import (

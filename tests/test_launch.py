@@ -22,8 +22,8 @@ import psutil
 import pytest
 from test_data import make_training_stage
 
-from bert.launch import launch
-from bert.train_config import TrainConfig
+from bert.pretrain.config import TrainConfig
+from bert.pretrain.launch import launch
 
 BERTPIPE = Path(sys.executable).parent / "bertpipe"
 GUARD_S = 300  # a deadline that only ends a run whose test went wrong, so that it cannot hang
@@ -175,8 +175,8 @@ def test_the_deadline_stops_the_run_gracefully(stage, out: Path, caplog):
 
 LAUNCH_WITH_ON_LINE = """
 import sys
-from bert.launch import launch
-from bert.train_config import TrainConfig
+from bert.pretrain.launch import launch
+from bert.pretrain.config import TrainConfig
 launch(TrainConfig.from_json_file(sys.argv[1]), num_gpus=1, on_line=print)
 """
 
@@ -242,17 +242,17 @@ def deepspeed_would_run(command: list[str], monkeypatch) -> tuple[list[str], dic
 @pytest.fixture
 def launching_env(monkeypatch):
     """The environment bert.launch gives the deepspeed runner: the parent-pid watch variables included."""
-    from bert.pretrain import PARENT_PID_ENV, StopSignal
+    from bert.pretrain.run import PARENT_HOST_ENV, PARENT_PID_ENV
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv(PARENT_PID_ENV, str(os.getpid()))
-    monkeypatch.setenv(StopSignal.PARENT_HOST_ENV, socket.gethostname())
+    monkeypatch.setenv(PARENT_HOST_ENV, socket.gethostname())
 
 
 def test_hostfile_runs_one_launcher_per_host_over_pdsh_without_the_parent_pid(
     tmp_path, launching_env, monkeypatch
 ):
-    from bert.launch import check_launch, launcher_command
+    from bert.pretrain.launch import check_launch, launcher_command
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two 8-GPU nodes\nworker-1 slots=8\nworker-2 slots=8\n")
@@ -283,8 +283,8 @@ def test_hostfile_runs_one_launcher_per_host_over_pdsh_without_the_parent_pid(
 def test_no_ssh_runs_this_nodes_ranks_only_with_the_node_list_and_node_rank(
     tmp_path, launching_env, monkeypatch
 ):
-    from bert.launch import Nodes, check_launch, launcher_command
-    from bert.pretrain import PARENT_PID_ENV
+    from bert.pretrain.launch import Nodes, check_launch, launcher_command
+    from bert.pretrain.run import PARENT_PID_ENV
 
     nodes = Nodes(num_nodes=3, node_rank=1, master_addr="10.1.2.3")
     assert check_launch(2, None, nodes) == 6
@@ -323,7 +323,7 @@ def test_no_ssh_runs_this_nodes_ranks_only_with_the_node_list_and_node_rank(
     ],
 )
 def test_nonsense_launch_settings_are_refused(tmp_path, num_gpus, hostfile, nodes, port, message):
-    from bert.launch import Nodes, check_launch
+    from bert.pretrain.launch import Nodes, check_launch
 
     (tmp_path / "hosts").write_text("worker-1 slots=8\n")
     (tmp_path / "bad-hosts").write_text("worker-1 8\n")
@@ -332,15 +332,16 @@ def test_nonsense_launch_settings_are_refused(tmp_path, num_gpus, hostfile, node
 
 
 def test_the_parent_pid_watch_applies_on_the_launching_host_only(monkeypatch):
-    from bert.pretrain import PARENT_PID_ENV, StopSignal
+    from bert.pretrain.rank import StopSignal
+    from bert.pretrain.run import PARENT_HOST_ENV, PARENT_PID_ENV
 
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     monkeypatch.setenv(PARENT_PID_ENV, str(gone.pid))
-    monkeypatch.setenv(StopSignal.PARENT_HOST_ENV, socket.gethostname())
+    monkeypatch.setenv(PARENT_HOST_ENV, socket.gethostname())
     assert StopSignal().received  # the launching process on this host is gone
-    monkeypatch.setenv(StopSignal.PARENT_HOST_ENV, "another-host")
+    monkeypatch.setenv(PARENT_HOST_ENV, "another-host")
     assert not StopSignal().received  # a pid of another host says nothing about this one's processes
     monkeypatch.delenv(PARENT_PID_ENV)
-    monkeypatch.delenv(StopSignal.PARENT_HOST_ENV)
+    monkeypatch.delenv(PARENT_HOST_ENV)
     assert not StopSignal().received  # a rank the ssh launcher started on another node: no watch

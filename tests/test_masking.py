@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bert.data import Collator, dynamic_mask
+from bert.pretrain.data import Collator, dynamic_mask
 from data_prep import examples as ex
 from data_prep.masking import never_predicted_ids, num_to_predict
 from data_prep.schema import ExampleMetadata, continuation_table, replacement_ids

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from bert import metrics
+from bert.finetune import metrics
 
 
 def test_accuracy_by_hand():

@@ -19,7 +19,7 @@ from bert import (  # noqa: E402
     BertForSequenceClassification,
     BertModel,
 )
-from bert.hf import load_state_dict  # noqa: E402
+from bert.model.hf import load_state_dict  # noqa: E402
 
 VOCAB = 97
 SENTENCES = [
@@ -127,7 +127,7 @@ def test_backbone_checkpoint_into_task_model_warns_about_new_head(tmp_path, capl
     assert "embeddings.word_embeddings.weight" in load_state_dict(
         tmp_path
     )  # no bert. prefix, as HF BertModel
-    with caplog.at_level(logging.WARNING, logger="bert.hf"):
+    with caplog.at_level(logging.WARNING, logger="bert.model.hf"):
         clf = BertForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
     assert sorted(clf.loading_info["missing_keys"]) == ["classifier.bias", "classifier.weight"]
     assert "newly initialised" in caplog.text and "classifier.weight" in caplog.text
@@ -138,7 +138,7 @@ def test_backbone_checkpoint_into_task_model_warns_about_new_head(tmp_path, capl
 
     # and back: a task checkpoint (bert. prefix) into the bare encoder; the head is reported unused
     clf.save_pretrained(tmp_path / "clf")
-    with caplog.at_level(logging.WARNING, logger="bert.hf"):
+    with caplog.at_level(logging.WARNING, logger="bert.model.hf"):
         again = BertModel.from_pretrained(tmp_path / "clf")
     assert again.loading_info["missing_keys"] == []
     assert again.loading_info["unexpected_keys"] == ["classifier.bias", "classifier.weight"]

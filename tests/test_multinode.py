@@ -135,9 +135,9 @@ def test_nonsense_node_flags_are_one_line_errors_before_any_work(stage, tmp_path
 
 
 def test_a_node_other_than_node_0_refuses_what_node_0_refuses_without_taking_the_lock(stage, tmp_path: Path):
-    from bert.launch import Nodes
-    from bert.pretrain_stage import follow, run_pretrain_stage, stage_config, stage_inputs, trajectory
-    from bert.train_config import TrainConfig
+    from bert.pretrain.config import TrainConfig
+    from bert.pretrain.launch import Nodes
+    from bert.pretrain.stage import follow, run_pretrain_stage, stage_config, stage_inputs, trajectory
     from data_prep.manifest import INPROGRESS, StageError, write_json_atomic
 
     examples, model_config = stage

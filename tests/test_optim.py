@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bert.optim import Lamb, build_optimizer, lr_multiplier, parameter_groups
-from bert.train_config import TrainConfig, derive_seed, parse_duration, resolve_batch_sizes
+from bert.pretrain.config import TrainConfig, derive_seed, parse_duration, resolve_batch_sizes
 
 
 def reference_lamb(params, grads_fn, steps, lr, betas, eps, weight_decay):

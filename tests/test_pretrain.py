@@ -15,10 +15,11 @@ import pytest
 import torch
 from test_data import TINY, make_examples, make_vocab
 
-from bert.engine import checkpoint_state_dict, fill_deepspeed_config
 from bert.model import BertConfig, BertForPreTraining
-from bert.pretrain import main
-from bert.train_config import TrainConfig, resolve_batch_sizes
+from bert.pretrain.config import TrainConfig, resolve_batch_sizes
+from bert.pretrain.ds_config import fill_deepspeed_config
+from bert.pretrain.engine import checkpoint_state_dict
+from bert.pretrain.rank import main
 
 REPO = Path(__file__).resolve().parents[1]
 

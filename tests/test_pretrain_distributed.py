@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_data import make_training_stage, make_vocab
 
-from bert.engine import checkpoint_state_dict
+from bert.pretrain.engine import checkpoint_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 BERTPIPE = Path(sys.executable).parent / "bertpipe"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bert import tasks as T
-from bert.finetune import Evaluation, SeedRun, summarise
+from bert.finetune.loop import Evaluation, SeedRun
+from bert.finetune.stage import summarise
+from bert.finetune.tasks import get_task
 from data_prep.examples_stage import ExamplesConfig, generate_examples
 from data_prep.manifest import read_manifest
 from data_prep.shard import ShardConfig, shard_corpus
@@ -125,7 +126,7 @@ def write_pretrain(directory: Path, last_step: int = NUM_STEPS) -> Path:
 
 def write_finetune(directory: Path, task_name: str, seed_scores: dict[int, dict | None]) -> Path:
     """metrics.json through bert.finetune.summarise; a None score marks a single-class (degenerate) seed."""
-    task = T.get_task(task_name)
+    task = get_task(task_name)
     runs = []
     for seed, scores in seed_scores.items():
         degenerate = "predicted the class '1' for all 1043 examples" if scores is None else None

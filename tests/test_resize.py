@@ -20,10 +20,10 @@ import pytest
 import torch
 from test_data import TINY, make_examples, make_training_stage, make_vocab
 
-from bert.data import rank_micro_batches
-from bert.engine import checkpoint_state_dict
-from bert.pretrain import main
-from bert.train_config import TrainConfig
+from bert.pretrain.config import TrainConfig
+from bert.pretrain.data import rank_micro_batches
+from bert.pretrain.engine import checkpoint_state_dict
+from bert.pretrain.rank import main
 
 REPO = Path(__file__).resolve().parents[1]
 BERTPIPE = Path(sys.executable).parent / "bertpipe"

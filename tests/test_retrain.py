@@ -77,7 +77,7 @@ def test_retrain_first_run_new_data_gate_both_ways_nothing_new_rollback_and_a_ki
         raise RuntimeError("killed in training")
 
     with monkeypatch.context() as patch:
-        patch.setattr("bert.pretrain_stage.run_pretrain_stage", killed)
+        patch.setattr("bert.pretrain.stage.run_pretrain_stage", killed)
         failed = run_retrain(corpus, root, shared_data)
     assert failed.is_failed()
     assert [v.version for v in registry.versions()] == [1] and registry.champion().version == 1

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from data_prep import shard as shard_mod
 from data_prep.manifest import MANIFEST, StageError, require_complete
 from data_prep.schema import CORPUS_SCHEMA
-from data_prep.shard import ShardConfig, placement, shard_corpus, split_sentences
+from data_prep.sentences import split_sentences
+from data_prep.shard import ShardConfig, placement, shard_corpus
 from data_prep.textio import paragraphs_of
 from flows.cli import app
 

@@ -11,9 +11,11 @@ import pytest
 from test_data import make_examples, make_vocab
 from test_finetune import tiny_model  # noqa: F401  (a module fixture: a 2-layer random BERT)
 
-from bert import finetune as F
-from bert import pretrain_stage as P
-from bert.train_config import TrainConfig
+from bert.finetune import FinetuneConfig, main
+from bert.finetune import stage as finetune_stage
+from bert.finetune.stage import expected_fingerprint
+from bert.pretrain import stage as P
+from bert.pretrain.config import TrainConfig
 from data_prep.manifest import INPROGRESS, StageError, read_manifest
 
 
@@ -75,28 +77,28 @@ def test_finetune_writes_a_manifest_and_a_rerun_trains_nothing(tiny_model, tmp_p
     rows = [f"src\t{i % 2}\t\tthe {'broncos won' if i % 2 else 'game of'} the game {i}" for i in range(24)]
     train.write_text("\n".join(rows) + "\n")
     dev.write_text("\n".join(rows[:8]) + "\n")
-    config = F.FinetuneConfig(task="cola", model=tiny_model, out=tmp_path / "out", train=train, eval=dev,
+    config = FinetuneConfig(task="cola", model=tiny_model, out=tmp_path / "out", train=train, eval=dev,
                               seeds=(0,), epochs=1, batch_size=8, lr=1e-3, max_seq_length=32, progress=False)  # fmt: skip
-    first = F.main(config)
+    first = main(config)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["stage"] == "finetune" and manifest["fingerprint"] == F.expected_fingerprint(config)
+    assert manifest["stage"] == "finetune" and manifest["fingerprint"] == expected_fingerprint(config)
     assert "metrics.json" in {f["path"] for f in manifest["files"]}
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("trained again although the stage was complete")
 
-    monkeypatch.setattr(F, "train_seed", must_not_train)
-    assert F.main(config) == json.loads(json.dumps(first))
+    monkeypatch.setattr(finetune_stage, "train_seed", must_not_train)
+    assert main(config) == json.loads(json.dumps(first))
     # another setting, or edited data, is another fingerprint: the stage runs again
-    assert F.expected_fingerprint(dataclasses.replace(config, lr=2e-3)) != manifest["fingerprint"]
+    assert expected_fingerprint(dataclasses.replace(config, lr=2e-3)) != manifest["fingerprint"]
     assert (
-        F.expected_fingerprint(dataclasses.replace(config, num_threads=1, progress=True))
+        expected_fingerprint(dataclasses.replace(config, num_threads=1, progress=True))
         == manifest["fingerprint"]
     )
     train.write_text("\n".join(rows[:20]) + "\n")
-    assert F.expected_fingerprint(config) != manifest["fingerprint"]
+    assert expected_fingerprint(config) != manifest["fingerprint"]
     with pytest.raises(AssertionError, match="trained again"):
-        F.main(config)
+        main(config)
 
 
 def test_a_second_trainer_on_a_run_directory_is_refused_before_any_launch(examples, tmp_path):

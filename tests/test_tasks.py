@@ -6,7 +6,17 @@ import random
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from bert import tasks as T
+from bert.finetune.features import encode_squad, encode_tagged, load_tokenizer
+from bert.finetune.readers import (
+    QAExample,
+    TaggedSentence,
+    label_list,
+    load_examples,
+    read_conll,
+    read_squad,
+    read_table,
+)
+from bert.finetune.tasks import TaskDataError, get_task
 
 WORDS = [
     "the",
@@ -32,45 +42,45 @@ def tokenizer(tmp_path):
     """A BERT WordPiece tokenizer over a few words, loaded from a bare vocab.txt (lowercase)."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", ".", ",", *WORDS, "##s", "bron", "##co"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return T.load_tokenizer(tmp_path)
+    return load_tokenizer(tmp_path)
 
 
 def test_real_glue_files(shared_data):
-    cola = T.load_examples(T.get_task("cola"), shared_data / "cola/dev.tsv", "validation")
+    cola = load_examples(get_task("cola"), shared_data / "cola/dev.tsv", "validation")
     assert len(cola) == 527 and {e.label for e in cola} == {"0", "1"}
     assert cola[0].texts == ("The sailors rode the breeze clear of the rocks.",)
-    mrpc = T.load_examples(T.get_task("mrpc"), shared_data / "glue/MRPC/dev.tsv", "validation")
+    mrpc = load_examples(get_task("mrpc"), shared_data / "glue/MRPC/dev.tsv", "validation")
     assert len(mrpc) == 408 and len(mrpc[0].texts) == 2  # the header's byte-order mark is not in the name
     assert mrpc[0].where.endswith("dev.tsv:2")
-    stsb = T.load_examples(T.get_task("stsb"), shared_data / "glue/STS-B/dev.tsv", "validation")
+    stsb = load_examples(get_task("stsb"), shared_data / "glue/STS-B/dev.tsv", "validation")
     assert len(stsb) == 1500 and stsb[0].label == 5.0
-    rte = T.load_examples(T.get_task("rte"), shared_data / "glue/RTE/dev.tsv", "validation")
+    rte = load_examples(get_task("rte"), shared_data / "glue/RTE/dev.tsv", "validation")
     assert {e.label for e in rte} == {"entailment", "not_entailment"}
 
 
 def test_real_conll(shared_data):
-    sentences = T.read_conll(shared_data / "conll2003/valid.txt")
+    sentences = read_conll(shared_data / "conll2003/valid.txt")
     assert len(sentences) == 3250
     assert sentences[0].words[:3] == ["CRICKET", "-", "LEICESTERSHIRE"] and sentences[0].tags[2] == "B-ORG"
-    labels = T.label_list(T.get_task("ner"), sentences)
+    labels = label_list(get_task("ner"), sentences)
     assert labels == ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 
 
 def test_custom_table_formats(tmp_path):
-    task = T.get_task("classification", ["premise", "hypothesis"], "gold")
+    task = get_task("classification", ["premise", "hypothesis"], "gold")
     (tmp_path / "a.csv").write_text('premise,hypothesis,gold\n"A, quoted",b,yes\nc,d,no\n')
     (tmp_path / "a.jsonl").write_text(
         '{"premise": "x", "hypothesis": "y", "gold": 1}\n\n{"premise": "z", "hypothesis": "w", "gold": 0}\n'
     )
-    csv_rows = T.read_table(tmp_path / "a.csv", task)
+    csv_rows = read_table(tmp_path / "a.csv", task)
     assert csv_rows[0].texts == ("A, quoted", "b") and csv_rows[1].label == "no"
-    jsonl_rows = T.read_table(tmp_path / "a.jsonl", task)
+    jsonl_rows = read_table(tmp_path / "a.jsonl", task)
     assert [e.label for e in jsonl_rows] == ["1", "0"] and jsonl_rows[1].where.endswith("a.jsonl:3")
-    assert T.label_list(task, csv_rows) == ["no", "yes"]
+    assert label_list(task, csv_rows) == ["no", "yes"]
     with pytest.raises(ValueError, match="--text-columns"):
-        T.get_task("classification")
+        get_task("classification")
     with pytest.raises(ValueError, match="unknown task"):
-        T.get_task("glue")
+        get_task("glue")
 
 
 @pytest.mark.parametrize(
@@ -83,33 +93,33 @@ def test_custom_table_formats(tmp_path):
 )
 def test_table_errors_name_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
-    with pytest.raises(T.TaskDataError, match=message):
-        T.load_examples(T.get_task("cola"), tmp_path / name, "train")
+    with pytest.raises(TaskDataError, match=message):
+        load_examples(get_task("cola"), tmp_path / name, "train")
 
 
 def test_missing_column_and_bad_number(tmp_path):
     (tmp_path / "s.tsv").write_text("sentence1\tsentence2\tlabel\na\tb\t0.5\n")
-    with pytest.raises(T.TaskDataError, match=r"s.tsv:1: no column 'score'"):
-        T.load_examples(T.get_task("stsb"), tmp_path / "s.tsv", "train")
+    with pytest.raises(TaskDataError, match=r"s.tsv:1: no column 'score'"):
+        load_examples(get_task("stsb"), tmp_path / "s.tsv", "train")
     (tmp_path / "t.tsv").write_text("sentence1\tsentence2\tscore\na\tb\tfive\n")
-    with pytest.raises(T.TaskDataError, match=r"t.tsv:2: label 'five' is not a number"):
-        T.load_examples(T.get_task("stsb"), tmp_path / "t.tsv", "train")
+    with pytest.raises(TaskDataError, match=r"t.tsv:2: label 'five' is not a number"):
+        load_examples(get_task("stsb"), tmp_path / "t.tsv", "train")
 
 
 def test_conll_errors(tmp_path):
     path = tmp_path / "x.txt"
     path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP\n")
-    with pytest.raises(T.TaskDataError, match=r"x.txt:4: 3 fields where the file has 4"):
-        T.read_conll(path)
+    with pytest.raises(TaskDataError, match=r"x.txt:4: 3 fields where the file has 4"):
+        read_conll(path)
     path.write_text("EU NNP B-NP B-ORG\nrejects VBZ B-VP X-ORG\n")
-    with pytest.raises(T.TaskDataError, match=r"x.txt:2: tag 'X-ORG' is not IOB2"):
-        T.read_conll(path)
+    with pytest.raises(TaskDataError, match=r"x.txt:2: tag 'X-ORG' is not IOB2"):
+        read_conll(path)
     path.write_text("EU NNP B-NP B-ORG\n\nParis NNP B-NP B-LOC\n")
-    with pytest.raises(T.TaskDataError, match=r"x.txt:3: tag 'B-LOC' is not among the training tags"):
-        T.read_conll(path, labels=["O", "B-ORG", "I-ORG"])
+    with pytest.raises(TaskDataError, match=r"x.txt:3: tag 'B-LOC' is not among the training tags"):
+        read_conll(path, labels=["O", "B-ORG", "I-ORG"])
     path.write_text("\n\n")
-    with pytest.raises(T.TaskDataError, match="no sentences"):
-        T.read_conll(path)
+    with pytest.raises(TaskDataError, match="no sentences"):
+        read_conll(path)
 
 
 def squad_file(path, answer_start=4, impossible=False):
@@ -129,19 +139,19 @@ def squad_file(path, answer_start=4, impossible=False):
 
 
 def test_squad_reader_checks_offsets(tmp_path):
-    examples = T.read_squad(squad_file(tmp_path / "ok.json"), version_2=False)
+    examples = read_squad(squad_file(tmp_path / "ok.json"), version_2=False)
     assert examples[0].answers == [("Denver Broncos", 4)]
     with pytest.raises(
-        T.TaskDataError, match=r"bad.json:\d+: question q1: answer 'Denver Broncos' is not at offset 5"
+        TaskDataError, match=r"bad.json:\d+: question q1: answer 'Denver Broncos' is not at offset 5"
     ):
-        T.read_squad(squad_file(tmp_path / "bad.json", answer_start=5), version_2=False)
+        read_squad(squad_file(tmp_path / "bad.json", answer_start=5), version_2=False)
     v2 = squad_file(tmp_path / "v2.json", impossible=True)
-    with pytest.raises(T.TaskDataError, match="unanswerable; use --task squad_v2"):
-        T.read_squad(v2, version_2=False)
-    assert T.read_squad(v2, version_2=True)[1].answers == []
+    with pytest.raises(TaskDataError, match="unanswerable; use --task squad_v2"):
+        read_squad(v2, version_2=False)
+    assert read_squad(v2, version_2=True)[1].answers == []
     (tmp_path / "empty.json").write_text("")
-    with pytest.raises(T.TaskDataError, match="empty"):
-        T.read_squad(tmp_path / "empty.json", version_2=False)
+    with pytest.raises(TaskDataError, match="empty"):
+        read_squad(tmp_path / "empty.json", version_2=False)
 
 
 def reference_read_squad(path, version_2):
@@ -158,16 +168,14 @@ def reference_read_squad(path, version_2):
                 answers = [(a["text"], a["answer_start"]) for a in qa.get("answers", [])]
                 for text, start in answers:
                     if context[start : start + len(text)] != text:
-                        raise T.TaskDataError(
+                        raise TaskDataError(
                             f"{where}: question {qid}: answer {text!r} is not at offset {start} of its "
                             f"context (found {context[start : start + len(text)]!r})"
                         )
                 impossible = bool(qa.get("is_impossible", False))
                 if impossible and not version_2:
-                    raise T.TaskDataError(f"{where}: question {qid} is unanswerable; use --task squad_v2")
-                examples.append(
-                    T.QAExample(qid, qa["question"], context, [] if impossible else answers, where)
-                )
+                    raise TaskDataError(f"{where}: question {qid} is unanswerable; use --task squad_v2")
+                examples.append(QAExample(qid, qa["question"], context, [] if impossible else answers, where))
     return examples
 
 
@@ -207,7 +215,7 @@ def test_squad_reader_matches_per_question_search(tmp_path, version_2, layout):
     data = synthetic_squad(300, version_2)
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data, **layout), encoding="utf-8")
-    examples = T.read_squad(path, version_2)
+    examples = read_squad(path, version_2)
     assert len(examples) > 600 and len({e.context for e in examples}) <= 40
     assert examples == reference_read_squad(path, version_2)
     # A wrong offset late in the file: the same error, naming the same line.
@@ -217,17 +225,17 @@ def test_squad_reader_matches_per_question_search(tmp_path, version_2, layout):
         "answers": [{"text": "zzz", "answer_start": 3}],
     }
     path.write_text(json.dumps(data, **layout), encoding="utf-8")
-    with pytest.raises(T.TaskDataError) as expected:
+    with pytest.raises(TaskDataError) as expected:
         reference_read_squad(path, version_2)
-    with pytest.raises(T.TaskDataError) as got:
-        T.read_squad(path, version_2)
+    with pytest.raises(TaskDataError) as got:
+        read_squad(path, version_2)
     assert str(got.value) == str(expected.value)
 
 
 def test_encode_squad_windows_and_offsets(tokenizer):
     context = "The Denver Broncos won the game in Santa Clara after a long night."
-    example = T.QAExample("q", "who won?", context, [("Santa Clara", context.index("Santa"))])
-    features = T.encode_squad(tokenizer, [example], max_seq_length=12, doc_stride=3, max_query_length=8)
+    example = QAExample("q", "who won?", context, [("Santa Clara", context.index("Santa"))])
+    features = encode_squad(tokenizer, [example], max_seq_length=12, doc_stride=3, max_query_length=8)
     assert len(features) > 1  # the context needs several windows
     found = 0
     for f in features:
@@ -244,8 +252,8 @@ def test_encode_squad_windows_and_offsets(tokenizer):
 
 
 def test_encode_tagged_labels_first_piece(tokenizer):
-    sentence = T.TaggedSentence(["Bronco", "won"], ["B-ORG", "O"])
-    (f,) = T.encode_tagged(tokenizer, [sentence], 16, ["O", "B-ORG", "I-ORG"])
+    sentence = TaggedSentence(["Bronco", "won"], ["B-ORG", "O"])
+    (f,) = encode_tagged(tokenizer, [sentence], 16, ["O", "B-ORG", "I-ORG"])
     pieces = [tokenizer.id_to_token(i) for i in f["input_ids"]]
     assert pieces == ["[CLS]", "bron", "##co", "won", "[SEP]"]
     assert f["labels"] == [-100, 1, -100, 0, -100]
@@ -260,7 +268,7 @@ def test_tokenizer_json_and_vocab_txt_agree(tmp_path, tokenizer):
     tok.enable_padding(length=40)  # saved padding must be switched off by load_tokenizer
     (tmp_path / "j").mkdir()
     tok.save(str(tmp_path / "j" / "tokenizer.json"))
-    loaded = T.load_tokenizer(tmp_path / "j")
+    loaded = load_tokenizer(tmp_path / "j")
     text = ("Who won the game?", "The Broncos.")
     assert loaded.encode(*text).ids == tokenizer.encode(*text).ids
     assert loaded.encode(*text).ids[0] == vocab["[CLS]"]  # a post-processor was added
@@ -280,7 +288,7 @@ def test_standard_dataset_path(monkeypatch, tmp_path):
         return datasets.Dataset.from_dict(rows, features=features)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    examples = T.load_examples(T.get_task("cola"), None, "train")
+    examples = load_examples(get_task("cola"), None, "train")
     assert calls == [(("glue", "cola"), "train")]
     assert [e.label for e in examples] == ["0", "1", "1"] and examples[1].texts == ("c d",)
 
@@ -291,7 +299,7 @@ def test_standard_dataset_path(monkeypatch, tmp_path):
         features=datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")), "ner_tags": tags}),
     )
     datasets.DatasetDict({"train": conll, "validation": conll}).save_to_disk(str(tmp_path / "conll"))
-    sentences = T.load_examples(T.get_task("ner"), tmp_path / "conll", "validation")
+    sentences = load_examples(get_task("ner"), tmp_path / "conll", "validation")
     assert sentences[0].tags == ["B-PER", "I-PER", "O"]
-    with pytest.raises(T.TaskDataError, match="no split 'test'"):
-        T.load_examples(T.get_task("ner"), tmp_path / "conll", "test")
+    with pytest.raises(TaskDataError, match="no split 'test'"):
+        load_examples(get_task("ner"), tmp_path / "conll", "test")

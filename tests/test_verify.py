@@ -78,7 +78,7 @@ def test_a_vocab_txt_that_lost_a_token_is_refused_naming_it_and_a_rerun_mends_it
 
 
 def test_the_examples_copy_of_the_vocabulary_is_checked_by_its_readers(run_root):
-    from bert.data import open_split
+    from bert.pretrain.data import open_split
 
     copied = run_root / "examples" / "vocab" / "vocab.txt"
     swap_tokens(copied)
@@ -234,8 +234,8 @@ def test_verify_command_refuses_a_directory_without_stages(tmp_path):
 
 
 def test_finetuning_refuses_a_pretrain_export_whose_tokenizer_changed(tmp_path):
+    from bert.finetune.features import load_tokenizer
     from bert.model import BertConfig, BertModel
-    from bert.tasks import load_tokenizer
     from data_prep.manifest import begin_stage
 
     run = tmp_path / "pretrain"

@@ -3,7 +3,7 @@
 The slice is short sentences of ``corpus_zh/fortunes-zh.jsonl`` (mixed Chinese and English), one per
 document, so every example is ``[CLS] A [SEP] B [SEP]`` with A and B whole sentences (no truncation) and
 ``a_doc_id``/``b_doc_id`` say which: the test recomputes each token's word from jieba and the tokenizer's
-offsets, independently of data_prep/segment.py, and compares.
+offsets, independently of data_prep/zh_words.py, and compares.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bert.data import Collator, open_split
-from data_prep import reader, segment
+from bert.pretrain.data import Collator, open_split
+from data_prep import reader, zh_words
 from data_prep.examples_stage import ExamplesConfig, generate_examples
 from data_prep.manifest import begin_stage, file_entry, sha256_file
 from data_prep.masking import never_predicted_ids, num_to_predict
@@ -178,7 +178,7 @@ def test_static_whole_word_masks_are_jieba_words_and_same_for_any_workers(zh):
     zh.update(cls=vocab.special_ids["cls"], sep=vocab.special_ids["sep"])
     never = set(never_predicted_ids(vocab.special_ids).tolist())
     metadata = reader.read_metadata(one)
-    assert metadata.word_segmenter == f"jieba {jieba.__version__}" == segment.segmenter_name()
+    assert metadata.word_segmenter == f"jieba {jieba.__version__}" == zh_words.segmenter_name()
     rows = list(reader.iter_examples(one, "train"))
     assert len(rows) > 400
     han = han_ids(vocab.tokens)
@@ -206,7 +206,7 @@ def test_dynamic_masking_groups_the_same_words(zh):
     zh.update(cls=vocab.special_ids["cls"], sep=vocab.special_ids["sep"])
     never = set(never_predicted_ids(vocab.special_ids).tolist())
     metadata: ExampleMetadata = reader.read_metadata(out)
-    assert metadata.word_segmenter == segment.segmenter_name()
+    assert metadata.word_segmenter == zh_words.segmenter_name()
     rows = list(reader.iter_examples(out, "train"))  # with lineage, to know each example's sentences
     shards = open_split(out, "train")  # what the trainer reads
     assert len(shards) == len(rows)
@@ -229,7 +229,7 @@ def test_segmenter_groups_han_characters_of_mixed_text():
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"我们在操作系统上使用浏览器", "de", "##bian"]
     tokenizer = bert_tokenizer({t: i for i, t in enumerate(tokens)}, lowercase=True)
     encoding = tokenizer.encode(sentence, add_special_tokens=False)
-    flags = segment.continues_word(sentence, encoding.offsets)
+    flags = zh_words.continues_word(sentence, encoding.offsets)
     groups, current = [], ""
     for token, continues in zip(encoding.tokens, flags, strict=True):
         if continues:

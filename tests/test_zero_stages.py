@@ -18,9 +18,9 @@ import pytest
 import torch
 from test_data import TINY, make_training_stage
 
-from bert.engine import MASTER_NAMES, checkpoint_state_dict
-from bert.pretrain import main
-from bert.train_config import TrainConfig
+from bert.pretrain.config import TrainConfig
+from bert.pretrain.engine import MASTER_NAMES, checkpoint_state_dict
+from bert.pretrain.rank import main
 
 REPO = Path(__file__).resolve().parents[1]
 BERTPIPE = Path(sys.executable).parent / "bertpipe"

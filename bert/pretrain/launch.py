@@ -42,9 +42,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from bert import engine as eng
-from bert.pretrain import CHECKPOINTS, PARENT_PID_ENV, PretrainResult, StopSignal, load_run_inputs
-from bert.train_config import TrainConfig
+from bert.pretrain import ds_config
+from bert.pretrain.config import TrainConfig
+from bert.pretrain.run import CHECKPOINTS, PARENT_HOST_ENV, PARENT_PID_ENV, PretrainResult, load_run_inputs
 
 log = logging.getLogger("bert.launch")
 
@@ -374,7 +374,7 @@ def launch(
         config, 0, world_size
     )  # mismatches and batch arithmetic fail here, before any launch
     # A malformed DeepSpeed JSON or one that contradicts the training config, too (not 7-10 s later on a rank).
-    eng.fill_deepspeed_config(eng.load_deepspeed_config(config.deepspeed_config), config, run.batch,
+    ds_config.fill_deepspeed_config(ds_config.load_deepspeed_config(config.deepspeed_config), config, run.batch,
                               run.model_config.hidden_size)  # fmt: skip
     out = Path(config.out)
     if not config.resume and (out / CHECKPOINTS / "latest").exists():
@@ -386,7 +386,7 @@ def launch(
         for stale in (out / "logs").glob("error-rank*.txt"):
             stale.unlink()
         (out / "result.json").unlink(missing_ok=True)
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), StopSignal.PARENT_HOST_ENV: socket.gethostname()}
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), PARENT_HOST_ENV: socket.gethostname()}
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     # This node's own files (the node list, and on nodes > 0 the config) stay off the shared OUT.
@@ -402,7 +402,7 @@ def launch(
         try:
             code, stop = run_launcher(command, env, on_line, stop_event, deadline_s, stop_grace_s)
         finally:
-            eng.remove_shm_buffers(port)  # what killed ranks could not remove themselves
+            ds_config.remove_shm_buffers(port)  # what killed ranks could not remove themselves
     if leader and (out / "result.json").exists():
         result = PretrainResult(**json.loads((out / "result.json").read_text()))
         # On SIGTERM the deepspeed launcher terminates the ranks (which checkpoint first) and exits 1.

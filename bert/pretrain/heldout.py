@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert.data import Collator, open_split, read_vocab_tokens, vocab_dir_of
-from bert.heads import BertForPreTraining
+from bert.model.heads import BertForPreTraining
+from bert.pretrain.data import Collator, open_split, read_vocab_tokens, vocab_dir_of
 
 
 @torch.no_grad()

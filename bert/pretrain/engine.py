@@ -2,18 +2,17 @@
 
 The loop talks to ``Engine`` only: ``step(micro_batches) -> metrics``, ``evaluate``, ``save`` / ``load``,
 ``consolidated_state_dict``. The DeepSpeed JSON says "auto" for whatever the training config owns (batch
-sizes, clipping, precision when the config names one, optimizer/scheduler params); ``fill_deepspeed_config``
+sizes, clipping, precision when the config names one, optimizer/scheduler params); ``bert.pretrain.ds_config.fill_deepspeed_config``
 fills those and refuses, listing every one, values that disagree with the training config. The optimizer
 and the LR schedule are always bertpipe's (``bert.optim``), so CPU and GPU runs do the same math: an
 "optimizer"/"scheduler" section in the JSON is checked against the training config, then dropped.
+
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-import json
 import logging
 import os
 import re
@@ -28,113 +27,10 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bert.train_config import BatchSizes, TrainConfig, derive_seed  # noqa: E402
+from bert.pretrain.config import derive_seed  # noqa: E402
+from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-AUTO = "auto"
-DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": AUTO}}
-OPTIMIZER_TYPES = {"adamw": ("adamw", "adam"), "lamb": ("lamb",)}
-
-
-# --- the DeepSpeed config -------------------------------------------------------------------------------
-
-
-def load_deepspeed_config(path: str | os.PathLike | None) -> dict:
-    """The DeepSpeed JSON at ``path`` (a ZeRO-0 default when None)."""
-    if path is None:
-        return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"DeepSpeed config {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-
-
-def resolve_precision(ds_config: dict, precision: str) -> str:
-    """fp32/bf16/fp16: the training config's choice, or (``auto``) what the DeepSpeed JSON enables."""
-    if precision != "auto":
-        return precision
-    for name in ("bf16", "fp16"):
-        if (ds_config.get(name) or {}).get("enabled") is True:
-            return name
-    return "fp32"
-
-
-def fill_deepspeed_config(
-    ds_config: dict, config: TrainConfig, batch: BatchSizes, hidden_size: int
-) -> tuple[dict, str]:
-    """(the DeepSpeed config with every "auto" filled, precision); ValueError listing every disagreement."""
-    ds = copy.deepcopy(ds_config)
-    problems: list[str] = []
-    precision = resolve_precision(ds, config.precision)
-
-    def settle(section: dict, key: str, wanted, where: str, same=lambda a, b: a == b) -> None:
-        value = section.get(key, AUTO)
-        if value == AUTO:
-            section[key] = wanted
-        elif not same(value, wanted):
-            problems.append(
-                f"{where} is {value!r} in the DeepSpeed config, {wanted!r} in the training config"
-            )
-
-    close = lambda a, b: abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))  # noqa: E731
-    settle(ds, "train_batch_size", batch.global_batch_size, "train_batch_size (global batch)")
-    settle(ds, "train_micro_batch_size_per_gpu", batch.micro_batch_size, "train_micro_batch_size_per_gpu")
-    settle(
-        ds, "gradient_accumulation_steps", batch.gradient_accumulation_steps, "gradient_accumulation_steps"
-    )
-    settle(ds, "gradient_clipping", config.max_grad_norm, "gradient_clipping (max_grad_norm)", close)
-    for name in ("bf16", "fp16"):
-        section = ds.setdefault(name, {})
-        settle(section, "enabled", precision == name, f"{name}.enabled (precision {precision})")
-
-    optimizer = ds.pop("optimizer", None)
-    if optimizer is not None:
-        kind = str(optimizer.get("type", AUTO)).lower()
-        if kind != AUTO and kind not in OPTIMIZER_TYPES[config.optimizer]:
-            problems.append(
-                f"optimizer.type is {optimizer['type']!r}, the training config's optimizer is {config.optimizer!r}"
-            )
-        params = optimizer.get("params") or {}
-        settle(params, "lr", config.lr, "optimizer.params.lr", close)
-        settle(params, "betas", list(config.betas), "optimizer.params.betas", lambda a, b: list(a) == list(b))
-        settle(params, "eps", config.eps, "optimizer.params.eps", close)
-        settle(params, "weight_decay", config.weight_decay, "optimizer.params.weight_decay", close)
-    scheduler = ds.pop("scheduler", None)
-    if scheduler is not None:
-        params = scheduler.get("params") or {}
-        settle(params, "warmup_num_steps", config.warmup_steps, "scheduler.params.warmup_num_steps")
-        settle(params, "warmup_max_lr", config.lr, "scheduler.params.warmup_max_lr", close)
-        if config.total_schedule_steps is not None:
-            settle(params, "total_num_steps", config.total_schedule_steps, "scheduler.params.total_num_steps")
-
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    for key, value in (
-        ("reduce_bucket_size", hidden_size * hidden_size),
-        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-        ("stage3_param_persistence_threshold", 10 * hidden_size),
-    ):
-        if zero.get(key) == AUTO:
-            zero[key] = value
-    ds.setdefault("steps_per_print", 1 << 30)  # bertpipe logs its own metrics
-    ds.setdefault("wall_clock_breakdown", False)
-    ds["zero_allow_untested_optimizer"] = True  # LAMB is bertpipe's, so DeepSpeed has not "tested" it
-    leftover = [path for path in _auto_paths(ds)]
-    if leftover:
-        problems.append(f'bertpipe has no value for "auto" at {", ".join(leftover)}: set them in the JSON')
-    if problems:
-        raise ValueError(
-            "the DeepSpeed config disagrees with the training config:\n  - " + "\n  - ".join(problems)
-        )
-    return ds, precision
-
-
-def _auto_paths(obj, prefix: str = "") -> list[str]:
-    if isinstance(obj, dict):
-        return [p for k, v in obj.items() for p in _auto_paths(v, f"{prefix}{k}.")]
-    return [prefix.rstrip(".")] if obj == AUTO else []
 
 
 # --- the process group ----------------------------------------------------------------------------------
@@ -185,20 +81,6 @@ def shutdown() -> None:
             dist.destroy_process_group()
     if os.environ.get("MASTER_PORT"):
         remove_shm_buffers(os.environ["MASTER_PORT"], os.environ.get("RANK", "0"))
-
-
-SHM_BUFFERS = Path("/dev/shm")
-
-
-def remove_shm_buffers(port: int | str, rank: int | str = "*") -> None:
-    """Unlink the CPU all-reduce buffers DeepSpeed's shm op leaves in /dev/shm (66 MB a rank, never freed).
-
-    They are named deepspeed_allreduce_buffer_<uid>_<master addr>_<master port>_<rank>; a process that
-    still maps one keeps it until it exits. The launcher calls this for every rank once they are gone.
-    """
-    for path in SHM_BUFFERS.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def broadcast_object(obj):

@@ -7,6 +7,7 @@ Run it as ``deepspeed --module bert.pretrain --config FILE`` (every rank), as ``
 OUT/ holds: train_config.json, deepspeed_config.json (resolved), checkpoints/<step-N>/ (DeepSpeed's, plus
 bertpipe_state.json) and checkpoints/latest, hf/ (transformers-loadable model + tokenizer), metrics.jsonl,
 tensorboard/, data_log/rank<R>.jsonl (on request), logs/error-rank<R>.txt (when a rank fails), result.json.
+
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
@@ -29,308 +29,24 @@ import numpy as np
 import psutil
 import torch
 
-from bert import engine as eng
-from bert.data import (
-    Collator,
-    DataPosition,
-    ExampleShards,
-    RankBatches,
-    open_split,
-    read_vocab_tokens,
-    vocab_dir_of,
-)
-from bert.model import BertConfig, BertForPreTraining
+from bert.model import BertForPreTraining
 from bert.optim import build_optimizer, lr_multiplier
-from bert.train_config import BatchSizes, TrainConfig
-from data_prep.schema import ExampleMetadata, special_ids_of, vocab_fingerprint
+from bert.pretrain import engine as eng
+from bert.pretrain.checkpoint import export_hf, resume, save_checkpoint
+from bert.pretrain.config import TrainConfig
+from bert.pretrain.data import DataPosition, RankBatches
+from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
+from bert.pretrain.run import (
+    CHECKPOINTS,
+    PARENT_HOST_ENV,
+    PARENT_PID_ENV,
+    PretrainResult,
+    Run,
+    load_run_inputs,
+    resolve_init,
+)
 
 log = logging.getLogger("bert.pretrain")
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "bertpipe_state.json"
-PARENT_PID_ENV = "BERTPIPE_PARENT_PID"  # set by bert.launch: the ranks stop when that process dies
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@dataclass
-class PretrainResult:
-    """What a run did: where it stopped and why, its last metrics, its checkpoint and export."""
-
-    out: str
-    step: int
-    stop_reason: str  # max_steps | time_budget | sigterm
-    metrics: dict = field(default_factory=dict)
-    eval_metrics: dict | None = None
-    checkpoint: str | None = None
-    hf_dir: str | None = None
-    device: str | None = None  # where rank 0 trained: "cuda:0", "cpu"
-
-
-@dataclass
-class Run:
-    """Everything ``fit`` needs, built by ``main``."""
-
-    config: TrainConfig
-    out: Path
-    rank: int
-    world_size: int
-    batch: BatchSizes
-    model_config: BertConfig
-    metadata: ExampleMetadata
-    vocab_dir: Path
-    tokens: list[str]
-    train: ExampleShards
-    valid: ExampleShards | None
-    collator: Collator
-    engine: eng.Engine | None = None
-    batches: RankBatches | None = None
-
-
-# --- setup: what the examples, tokenizer and model must agree on --------------------------------------
-
-
-def build_model_config(spec: str, metadata: ExampleMetadata, overrides: dict) -> BertConfig:
-    """A preset (vocabulary size and [PAD] from the examples) or an HF config.json, plus overrides."""
-    path = Path(spec)
-    if path.suffix == ".json" or path.is_dir() or path.exists():
-        if not (path / "config.json" if path.is_dir() else path).exists():
-            raise ValueError(f"model config {spec} does not exist: give a preset name or an HF config.json")
-        return BertConfig.from_json_file(path, **overrides)
-    sizes = {"vocab_size": metadata.vocab_size, "pad_token_id": metadata.special_ids.get("pad", 0)}
-    return BertConfig.preset(spec, **{**sizes, **overrides})
-
-
-def agreement_problems(
-    metadata: ExampleMetadata, model_config: BertConfig, tokens: list[str], where_tokens: str
-) -> list[str]:
-    """Every way the examples disagree with the tokenizer and the model (empty when they agree)."""
-    problems = metadata.mismatches(
-        vocab_size=model_config.vocab_size,
-        special_ids=special_ids_of(tokens),
-        max_position_embeddings=model_config.max_position_embeddings,
-        vocab_fingerprint=vocab_fingerprint(tokens),
-    )
-    if len(tokens) > model_config.vocab_size:
-        problems.append(
-            f"the tokenizer {where_tokens} has {len(tokens)} ids, the model only {model_config.vocab_size}"
-        )
-    pad = metadata.special_ids.get("pad")
-    if model_config.pad_token_id is not None and pad is not None and model_config.pad_token_id != pad:
-        problems.append(
-            f"[PAD] is id {pad} in the examples, the model's pad_token_id is {model_config.pad_token_id}"
-        )
-    return problems
-
-
-def resolve_init(init_from: str) -> Path:
-    """The HF directory to start from: the directory itself, or a run directory's hf/ export."""
-    path = Path(init_from)
-    for candidate in (path, path / "hf"):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise ValueError(
-        f"--init-from {init_from} is neither a Hugging Face directory (config.json + weights) nor a "
-        "pretraining run directory with an hf/ export"
-    )
-
-
-def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
-    """Open the shards and check examples, tokenizer and model agree; ValueError listing every mismatch."""
-    batch = config.batch_sizes(world_size)
-    train = open_split(config.examples, "train")
-    if train is None:
-        raise ValueError(f"{config.examples} has no train/*.arrow shards")
-    valid = open_split(config.examples, "valid")
-    metadata = train.metadata
-    if valid is not None and not valid.metadata.compatible(metadata):
-        raise ValueError(f"{config.examples}: the valid shards' metadata differs from the train shards'")
-    vocab_dir = Path(config.vocab) if config.vocab else vocab_dir_of(config.examples, metadata)
-    if vocab_dir is None:
-        raise ValueError(
-            f"the examples manifest in {config.examples} does not record its vocabulary: pass --vocab DIR "
-            "(the vocab stage directory the examples were made with)"
-        )
-    from data_prep.manifest import verify_source
-
-    verify_source(vocab_dir)  # a vocab.txt changed after its stage wrote it would shift every id: refuse it
-    tokens = read_vocab_tokens(vocab_dir)
-    if vocab_dir.is_file():
-        vocab_dir = vocab_dir.parent
-    problems: list[str] = []
-    if config.init_from:
-        init_dir = resolve_init(config.init_from)
-        model_config = BertConfig.from_json_file(init_dir, **config.model_overrides)
-        problems += agreement_problems(metadata, model_config, tokens, f"at {vocab_dir}")
-        if any((init_dir / name).exists() for name in ("vocab.txt", "tokenizer.json")):
-            init_tokens = read_vocab_tokens(init_dir)
-            if vocab_fingerprint(init_tokens) != vocab_fingerprint(tokens):
-                problems.append(
-                    f"--init-from {init_dir} was trained with another vocabulary than {vocab_dir}"
-                )
-    else:
-        model_config = build_model_config(config.model_config, metadata, config.model_overrides)
-        problems += agreement_problems(metadata, model_config, tokens, f"at {vocab_dir}")
-    if problems:
-        raise ValueError(
-            f"the examples in {config.examples} do not match the model and tokenizer; nothing was trained:\n  - "
-            + "\n  - ".join(problems)
-        )
-    collator = Collator(metadata, config.seed, config.pad_to_multiple_of, tokens)
-    return Run(config, Path(config.out), rank, world_size, batch, model_config, metadata, vocab_dir, tokens,
-               train, valid, collator)  # fmt: skip
-
-
-# --- checkpoints and export -----------------------------------------------------------------------------
-
-
-def checkpoint_tags(checkpoint_dir: Path) -> list[str]:
-    """Tags of the saved checkpoints, oldest first."""
-    tags = [p.name for p in checkpoint_dir.glob("step-*") if (p / STATE_FILE).exists()]
-    return sorted(tags, key=lambda t: int(t.split("-")[1]))
-
-
-def save_checkpoint(run: Run) -> Path:
-    """A DeepSpeed checkpoint on every rank, the data position in client_state; keeps the last N."""
-    engine, step = run.engine, run.engine.global_step
-    checkpoint_dir = run.out / CHECKPOINTS
-    tag = f"step-{step}"
-    if (checkpoint_dir / tag / STATE_FILE).exists():
-        # The complete checkpoint this run resumed from (and took no step since): the same state, and its
-        # files may be laid out for another world size, which a second save would mix with this one's.
-        return checkpoint_dir / tag
-    state = {
-        "step": step,
-        "data": run.batches.position.to_dict(),
-        "seed": run.config.seed,
-        "global_batch_size": run.batch.global_batch_size,
-        "world_size": run.world_size,
-        "zero_stage": engine.zero_stage,
-        "precision": engine.precision,
-    }
-    engine.save(checkpoint_dir, tag, {"bertpipe": state})
-    eng.barrier()
-    if run.rank == 0:
-        from data_prep.manifest import write_json_atomic
-
-        write_json_atomic(checkpoint_dir / tag / STATE_FILE, state)
-        for old in checkpoint_tags(checkpoint_dir)[: -run.config.keep_last]:
-            shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
-    eng.barrier()
-    log.info("saved checkpoint %s", checkpoint_dir / tag)
-    return checkpoint_dir / tag
-
-
-def resume(run: Run) -> DataPosition:
-    """Load the latest checkpoint, refusing one it cannot continue exactly; the data position to go on from.
-
-    On another number of ranks the global batch must stay the same: give the global and micro batch sizes,
-    and the accumulation steps follow the world size. ZeRO-0 checkpoints hold the whole optimizer state and load on any world
-    size; a ZeRO-1/2/3 checkpoint's optimizer state is partitioned per rank, so it is first converted to
-    DeepSpeed's universal checkpoint (one file per parameter and state, once, inside the checkpoint).
-    """
-    checkpoint_dir = run.out / CHECKPOINTS
-    latest = checkpoint_dir / "latest"
-    if not latest.exists():
-        log.warning("--resume: %s holds no checkpoint yet, starting from step 0", checkpoint_dir)
-        return DataPosition()
-    tag = latest.read_text().strip()
-    state_file = checkpoint_dir / tag / STATE_FILE
-    if not state_file.exists():
-        raise ValueError(
-            f"checkpoint {checkpoint_dir / tag} is incomplete (no {STATE_FILE}): delete it to resume from an earlier one"
-        )
-    state = json.loads(state_file.read_text())
-    engine = run.engine
-    if state["global_batch_size"] != run.batch.global_batch_size:
-        raise ValueError(
-            f"checkpoint {tag} was trained with a global batch of {state['global_batch_size']}, this run asks for "
-            f"{run.batch.global_batch_size} (micro {run.batch.micro_batch_size} × accumulation "
-            f"{run.batch.gradient_accumulation_steps} × {run.world_size} ranks): resume with the same global batch, "
-            f"e.g. --global-batch-size {state['global_batch_size']} --micro-batch-size N (the accumulation follows)"
-        )
-    for what, saved, now in (
-        ("ZeRO stage", state["zero_stage"], engine.zero_stage),
-        ("precision", state["precision"], engine.precision),
-    ):
-        if saved != now:
-            raise ValueError(
-                f"checkpoint {tag} was written with {what} {saved}, this run uses {now}: resume with the same "
-                "DeepSpeed config, or start a new run with --init-from (weights only, fresh optimizer)"
-            )
-    load_tag, universal = tag, state["world_size"] != run.world_size and engine.zero_stage > 0
-    if universal:
-        error = None
-        if run.rank == 0:
-            try:
-                eng.universal_checkpoint(checkpoint_dir, tag)
-            except Exception as e:  # every rank must hear of it, not wait for a conversion that failed
-                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        error = eng.broadcast_object(error)
-        if error is not None:
-            raise ValueError(
-                f"checkpoint {tag} (ZeRO-{state['zero_stage']}, {state['world_size']} ranks) could not be converted "
-                f"to a universal checkpoint for {run.world_size} ranks ({error}): resume on {state['world_size']} ranks"
-            )
-        load_tag = f"{tag}/{eng.UNIVERSAL}"
-    client_state = engine.load(checkpoint_dir, load_tag, universal=universal)
-    data = client_state["bertpipe"]["data"]
-    log.info(
-        "resumed from %s at step %d (epoch %d, sample %d)%s",
-        tag,
-        engine.global_step,
-        data["epoch"],
-        data["cursor"],
-        f" on {run.world_size} ranks, written by {state['world_size']}"
-        if state["world_size"] != run.world_size
-        else "",
-    )
-    return DataPosition(**data)
-
-
-def export_hf(run: Run, checkpoint: Path) -> Path:
-    """OUT/hf: config.json + model.safetensors (ZeRO partitions merged, fp32) + the tokenizer files."""
-    eng.barrier()
-    hf_dir = run.out / "hf"
-    if run.rank == 0:
-        state = run.engine.consolidated_state_dict(checkpoint.parent, checkpoint.name)
-        model = BertForPreTraining(run.model_config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in model.tied_weights]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"consolidated checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
-            )
-        tmp = run.out / ".hf.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        write_tokenizer_files(run, tmp)
-        old = run.out / ".hf.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if hf_dir.exists():
-            hf_dir.rename(old)
-        tmp.rename(hf_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        log.info("exported %s", hf_dir)
-    eng.barrier()
-    return hf_dir
-
-
-def write_tokenizer_files(run: Run, directory: Path) -> None:
-    """Copy the vocabulary's tokenizer files; write vocab.txt / tokenizer_config.json when it has none."""
-    for name in TOKENIZER_FILES:
-        if (run.vocab_dir / name).exists():
-            shutil.copyfile(run.vocab_dir / name, directory / name)
-    if not (directory / "vocab.txt").exists():
-        (directory / "vocab.txt").write_text("\n".join(run.tokens) + "\n", encoding="utf-8")
-    if not (directory / "tokenizer_config.json").exists():
-        tokenizer_config = {
-            "tokenizer_class": "BertTokenizer",
-            "do_lower_case": bool(run.metadata.lowercase) if run.metadata.lowercase is not None else True,
-            "model_max_length": run.model_config.max_position_embeddings,
-            "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-            "mask_token": "[MASK]",
-        }  # fmt: skip
-        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -345,8 +61,6 @@ class StopSignal:
     The ssh launcher passes neither variable to remote nodes, so their ranks have no such watch.
     """
 
-    PARENT_HOST_ENV = "BERTPIPE_PARENT_HOST"  # set by bert.launch beside PARENT_PID_ENV
-
     def __init__(self):
         import socket
 
@@ -354,7 +68,7 @@ class StopSignal:
         self._previous = None
         self._parent_pid = int(os.environ.get(PARENT_PID_ENV) or 0) or None
         host = socket.gethostname()
-        if os.environ.get(self.PARENT_HOST_ENV, host) != host:
+        if os.environ.get(PARENT_HOST_ENV, host) != host:
             self._parent_pid = None  # another host's pid: this host's process with that number is not it
         self._parent = None  # a psutil.Process, so that a reused pid is not mistaken for the launcher
         if self._parent_pid is not None:
@@ -538,8 +252,8 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
         raise ValueError(
             f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
         )
-    ds_config, _ = eng.fill_deepspeed_config(
-        eng.load_deepspeed_config(config.deepspeed_config), config, run.batch, run.model_config.hidden_size
+    ds_config, _ = fill_deepspeed_config(
+        load_deepspeed_config(config.deepspeed_config), config, run.batch, run.model_config.hidden_size
     )
     if config.init_from:
         model = BertForPreTraining.from_pretrained(resolve_init(config.init_from), **config.model_overrides)

@@ -2,6 +2,7 @@
 
 Module and parameter names follow transformers (`cls.predictions.transform.dense`, `cls.seq_relationship`,
 `classifier`, `qa_outputs`) so checkpoints move both ways; losses give the same values as transformers'.
+
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bert.model import ACTIVATIONS, BertConfig, BertModel, BertPreTrainedModel
+from bert.model.config import ACTIVATIONS, BertConfig
+from bert.model.encoder import BertModel, BertPreTrainedModel
 
 IGNORE_INDEX = -100  # label value for positions without a target (HF/PyTorch convention)
 

@@ -1,10 +1,11 @@
-"""Fine-tuning tasks: what each task is, how its files are read, and how examples become model inputs.
+"""How a task's examples are read: tables, CoNLL, SQuAD JSON, or the task's standard dataset.
 
 Three families: sentence (pair) classification and regression from TSV/CSV/JSONL (GLUE and any file
 with named columns), token classification from CoNLL files (IOB2), and extractive QA from SQuAD JSON
 (v1.1 and v2.0). Without a file, a task's standard dataset is fetched with ``datasets.load_dataset``;
 a directory written by ``Dataset.save_to_disk`` is read with ``datasets.load_from_disk``.
 Every reader error names the file and line.
+
 """
 
 from __future__ import annotations
@@ -14,102 +15,13 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tokenizers
-from tokenizers import models, normalizers, pre_tokenizers, processors
-
-from data_prep.manifest import verify_source
+from bert.finetune.tasks import Task, TaskDataError
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of positions without a target (PyTorch's cross-entropy default)
-
-
-class TaskDataError(ValueError):
-    """A data file the task cannot use; the message names the file and line."""
-
-
-# --------------------------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class Task:
-    """A fine-tuning task: its family, metrics, where its data columns are and its training defaults."""
-
-    name: str
-    kind: str
-    """"classification", "regression", "tagging" (token classification) or "qa" (extractive QA)."""
-    metrics: tuple[str, ...]
-    """Metric names reported per seed; the first picks the best checkpoint and is the headline."""
-    text_columns: tuple[str, ...] = ()
-    """One (sentence) or two (sentence pair) columns: header names, or 0-based indices for files without a header."""
-    label_column: str | None = None
-    labels: tuple[str, ...] | None = None
-    """Closed label set in model output order; None: the sorted labels seen in the training file."""
-    hf_dataset: tuple[str, ...] | None = None
-    """``datasets.load_dataset`` arguments for the standard data when no file is given."""
-    hf_columns: tuple[tuple[str, ...], str | None] = ((), None)
-    """(text columns, label column) of the standard dataset."""
-    version_2: bool = False
-    """SQuAD v2: questions may have no answer."""
-    lr: float = 2e-5
-    epochs: int = 3
-    batch_size: int = 32
-    max_seq_length: int = 128
-
-    @property
-    def metric(self) -> str:
-        return self.metrics[0]
-
-
-_GLUE = ("glue",)
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in [
-        Task("cola", "classification", ("mcc", "accuracy"), ("3",), "1", ("0", "1"), (*_GLUE, "cola"),
-             (("sentence",), "label"), max_seq_length=64),
-        Task("sst2", "classification", ("accuracy",), ("sentence",), "label", ("0", "1"), (*_GLUE, "sst2"),
-             (("sentence",), "label"), max_seq_length=64),
-        Task("mrpc", "classification", ("f1", "accuracy"), ("#1 String", "#2 String"), "Quality", ("0", "1"),
-             (*_GLUE, "mrpc"), (("sentence1", "sentence2"), "label"), epochs=5),
-        Task("rte", "classification", ("accuracy",), ("sentence1", "sentence2"), "label",
-             ("entailment", "not_entailment"), (*_GLUE, "rte"), (("sentence1", "sentence2"), "label"), epochs=5),
-        Task("stsb", "regression", ("pearson", "spearman"), ("sentence1", "sentence2"), "score", None,
-             (*_GLUE, "stsb"), (("sentence1", "sentence2"), "label"), epochs=5),
-        Task("classification", "classification", ("accuracy", "macro_f1", "mcc")),
-        Task("regression", "regression", ("pearson", "spearman")),
-        Task("ner", "tagging", ("f1", "precision", "recall"), hf_dataset=("conll2003",),
-             hf_columns=(("tokens",), "ner_tags"), lr=5e-5),
-        Task("squad", "qa", ("f1", "exact_match"), hf_dataset=("squad",), lr=5e-5, epochs=2,
-             batch_size=16, max_seq_length=384),
-        Task("squad_v2", "qa", ("f1", "exact_match"), hf_dataset=("squad_v2",), version_2=True, lr=5e-5,
-             epochs=2, batch_size=16, max_seq_length=384),
-    ]
-}  # fmt: skip
-
-
-def get_task(name: str, text_columns: Sequence[str] | None = None, label_column: str | None = None) -> Task:
-    """The named task, with its file columns overridden when given (custom files of a known task)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    task = TASKS[name]
-    if text_columns:
-        if task.kind in ("tagging", "qa"):
-            raise ValueError(f"--text-columns does not apply to {name}: its files have a fixed format")
-        if len(text_columns) not in (1, 2):
-            raise ValueError(f"--text-columns takes one or two columns, got {list(text_columns)}")
-        task = replace(task, text_columns=tuple(text_columns))
-    if label_column:
-        task = replace(task, label_column=label_column)
-    if task.kind in ("classification", "regression") and (not task.text_columns or task.label_column is None):
-        raise ValueError(
-            f"task {name!r} reads any table: give its columns, e.g. --text-columns sentence1,sentence2 "
-            f"--label-column label"
-        )
-    return task
 
 
 # ------------------------------------------------------------------------------------------ examples
@@ -475,174 +387,3 @@ def check_labels(examples: list, labels: Sequence[str] | None) -> None:
                 raise TaskDataError(
                     f"{e.where}: label {label!r} is not among the training labels {sorted(allowed)}"
                 )
-
-
-# ------------------------------------------------------------------------------------------ tokenizer
-
-
-def load_tokenizer(model_dir: str | Path) -> tokenizers.Tokenizer:
-    """The model's tokenizer: tokenizer.json, else a BERT WordPiece tokenizer over vocab.txt.
-
-    With vocab.txt, casing follows tokenizer_config.json's ``do_lower_case`` (default: lowercase unless the
-    vocabulary holds upper-case pieces). Padding and truncation saved with the tokenizer are switched off.
-    """
-    model_dir = Path(model_dir)
-    verify_source(model_dir)  # a pretrain export: its tokenizer and config as its manifest lists them
-    if (model_dir / "tokenizer.json").is_file():
-        tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    elif (model_dir / "vocab.txt").is_file():
-        try:
-            tokens = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{model_dir / 'vocab.txt'}: not UTF-8 text ({e.reason} at byte {e.start}): give a BERT vocab.txt"
-            ) from None
-        vocab = {t: i for i, t in enumerate(tokens) if t}
-        config_path = model_dir / "tokenizer_config.json"
-        lowercase = (
-            json.loads(config_path.read_text(encoding="utf-8")).get("do_lower_case")
-            if config_path.is_file()
-            else None
-        )
-        if lowercase is None:
-            lowercase = not any(t != t.lower() for t in vocab if not t.startswith("["))
-        tokenizer = tokenizers.Tokenizer(
-            models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
-        )
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=bool(lowercase))
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.add_special_tokens(
-            [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
-        )
-    else:
-        raise FileNotFoundError(f"{model_dir} has neither tokenizer.json nor vocab.txt")
-    for special in ("[CLS]", "[SEP]"):
-        if tokenizer.token_to_id(special) is None:
-            raise ValueError(
-                f"the tokenizer in {model_dir} has no {special} token; it is not a BERT tokenizer"
-            )
-    if tokenizer.post_processor is None:
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-        )
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer
-
-
-# -------------------------------------------------------------------------------------- featurisation
-
-
-def encode_texts(
-    tokenizer: tokenizers.Tokenizer,
-    examples: list[TextExample],
-    max_seq_length: int,
-    labels: Sequence[str] | None,
-) -> list[dict[str, Any]]:
-    """``[CLS] A [SEP] (B [SEP])`` features, the longer side truncated first; label ids (or floats)."""
-    label_ids = {label: i for i, label in enumerate(labels)} if labels else None
-    tokenizer.enable_truncation(max_seq_length, strategy="longest_first")
-    try:
-        encodings = tokenizer.encode_batch([e.texts if len(e.texts) == 2 else e.texts[0] for e in examples])
-    finally:
-        tokenizer.no_truncation()
-    return [
-        {
-            "input_ids": enc.ids,
-            "token_type_ids": enc.type_ids,
-            "labels": label_ids[e.label] if label_ids is not None else float(e.label),
-        }
-        for e, enc in zip(examples, encodings, strict=True)
-    ]
-
-
-def encode_tagged(
-    tokenizer: tokenizers.Tokenizer,
-    sentences: list[TaggedSentence],
-    max_seq_length: int,
-    labels: Sequence[str],
-) -> list[dict[str, Any]]:
-    """Word-level tags onto WordPieces: the first piece of a word carries its tag, the rest IGNORE_INDEX.
-
-    ``word_index`` maps each position to its word (-1 for specials and non-first pieces), so predictions
-    can be read back per word; words cut off by ``max_seq_length`` are predicted "O" at evaluation.
-    """
-    label_ids = {label: i for i, label in enumerate(labels)}
-    tokenizer.enable_truncation(max_seq_length)
-    try:
-        encodings = tokenizer.encode_batch([s.words for s in sentences], is_pretokenized=True)
-    finally:
-        tokenizer.no_truncation()
-    features = []
-    for s, enc in zip(sentences, encodings, strict=True):
-        targets, word_index, previous = [], [], None
-        for word in enc.word_ids:
-            first = word is not None and word != previous
-            targets.append(label_ids[s.tags[word]] if first else IGNORE_INDEX)
-            word_index.append(word if first else -1)
-            previous = word
-        features.append(
-            {
-                "input_ids": enc.ids,
-                "token_type_ids": enc.type_ids,
-                "labels": targets,
-                "word_index": word_index,
-            }
-        )
-    return features
-
-
-def encode_squad(
-    tokenizer: tokenizers.Tokenizer,
-    examples: list[QAExample],
-    max_seq_length: int,
-    doc_stride: int,
-    max_query_length: int = 64,
-) -> list[dict[str, Any]]:
-    """``[CLS] question [SEP] context window [SEP]`` features over windows of the context.
-
-    Windows start every ``doc_stride`` context tokens (Google's definition: the step, so consecutive
-    windows overlap by the window length minus the stride) until one reaches the end. ``offsets`` holds the
-    character span in the context of each position (None outside the context). Training targets are the
-    token span of the first answer, or (0, 0) at [CLS] when the window does not contain it.
-    """
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    features = []
-    for example_index, ex in enumerate(examples):
-        question = tokenizer.encode(ex.question, add_special_tokens=False).ids[:max_query_length]
-        context = tokenizer.encode(ex.context, add_special_tokens=False)
-        window_length = max_seq_length - len(question) - 3
-        if window_length < 1:
-            raise ValueError(
-                f"max_seq_length {max_seq_length} leaves no room for the context after the question"
-            )
-        span = None
-        if ex.answers:
-            text, start_char = ex.answers[0]
-            end_char = start_char + len(text)
-            inside = [i for i, (s, e) in enumerate(context.offsets) if s < end_char and e > start_char]
-            span = (inside[0], inside[-1]) if inside else None
-        start = 0
-        while True:
-            length = min(window_length, len(context.ids) - start)
-            prefix = len(question) + 2
-            start_position = end_position = 0
-            if span is not None and start <= span[0] and span[1] < start + length:
-                start_position, end_position = prefix + span[0] - start, prefix + span[1] - start
-            features.append(
-                {
-                    "input_ids": [cls_id, *question, sep_id, *context.ids[start : start + length], sep_id],
-                    "token_type_ids": [0] * prefix + [1] * (length + 1),
-                    "start_positions": start_position,
-                    "end_positions": end_position,
-                    "offsets": [None] * prefix + list(context.offsets[start : start + length]) + [None],
-                    "example_index": example_index,
-                }
-            )
-            if start + length >= len(context.ids):
-                break
-            start += min(length, doc_stride)
-    return features

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bert.train_config import TrainConfig
+from bert.pretrain.config import TrainConfig
 from data_prep.manifest import (
     INPROGRESS,
     MANIFEST,
@@ -43,7 +43,7 @@ from data_prep.manifest import (
 )
 
 if TYPE_CHECKING:
-    from bert.launch import Nodes
+    from bert.pretrain.launch import Nodes
 
 log = logging.getLogger("bert.pretrain_stage")
 
@@ -67,7 +67,7 @@ def _file_or_name(spec: str) -> str:
 def _init_weights(init_from: str | None) -> str | None:
     if init_from is None:
         return None
-    from bert.pretrain import resolve_init
+    from bert.pretrain.run import resolve_init
 
     directory = resolve_init(init_from)
     for name in WEIGHT_FILES:
@@ -87,7 +87,7 @@ def stage_config(config: TrainConfig) -> dict:
 
 def stage_inputs(config: TrainConfig) -> dict[str, str | None]:
     """The inputs' fingerprints: examples (corpus + vocabulary), DeepSpeed JSON, init weights."""
-    from bert.engine import load_deepspeed_config
+    from bert.pretrain.ds_config import load_deepspeed_config
 
     examples = require_complete(config.examples, "examples")
     return {
@@ -251,7 +251,7 @@ def run_pretrain_stage(
     only runs its ranks and returns (None, None) when they are done (``follow``). ``launch_options`` go to
     ``bert.launch.launch`` (master_port, on_line, stop_event, deadline_s, ...).
     """
-    from bert.launch import launch
+    from bert.pretrain.launch import launch
 
     if nodes is not None and nodes.node_rank > 0:  # no lock: node 0's launch holds it for the whole run
         config, manifest = follow(config, resume)
