@@ -1,4 +1,4 @@
-"""Memory and speed of the trainer's random access to example shards (bert.data.ExampleShards).
+"""Memory and speed of the trainer's random access to example shards (bert.pretrain.data.ExampleShards).
 
 Writes one synthetic examples directory of about --mib MiB per Arrow IPC layout (``stream``: what the examples
 stage writes; ``file``: the older layout, still read), then, in a fresh subprocess per layout, measures the

@@ -35,7 +35,8 @@ import sys
 from pathlib import Path
 from flows.config import build_stage_configs, load_pipeline_config
 from data_prep import examples_stage, shard, vocab
-from bert import finetune, pretrain_stage
+from bert import finetune
+from bert.pretrain import stage as pretrain_stage
 config = load_pipeline_config(sys.argv[1])
 c = build_stage_configs(config, Path(sys.argv[2]) / "data", Path(sys.argv[3]))
 shard.shard_corpus(c.shard)

@@ -1,4 +1,4 @@
-"""Read time of `bert.tasks.read_squad` on a synthetic SQuAD-v1.1-size file, against the reader it replaced.
+"""Read time of `bert.finetune.readers.read_squad` on a synthetic SQuAD-v1.1-size file, against the reader it replaced.
 
 The old reader searched the whole raw text for every question's id (to name its line in error messages), so
 its time grew with questions x file size: about 28 minutes on SQuAD v1.1 train. The file here has the same

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import torch
 
+# Never weight-decayed: these names (transformers' recipe) and every tensor under 2 dims (biases and norm
+# scales whatever their module is called, as nanoGPT decides).
 NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
 
 
@@ -92,14 +94,15 @@ class Lamb(torch.optim.Optimizer):
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two param groups: decayed weights, and biases/LayerNorm parameters without weight decay."""
+    """Two param groups: decayed weights, and biases/LayerNorm parameters (``NO_DECAY_SUFFIXES``, or fewer
+    than 2 dims) without weight decay. Pretraining and fine-tuning both group this way."""
     decay, no_decay = [], []
     seen = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:  # tied weights appear once
             continue
         seen.add(id(param))
-        (no_decay if name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
+        (no_decay if param.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -134,11 +137,17 @@ def lr_multiplier(
     """The factor on the peak lr for optimizer step ``step`` (0-based): linear warmup, then decay.
 
     Warmup reaches the peak at step ``warmup_steps - 1``; linear / polynomial decay then falls to
-    ``min_ratio`` at ``total_steps`` and stays there; "constant" keeps the peak.
+    ``min_ratio`` at ``total_steps`` and stays there; "constant" keeps the peak. The one schedule of
+    pretraining (the engine asks for the step it is about to take) and fine-tuning (a LambdaLR, which asks
+    for step 0 before the first update, then 1, 2, ...).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if warmup_steps and step < warmup_steps:
+        # (step + 1) / warmup, not step / warmup (Google's BERT, transformers' get_linear_schedule_with_warmup):
+        # both callers ask for the lr of the update about to be made, so step / warmup would spend the first
+        # batch on an update of lr 0 that moves no weight (nanochat's warmup; torchtitan also avoids lr 0).
+        # From step ``warmup_steps`` on, the linear decay equals transformers' step for step.
         return (step + 1) / warmup_steps
     if decay == "constant":
         return 1.0

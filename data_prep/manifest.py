@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -344,13 +344,10 @@ def begin_stage(
     directory = Path(directory)
     fp = stage_fingerprint(stage, config, inputs, format_version)
     check_output_directory(directory)
+    rebuild = lambda e: log.warning("%s; building %s again", e, directory)  # noqa: E731
+    if not force and complete_manifest(directory, stage, fp, on_mismatch=rebuild) is not None:
+        return Stage(directory, stage, fp, config, inputs, format_version, complete=True)
     manifest = read_manifest(directory)
-    if manifest is not None and manifest.get("fingerprint") == fp and not force:
-        try:  # sizes, rows and small files: what a reader checks, so "re-run the stage" mends what it refuses
-            verify(directory, manifest)
-            return Stage(directory, stage, fp, config, inputs, format_version, complete=True)
-        except StageError as e:
-            log.warning("%s; building %s again", e, directory)
     if manifest is not None and manifest.get("stage") != stage:
         raise StageError(
             f"{directory} holds a finished '{manifest.get('stage')}' stage, not '{stage}': "
@@ -385,6 +382,33 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     """The manifest of a complete stage directory, or None when there is none (unfinished or empty)."""
     manifest = read_json(Path(directory) / MANIFEST)
     if manifest is None or "fingerprint" not in manifest or "files" not in manifest:
+        return None
+    return manifest
+
+
+def complete_manifest(
+    directory: str | os.PathLike,
+    stage: str,
+    fingerprint: str | None = None,
+    on_mismatch: Callable[[Exception], None] | None = None,
+) -> dict | None:
+    """The manifest of ``directory`` when it holds a finished ``stage`` (with ``fingerprint``, when given) whose
+    files match it; None when the stage has to run.
+
+    The files are checked as a reader checks them (sizes, rows, small files' sha256), so "re-run the stage"
+    mends whatever a reader would refuse. ``on_mismatch`` is called with the error when the manifest is the one
+    asked for but its files do not match it (to log it, or to mark the directory unfinished).
+    """
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("stage") != stage:
+        return None
+    if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+        return None
+    try:
+        verify(directory, manifest)
+    except (StageError, OSError, ValueError) as e:  # a file missing, resized, truncated or unreadable
+        if on_mismatch is not None:
+            on_mismatch(e)
         return None
     return manifest
 

@@ -115,11 +115,6 @@ def ids_of(encodings: list, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def tokenize_sentences(tokenizer, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(flat ids int64, tokens per sentence) of a batch of sentences, without special tokens."""
-    return ids_of(encode_sentences(tokenizer, sentences))
-
-
 def _cache_batch(
     doc_ids: list[int],
     sentences_per_doc: np.ndarray,

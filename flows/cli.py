@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
-from flows.config import default_shared
+from flows.config import STAGES, default_shared
 
 app = typer.Typer(
     name="bertpipe",
@@ -36,48 +40,88 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     )
 
 
+# --- the configs own their defaults ----------------------------------------------------------------------------
+# A stage's options default to None and only what the user gave is passed on, so the config dataclass decides
+# the rest; --help reads the defaults it shows from the same dataclass.
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user gave (not None); the config's own defaults decide the rest."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+class ConfigDefaultsCommand(TyperCommand):
+    """A command whose --help shows, for each option left at None, the default of the config field it sets.
+
+    The config class is imported for --help only: a command starts without importing torch for it.
+    """
+
+    config = ""  # "module:Class" of the config dataclass
+    renames: dict[str, str] = {}  # option name → config field, where the two differ
+
+    def format_help(self, ctx, formatter) -> None:
+        module, _, name = self.config.partition(":")
+        fields = dataclasses.fields(getattr(importlib.import_module(module), name))
+        defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        shown = []
+        for param in self.params:
+            value = defaults.get(self.renames.get(param.name, param.name))
+            if param.default is None and not param.required and value is not None:
+                if isinstance(value, tuple | list):
+                    value = ",".join(map(str, value))  # as the option takes it: --seeds 0,1,2
+                shown.append(param)
+                param.default = value
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            for param in shown:
+                param.default = None
+
+
+def config_defaults(config: str, **renames: str) -> type[TyperCommand]:
+    """The command class for a command that fills ``config`` (``module:Class``); ``renames``: option → field."""
+    attributes = {"config": config, "renames": renames}
+    return type(f"{config.rpartition(':')[2]}Command", (ConfigDefaultsCommand,), attributes)
+
+
 # Stage commands are added below, one block each.
 
 
 # --- shard -------------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=config_defaults("data_prep.shard:ShardConfig"))
 def shard(
     input: list[str] = typer.Option(..., "--input", help="File, dir, saved dataset, hf://NAME[:CONFIG]."),
     out: Path = typer.Option(..., "--out", help="Stage directory to write."),
     num_shards: int = typer.Option(..., "--num-shards", help="Parquet parts per split."),
-    doc_boundary: str = typer.Option("blank-line", "--doc-boundary", help="Plain text: blank-line or file."),
-    valid_fraction: float = typer.Option(0.01, "--valid-fraction", help="Share of documents for validation."),
-    seed: int = typer.Option(0, "--seed", help="Mixed into the shard/split placement hash."),
-    workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it."),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF inputs."),
-    language: str = typer.Option("en", "--language", help="Sentence splitter language code."),
+    doc_boundary: str | None = typer.Option(None, "--doc-boundary", help="Plain text: blank-line or file."),
+    valid_fraction: float | None = typer.Option(
+        None, "--valid-fraction", help="Share of documents for validation."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Mixed into the shard/split placement hash."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Processes; the output does not depend on it."
+    ),
+    text_field: str | None = typer.Option(
+        None, "--text-field", help="Text field of JSONL/Parquet/HF inputs."
+    ),
+    language: str | None = typer.Option(None, "--language", help="Sentence splitter language code."),
     near_dup_threshold: float | None = typer.Option(
-        None, "--near-dup-threshold", help="Jaccard similarity that makes a near-duplicate (default 0.8)."
+        None, "--near-dup-threshold", help="Jaccard similarity that makes a near-duplicate."
     ),
     no_near_dup: bool = typer.Option(False, "--no-near-dup", help="Keep near-duplicates (same as 0)."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if the stage is complete."),
+    force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """Raw text/JSONL/Parquet/HF datasets → sentence-split documents in N Parquet shards."""
     from data_prep.manifest import StageError
     from data_prep.shard import ShardConfig, shard_corpus
 
-    near_dup = {"near_dup_threshold": 0.0} if no_near_dup else {}
-    if near_dup_threshold is not None and not no_near_dup:
-        near_dup["near_dup_threshold"] = near_dup_threshold  # else ShardConfig's default
     try:
         config = ShardConfig(
-            inputs=input,
-            out=str(out),
-            num_shards=num_shards,
-            doc_boundary=doc_boundary,
-            valid_fraction=valid_fraction,
-            seed=seed,
-            workers=workers,
-            text_field=text_field,
-            language=language,
-            force=force,
-            **near_dup,
-        )
+            inputs=input, out=str(out), num_shards=num_shards,
+            **given(doc_boundary=doc_boundary, valid_fraction=valid_fraction, seed=seed, workers=workers,
+                    text_field=text_field, language=language, force=force,
+                    near_dup_threshold=0.0 if no_near_dup else near_dup_threshold),
+        )  # fmt: skip
         manifest = shard_corpus(config)
     except (StageError, ValueError) as e:
         fail(str(e))
@@ -90,18 +134,20 @@ def shard(
 
 
 # --- vocab -------------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=config_defaults("data_prep.vocab:VocabConfig"))
 def vocab(
     corpus: Path = typer.Option(..., "--corpus", help="A finished shard stage directory."),
     out: Path = typer.Option(..., "--out", help="Stage directory to write."),
-    vocab_size: int = typer.Option(30522, "--vocab-size", help="Tokens, special tokens included."),
-    lowercase: bool = typer.Option(True, "--lowercase/--cased", help="Uncased (BERT-uncased) or cased."),
-    min_frequency: int = typer.Option(2, "--min-frequency", help="Minimum count of a merge."),
-    character_coverage: float = typer.Option(
-        1.0, "--character-coverage", help="Share of character occurrences the alphabet covers (1: all)."
+    vocab_size: int | None = typer.Option(None, "--vocab-size", help="Tokens, special tokens included."),
+    lowercase: bool | None = typer.Option(
+        None, "--lowercase/--cased", help="Uncased (BERT-uncased) or cased."
+    ),
+    min_frequency: int | None = typer.Option(None, "--min-frequency", help="Minimum count of a merge."),
+    character_coverage: float | None = typer.Option(
+        None, "--character-coverage", help="Share of character occurrences the alphabet covers (1: all)."
     ),
     from_path: str | None = typer.Option(None, "--from", help="Adopt this vocab.txt or tokenizer dir."),
-    force: bool = typer.Option(False, "--force", help="Rebuild even if the stage is complete."),
+    force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """WordPiece vocabulary trained on the corpus's train split (or adopted with --from)."""
     from data_prep.manifest import StageError
@@ -109,15 +155,10 @@ def vocab(
 
     try:
         config = VocabConfig(
-            corpus=str(corpus),
-            out=str(out),
-            vocab_size=vocab_size,
-            lowercase=lowercase,
-            min_frequency=min_frequency,
-            character_coverage=character_coverage,
-            from_path=from_path,
-            force=force,
-        )
+            corpus=str(corpus), out=str(out),
+            **given(vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency,
+                    character_coverage=character_coverage, from_path=from_path, force=force),
+        )  # fmt: skip
         manifest = train_vocab(config)
     except (StageError, ValueError) as e:
         fail(str(e))
@@ -133,23 +174,27 @@ def vocab(
 
 
 # --- examples ----------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=config_defaults("data_prep.examples_stage:ExamplesConfig"))
 def examples(
     corpus: Path = typer.Option(..., "--corpus", help="A finished `bertpipe shard` directory."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocab stage, tokenizer dir or vocab.txt."),
     out: Path = typer.Option(..., "--out", help="Stage directory to write."),
     max_seq_length: int = typer.Option(..., "--max-seq-length", help="Tokens per example (L)."),
-    masking: str = typer.Option("static", "--masking", help="static or dynamic."),
-    dupe_factor: int = typer.Option(1, "--dupe-factor", help="Passes over the corpus."),
-    masked_lm_prob: float = typer.Option(0.15, "--masked-lm-prob", help="Share of tokens to predict."),
-    max_predictions_per_seq: int = typer.Option(
+    masking: str | None = typer.Option(None, "--masking", help="static or dynamic."),
+    dupe_factor: int | None = typer.Option(None, "--dupe-factor", help="Passes over the corpus."),
+    masked_lm_prob: float | None = typer.Option(None, "--masked-lm-prob", help="Share of tokens to predict."),
+    max_predictions_per_seq: int | None = typer.Option(
         None, "--max-predictions-per-seq", help="Cap per example (default round(L * prob))."
     ),
-    short_seq_prob: float = typer.Option(0.1, "--short-seq-prob", help="Share of shorter target lengths."),
-    whole_word_mask: bool = typer.Option(False, "--whole-word-mask", help="Mask all pieces of a word."),
-    seed: int = typer.Option(12345, "--seed", help="Random seed."),
-    workers: int = typer.Option(1, "--workers", help="Processes; the output does not depend on it."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Token cache (default beside --out)."),
+    short_seq_prob: float | None = typer.Option(
+        None, "--short-seq-prob", help="Share of shorter target lengths."
+    ),
+    whole_word_mask: bool | None = typer.Option(None, "--whole-word-mask", help="Mask all pieces of a word."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Processes; the output does not depend on it."
+    ),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Token cache (default beside --out)."),
 ) -> None:
     """Corpus shards + vocabulary → MLM/NSP examples (Arrow IPC), Google's algorithm, streaming."""
     from data_prep.examples_stage import ExamplesConfig, generate_examples
@@ -157,20 +202,11 @@ def examples(
 
     try:
         config = ExamplesConfig(
-            corpus=corpus,
-            vocab=vocab,
-            out=out,
-            max_seq_length=max_seq_length,
-            masking=masking,
-            dupe_factor=dupe_factor,
-            masked_lm_prob=masked_lm_prob,
-            max_predictions_per_seq=max_predictions_per_seq,
-            short_seq_prob=short_seq_prob,
-            whole_word_mask=whole_word_mask,
-            seed=seed,
-            workers=workers,
-            cache_dir=cache_dir,
-        )
+            corpus=corpus, vocab=vocab, out=out, max_seq_length=max_seq_length,
+            **given(masking=masking, dupe_factor=dupe_factor, masked_lm_prob=masked_lm_prob,
+                    max_predictions_per_seq=max_predictions_per_seq, short_seq_prob=short_seq_prob,
+                    whole_word_mask=whole_word_mask, seed=seed, workers=workers, cache_dir=cache_dir),
+        )  # fmt: skip
         manifest = generate_examples(config)
     except (StageError, ValueError) as e:
         fail(str(e))
@@ -225,7 +261,7 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
         raise ValueError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
-@app.command()
+@app.command(cls=config_defaults("bert.finetune.config:FinetuneConfig", eval_="eval", threads="num_threads"))
 def finetune(
     task: str = typer.Option(
         ..., "--task", help="cola, sst2, mrpc, rte, stsb, classification, regression, ner, squad, squad_v2."
@@ -242,25 +278,31 @@ def finetune(
     eval_: Path = typer.Option(
         None, "--eval", help="Evaluation file, as --train; default: the standard validation split."
     ),
-    epochs: int = typer.Option(None, "--epochs", help="Default: the task's (see bert.tasks.TASKS)."),
+    epochs: int = typer.Option(None, "--epochs", help="Default: the task's (see bert.finetune.tasks.TASKS)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate; default: the task's."),
     batch_size: int = typer.Option(None, "--batch-size", help="Default: the task's."),
     max_seq_length: int = typer.Option(None, "--max-seq-length", help="Default: the task's."),
-    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds, one fine-tuning run each."),
+    seeds: str | None = typer.Option(
+        None, "--seeds", help="Comma-separated seeds, one fine-tuning run each."
+    ),
     text_columns: str = typer.Option(
         None,
         "--text-columns",
         help="One or two columns: header names, or 0-based numbers for files without a header.",
     ),
     label_column: str = typer.Option(None, "--label-column", help="Label column (name or 0-based number)."),
-    warmup_ratio: float = typer.Option(0.1, "--warmup-ratio"),
-    weight_decay: float = typer.Option(0.01, "--weight-decay"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm"),
-    eval_batch_size: int = typer.Option(64, "--eval-batch-size"),
-    doc_stride: int = typer.Option(128, "--doc-stride", help="QA: step between context windows, in tokens."),
-    max_answer_length: int = typer.Option(30, "--max-answer-length", help="QA: longest answer, in tokens."),
-    null_score_threshold: float = typer.Option(
-        0.0, "--null-score-threshold", help="SQuAD v2: no-answer margin."
+    warmup_ratio: float | None = typer.Option(None, "--warmup-ratio", help="Share of steps warming up."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW decoupled weight decay."),
+    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Gradient clipping (0: off)."),
+    eval_batch_size: int | None = typer.Option(None, "--eval-batch-size"),
+    doc_stride: int | None = typer.Option(
+        None, "--doc-stride", help="QA: step between context windows, in tokens."
+    ),
+    max_answer_length: int | None = typer.Option(
+        None, "--max-answer-length", help="QA: longest answer, in tokens."
+    ),
+    null_score_threshold: float | None = typer.Option(
+        None, "--null-score-threshold", help="SQuAD v2: no-answer margin."
     ),
     max_train_examples: int = typer.Option(
         None, "--max-train-examples", help="Train on a fixed random subsample."
@@ -269,15 +311,15 @@ def finetune(
         None, "--max-eval-examples", help="Evaluate on a fixed random subsample."
     ),
     threads: int = typer.Option(None, "--threads", help="torch intra-op threads."),
-    device: str = typer.Option(
-        "auto", "--device", help="auto (the GPU when CUDA is available), cpu, cuda or cuda:N."
+    device: str | None = typer.Option(
+        None, "--device", help="auto (the GPU when CUDA is available), cpu, cuda or cuda:N."
     ),
-    precision: str = typer.Option(
-        "fp32", "--precision", help="fp32, or bf16 (autocast: faster with large batches only)."
+    precision: str | None = typer.Option(
+        None, "--precision", help="fp32, or bf16 (autocast: faster with large batches only)."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-    save_model: bool = typer.Option(
-        True, "--save-model/--no-save-model", help="Save the best checkpoint to OUT/model."
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Progress bars on stderr."),
+    save_model: bool | None = typer.Option(
+        None, "--save-model/--no-save-model", help="Save the best checkpoint to OUT/model."
     ),
 ) -> None:
     """Fine-tune and evaluate a model on a task over several seeds → OUT/metrics.json."""
@@ -286,16 +328,16 @@ def finetune(
 
     try:
         config = FinetuneConfig(
-            task=task, model=model, out=out, train=train, eval=eval_,
-            seeds=_parse_seeds(seeds),
-            epochs=epochs, lr=lr, batch_size=batch_size, max_seq_length=max_seq_length,
-            eval_batch_size=eval_batch_size, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, doc_stride=doc_stride, max_answer_length=max_answer_length,
-            null_score_threshold=null_score_threshold,
-            text_columns=tuple(c.strip() for c in text_columns.split(",")) if text_columns else None,
-            label_column=label_column, max_train_examples=max_train_examples,
-            max_eval_examples=max_eval_examples, num_threads=threads, device=device, precision=precision,
-            progress=progress, save_model=save_model,
+            task=task, model=model, out=out,
+            **given(train=train, eval=eval_, seeds=_parse_seeds(seeds) if seeds is not None else None,
+                    epochs=epochs, lr=lr, batch_size=batch_size, max_seq_length=max_seq_length,
+                    eval_batch_size=eval_batch_size, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                    max_grad_norm=max_grad_norm, doc_stride=doc_stride, max_answer_length=max_answer_length,
+                    null_score_threshold=null_score_threshold,
+                    text_columns=tuple(c.strip() for c in text_columns.split(",")) if text_columns else None,
+                    label_column=label_column, max_train_examples=max_train_examples,
+                    max_eval_examples=max_eval_examples, num_threads=threads, device=device,
+                    precision=precision, progress=progress, save_model=save_model),
         )  # fmt: skip
         summary = finetune_main(config)
     except (ValueError, OSError) as e:  # TaskDataError is a ValueError; both name the file and line
@@ -308,7 +350,13 @@ def finetune(
 
 
 # --- pretrain ----------------------------------------------------------------------------------------------
-@app.command()
+@app.command(
+    cls=config_defaults(
+        "bert.pretrain.config:TrainConfig",
+        accumulation="gradient_accumulation_steps",
+        progress="progress_bar",
+    )
+)
 def pretrain(
     examples: Path = typer.Option(None, "--examples", help="A finished `bertpipe examples` directory."),
     out: Path = typer.Option(None, "--out", help="Run directory (checkpoints/, hf/, metrics.jsonl)."),
@@ -454,7 +502,7 @@ def run(
         help="Where relative corpus/task paths are read from: SHARED/data (default ../shared).",
     ),
     stages: str = typer.Option(
-        ",".join(("shard", "vocab", "examples", "pretrain", "finetune")),
+        ",".join(STAGES),
         "--stages",
         help="Comma-separated stages to run, in pipeline order.",
     ),
@@ -521,8 +569,8 @@ def retrain(
 
     prefect_defaults()
     from flows.config import PipelineConfigError
-    from flows.retrain import load_retrain_config
     from flows.retrain import retrain as retrain_flow
+    from flows.retrain_plan import load_retrain_config
 
     shared = shared or default_shared()
     try:  # every section is checked before Prefect starts

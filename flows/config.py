@@ -3,7 +3,7 @@ every stage's typed config before any work starts.
 
 A preset names the corpus inputs and one section per stage; each section holds fields of that stage's own
 config (``data_prep.shard.ShardConfig``, ``data_prep.vocab.VocabConfig``,
-``data_prep.examples_stage.ExamplesConfig``, ``bert.train_config.TrainConfig`` plus ``num_gpus``/``hostfile``,
+``data_prep.examples_stage.ExamplesConfig``, ``bert.pretrain.config.TrainConfig`` plus ``num_gpus``/``hostfile``,
 and one ``bert.finetune.FinetuneConfig`` per task). Paths between stages (``out``, ``corpus``, ``vocab``,
 ``examples``, ``model``) belong to the pipeline, not to the sections. Overrides are flat strings, because
 ``prefect deployment run --params`` replaces nested dicts instead of merging them.
@@ -21,9 +21,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "pipeline"
-SECTIONS = ("shard", "vocab", "examples", "pretrain", "finetune")
-RETRAIN_SECTIONS = ("retrain", "gate")  # read by flows/retrain.py only; the pipeline ignores them
-TOP_LEVEL = ("name", "description", "corpus", *SECTIONS, *RETRAIN_SECTIONS)
+STAGES = ("shard", "vocab", "examples", "pretrain", "finetune")  # in pipeline order; a preset section each
+RETRAIN_SECTIONS = ("retrain", "gate")  # read by flows/retrain_plan.py only; the pipeline ignores them
+TOP_LEVEL = ("name", "description", "corpus", *STAGES, *RETRAIN_SECTIONS)
 # Set by the pipeline from the run directory; a section may not name them.
 PIPELINE_OWNED = {
     "shard": ("inputs", "out", "force"),
@@ -46,7 +46,7 @@ class StageConfigs:
     shard: Any  # data_prep.shard.ShardConfig
     vocab: Any  # data_prep.vocab.VocabConfig
     examples: Any  # data_prep.examples_stage.ExamplesConfig
-    pretrain: Any | None  # bert.train_config.TrainConfig, None when the preset does not pretrain
+    pretrain: Any | None  # bert.pretrain.config.TrainConfig, None when the preset does not pretrain
     finetune: list = field(default_factory=list)  # bert.finetune.FinetuneConfig, one per task
     num_gpus: int | None = None
     hostfile: str | None = None
@@ -64,16 +64,16 @@ class PipelineConfig:
     finetune: list[dict] = field(default_factory=list)
     name: str = "pipeline"
     description: str = ""
-    retrain: dict = field(default_factory=dict)  # flows.retrain.RetrainSettings fields
-    gate: dict = field(default_factory=dict)  # flows.retrain.GateRule fields
+    retrain: dict = field(default_factory=dict)  # flows.retrain_plan.RetrainSettings fields
+    gate: dict = field(default_factory=dict)  # flows.retrain_plan.GateRule fields
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):
             self.corpus = [p for p in self.corpus.split(",") if p]
         if not self.corpus:
             raise PipelineConfigError('the pipeline config lists no corpus inputs: add paths under "corpus"')
-        for section in ("shard", "vocab", "examples", "pretrain"):
-            if not isinstance(getattr(self, section), dict):
+        for section in STAGES:
+            if section != "finetune" and not isinstance(getattr(self, section), dict):
                 raise PipelineConfigError(f'section "{section}" must be a JSON object of settings')
         if not isinstance(self.finetune, list) or not all(isinstance(t, dict) for t in self.finetune):
             raise PipelineConfigError('section "finetune" must be a list of objects, one per task')

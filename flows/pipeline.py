@@ -32,8 +32,9 @@ from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from data_prep.manifest import StageError, invalidate, read_manifest, verify
+from data_prep.manifest import StageError, complete_manifest, invalidate
 from flows.config import (
+    STAGES,
     PipelineConfig,
     PipelineConfigError,
     StageConfigs,
@@ -43,7 +44,6 @@ from flows.config import (
     stage_paths,
 )
 
-STAGES = ("shard", "vocab", "examples", "pretrain", "finetune")
 PROGRESS_EVERY_S = 5.0
 
 
@@ -121,15 +121,13 @@ def cached_state(
         fp = expected()
     except (StageError, FileNotFoundError):
         return None
-    manifest = read_manifest(directory)
-    if manifest is None or manifest.get("stage") != stage or manifest.get("fingerprint") != fp:
-        return None
-    try:
-        verify(directory, manifest)
-    except Exception as e:  # a file missing, truncated or unreadable: rebuild the stage
-        get_run_logger().warning("%s: %s; running the stage again", stage, str(e).splitlines()[0])
+
+    def mismatch(error: Exception) -> None:  # a file missing, truncated or unreadable: rebuild the stage
+        get_run_logger().warning("%s: %s; running the stage again", stage, str(error).splitlines()[0])
         if rebuild:
             invalidate(directory)
+
+    if complete_manifest(directory, stage, fp, on_mismatch=mismatch) is None:
         return None
     message = f"{directory}: manifest matches {fp[:12]}"
     get_run_logger().info("%s: cached (%s)", stage, message)
@@ -283,7 +281,8 @@ def finetune_task(config) -> dict:
 # --- the report -----------------------------------------------------------------------------------------------
 
 
-def _artifact_slug(name: str) -> str:
+def artifact_slug(name: str) -> str:
+    """The key prefix of a pipeline's artifacts: its name in lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "pipeline"
 
 
@@ -324,7 +323,7 @@ def report_task(stage_dirs: dict[str, str], slug: str) -> str:
 # --- the flow -------------------------------------------------------------------------------------------------
 
 
-def _value(result: Any) -> Any:
+def task_value(result: Any) -> Any:
     """A task's return value, whether it returned a value or a (Cached) state."""
     return result.result() if isinstance(result, State) else result
 
@@ -371,7 +370,7 @@ def bert_pipeline(
         state = call()
         timings[name] = round(time.perf_counter() - started, 2)
         cached[name] = isinstance(state, State) and state.name == "Cached"
-        return _value(state)
+        return task_value(state)
 
     if "shard" in stages:
         timed("shard", lambda: shard_task(configs.shard, dask_address))
@@ -387,7 +386,7 @@ def bert_pipeline(
         for ft in configs.finetune:
             finetune.append(timed(f"finetune-{ft.task}", lambda ft=ft: finetune_task(ft)))
     existing = {name: str(path) for name, path in paths.items() if path.exists()}
-    report_task(existing, _artifact_slug(pipeline.name))
+    report_task(existing, artifact_slug(pipeline.name))
     summary = {
         "out": str(root),
         "timings_s": timings,

@@ -221,10 +221,14 @@ def test_cli_reports_bad_input_in_one_line(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("total, warmup", [(100, 10), (37, 3), (20, 0)])
-def test_schedule_matches_transformers(total, warmup):
-    """Same recipe as a plain transformers loop: AdamW groups and get_linear_schedule_with_warmup's lr per step."""
+def test_schedule_is_pretrainings_and_decays_as_transformers(total, warmup):
+    """Fine-tuning's lr per step is bert.optim.lr_multiplier's, as in pretraining: warmup (step + 1) / warmup,
+    so the first update is not at lr 0 as in get_linear_schedule_with_warmup (step / warmup); from the end of
+    warmup on, the same lr as transformers step for step. AdamW groups as a plain transformers recipe."""
     import torch
     import transformers
+
+    from bert.optim import lr_multiplier
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     optimizer, scheduler = make_optimizer(model, 1e-3, 0.01, total, warmup)
@@ -238,7 +242,10 @@ def test_schedule_matches_transformers(total, warmup):
         scheduler.step()
         reference_opt.step()
         reference.step()
-    assert ours == pytest.approx(theirs, abs=1e-12)
+    assert ours == pytest.approx([1e-3 * lr_multiplier(s, warmup, total) for s in range(total)], abs=1e-12)
+    assert ours[:warmup] == pytest.approx([1e-3 * (s + 1) / warmup for s in range(warmup)], abs=1e-12)
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], abs=1e-12)
+    assert all(lr > 0 for lr in ours) and (warmup == 0 or theirs[0] == 0.0)
     decay, no_decay = optimizer.param_groups
     assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == 0.01
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0

@@ -28,6 +28,7 @@ BERT_MAY_USE = {
 PARENT_SIDE = ("bert.pretrain.stage", "bert.pretrain.launch")
 RANK_SIDE = ("bert.pretrain.rank", "bert.pretrain.engine", "bert.pretrain.checkpoint")
 FLOWS_ONLY = ("prefect", "prefect_dask", "mlflow", "typer")
+PLAIN_FLOWS = ("flows.retrain_plan", "flows.config")  # what the CLI and tests reach without Prefect or MLflow
 
 
 def module_files() -> dict[str, Path]:
@@ -108,6 +109,8 @@ def broken_rules() -> list[str]:
                 problems.append(f"{name} → {imported}: only bert.pretrain.engine imports deepspeed")
             if top in FLOWS_ONLY and not within(name, "flows"):
                 problems.append(f"{name} → {imported}: only flows/ imports {', '.join(FLOWS_ONLY)}")
+            if top in FLOWS_ONLY and name in PLAIN_FLOWS:
+                problems.append(f"{name} → {imported}: {name} is plain planning, reachable without Prefect")
             if top not in PACKAGES:
                 continue
             if within(name, "data_prep") and top != "data_prep":

@@ -38,6 +38,22 @@ def test_commit_writes_manifest_last_and_skip_when_complete(tmp_path):
     assert mf.read_manifest(out) is None
 
 
+def test_complete_manifest_needs_the_stage_the_fingerprint_and_matching_files(tmp_path):
+    out = tmp_path / "stage"
+    stage = mf.begin_stage(out, "shard", {"n": 1}, {}, format_version=1)
+    _write_parquet(stage.path("train/part-00000.parquet"), 3)
+    assert mf.complete_manifest(out, "shard") is None  # unfinished
+    stage.commit([mf.file_entry(out, "train/part-00000.parquet")], {})
+    assert mf.complete_manifest(out, "shard", stage.fingerprint)["fingerprint"] == stage.fingerprint
+    assert mf.complete_manifest(out, "shard")  # any fingerprint
+    assert mf.complete_manifest(out, "shard", "another") is None
+    assert mf.complete_manifest(out, "vocab") is None
+    _write_parquet(out / "train/part-00000.parquet", 2)  # changed after the stage wrote it
+    errors = []
+    assert mf.complete_manifest(out, "shard", stage.fingerprint, on_mismatch=errors.append) is None
+    assert len(errors) == 1 and "re-run bertpipe shard" in str(errors[0])
+
+
 def test_unfinished_run_with_same_fingerprint_keeps_committed_parts(tmp_path):
     out = tmp_path / "stage"
     stage = mf.begin_stage(out, "shard", {"n": 1}, {}, format_version=1)

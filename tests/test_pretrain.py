@@ -231,7 +231,7 @@ def test_the_rank_entry_point_destroys_the_process_group_on_every_exit(stage, tm
     mismatched = tiny_config(examples, tmp_path / "bad", model_overrides={**TINY, "vocab_size": 50})
     bad.write_text(json.dumps(mismatched.to_dict()))  # refused after the process group exists
     script = (
-        "import sys, torch.distributed as dist; from bert.pretrain import cli\n"
+        "import sys, torch.distributed as dist; from bert.pretrain.rank import cli\n"
         "codes = [cli(['--config', path]) for path in sys.argv[1:]]\n"
         "print('RESULT', codes, dist.is_initialized())\n"
     )

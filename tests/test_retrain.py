@@ -122,7 +122,7 @@ def test_retrain_first_run_new_data_gate_both_ways_nothing_new_rollback_and_a_ki
 
 
 def test_gate_decision_checks_every_metric():
-    from flows.retrain import GateRule, gate_decision
+    from flows.retrain_plan import GateRule, gate_decision
 
     rule = GateRule(mlm_loss_tolerance=0.05, finetune={"cola": "mcc"})
     champion = {"heldout_mlm_loss": 4.0, "cola_mcc": 0.10}
@@ -137,7 +137,7 @@ def test_gate_decision_checks_every_metric():
 
 
 def test_new_files_and_batches_by_content():
-    from flows.retrain import assign_batches, new_files
+    from flows.retrain_plan import assign_batches, new_files
 
     seen = {"a.txt": "h1", "b.txt": "h2"}
     new, changed = new_files({"a.txt": "h1", "b.txt": "h3", "c.txt": "h2", "d.txt": "h4"}, seen)
@@ -145,6 +145,19 @@ def test_new_files_and_batches_by_content():
     earlier = assign_batches({"d.txt": "h4"}, [], {"seed": 0})
     both = assign_batches(new, earlier, {"seed": 0})
     assert both[0] == earlier[0] and both[1]["files"] == {"b.txt": "h3"}
+
+
+def test_the_mix_takes_every_new_part_and_a_seeded_sample_of_old_ones():
+    from flows.retrain_plan import plan_mix
+
+    new = [(Path("new"), {"path": f"train/{i}.arrow", "rows": 10}) for i in range(3)]
+    old = [(Path("old"), {"path": f"train/{i}.arrow", "rows": 10}) for i in range(10)]
+    parts, figures = plan_mix(new, old, new_fraction=0.75, seed=0)
+    assert parts[:3] == new and len(parts) == 4 and parts[3][0] == Path("old")
+    assert figures == {"new_rows": 30, "old_rows": 10, "old_parts": 1, "old_parts_available": 10}
+    assert plan_mix(new, old, 0.75, seed=0) == (parts, figures)  # the same seed, the same sample
+    assert plan_mix(new, old, 1.0, seed=0)[1]["old_rows"] == 0
+    assert plan_mix(new, old, 0.1, seed=0)[1]["old_rows"] == 100  # all the old rows there are
 
 
 def test_prefect_yaml_schedules_are_ones_prefect_deploy_accepts():

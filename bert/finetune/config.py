@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class FinetuneConfig:
-    """One fine-tuning run; ``None`` hyperparameters take the task's default (see ``bert.tasks.TASKS``)."""
+    """One fine-tuning run; ``None`` hyperparameters take the task's default (see ``bert.finetune.tasks.TASKS``)."""
 
     task: str
     """Task name: cola, sst2, mrpc, rte, stsb, classification, regression, ner, squad, squad_v2."""

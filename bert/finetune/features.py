@@ -2,72 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 import torch
-from tokenizers import models, normalizers, pre_tokenizers, processors
 
 from bert.finetune.readers import QAExample, TaggedSentence, TextExample
 from bert.finetune.tasks import IGNORE_INDEX
-from data_prep.manifest import verify_source
+from data_prep.vocab import add_bert_post_processor, load_vocab
 
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
 def load_tokenizer(model_dir: str | Path) -> tokenizers.Tokenizer:
-    """The model's tokenizer: tokenizer.json, else a BERT WordPiece tokenizer over vocab.txt.
-
-    With vocab.txt, casing follows tokenizer_config.json's ``do_lower_case`` (default: lowercase unless the
-    vocabulary holds upper-case pieces). Padding and truncation saved with the tokenizer are switched off.
-    """
-    model_dir = Path(model_dir)
-    verify_source(model_dir)  # a pretrain export: its tokenizer and config as its manifest lists them
-    if (model_dir / "tokenizer.json").is_file():
-        tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    elif (model_dir / "vocab.txt").is_file():
-        try:
-            tokens = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(
-                f"{model_dir / 'vocab.txt'}: not UTF-8 text ({e.reason} at byte {e.start}): give a BERT vocab.txt"
-            ) from None
-        vocab = {t: i for i, t in enumerate(tokens) if t}
-        config_path = model_dir / "tokenizer_config.json"
-        lowercase = (
-            json.loads(config_path.read_text(encoding="utf-8")).get("do_lower_case")
-            if config_path.is_file()
-            else None
-        )
-        if lowercase is None:
-            lowercase = not any(t != t.lower() for t in vocab if not t.startswith("["))
-        tokenizer = tokenizers.Tokenizer(
-            models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
-        )
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=bool(lowercase))
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.add_special_tokens(
-            [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
-        )
-    else:
-        raise FileNotFoundError(f"{model_dir} has neither tokenizer.json nor vocab.txt")
-    for special in ("[CLS]", "[SEP]"):
-        if tokenizer.token_to_id(special) is None:
-            raise ValueError(
-                f"the tokenizer in {model_dir} has no {special} token; it is not a BERT tokenizer"
-            )
+    """The model's tokenizer, as ``data_prep.vocab.load_vocab`` loads it (tokenizer.json, else vocab.txt
+    cased as tokenizer_config.json says; no padding or truncation), with BERT's ``[CLS] A [SEP] B [SEP]``
+    template added when tokenizer.json has none."""
+    tokenizer = load_vocab(model_dir).tokenizer  # checks the files against a pretrain export's manifest
     if tokenizer.post_processor is None:
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-        )
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
+        add_bert_post_processor(tokenizer)
     return tokenizer
 
 

@@ -18,6 +18,7 @@ from bert.finetune import metrics as M
 from bert.finetune.config import FinetuneConfig, resolve_device
 from bert.finetune.features import collate
 from bert.finetune.tasks import Task, get_task
+from bert.optim import lr_multiplier, parameter_groups
 
 log = logging.getLogger("bert.finetune")
 
@@ -63,22 +64,18 @@ def build_model(task: Task, labels: list[str] | None, model_dir: str | Path) -> 
 def make_optimizer(
     model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int, warmup_steps: int
 ):
-    """AdamW (no decay on biases and LayerNorm) and a linear warmup / linear decay schedule."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    on_gpu = any(p.is_cuda for p in decay + no_decay)
+    """AdamW over pretraining's parameter groups (no decay on biases and LayerNorm) and its schedule,
+    ``bert.optim.lr_multiplier``: linear warmup, then linear decay to 0 at ``total_steps``."""
+    groups = parameter_groups(model, weight_decay)
+    on_gpu = any(p.is_cuda for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        groups,
         lr=lr,
         fused=True if on_gpu else None,  # one kernel for every parameter on a GPU; torch's default elsewhere
     )
 
-    def factor(step: int) -> float:  # the schedule of transformers' get_linear_schedule_with_warmup
-        if step < warmup_steps:
-            return step / warmup_steps  # 0 on the first step, lr after warmup_steps steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    def factor(step: int) -> float:  # LambdaLR asks for step 0 before the first update, as the engine does
+        return lr_multiplier(step, warmup_steps, total_steps, "linear")
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

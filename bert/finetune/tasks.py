@@ -15,9 +15,12 @@ class TaskDataError(ValueError):
 # --------------------------------------------------------------------------------------------- tasks
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task:
-    """A fine-tuning task: its family, metrics, where its data columns are and its training defaults."""
+    """A fine-tuning task: its family, metrics, where its data columns are and its training defaults.
+
+    Built by keyword only (``Task(name=..., kind=..., metrics=...)``): most fields are tuples of strings
+    that a positional call would let slip into each other's place."""
 
     name: str
     kind: str
@@ -49,24 +52,29 @@ _GLUE = ("glue",)
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("cola", "classification", ("mcc", "accuracy"), ("3",), "1", ("0", "1"), (*_GLUE, "cola"),
-             (("sentence",), "label"), max_seq_length=64),
-        Task("sst2", "classification", ("accuracy",), ("sentence",), "label", ("0", "1"), (*_GLUE, "sst2"),
-             (("sentence",), "label"), max_seq_length=64),
-        Task("mrpc", "classification", ("f1", "accuracy"), ("#1 String", "#2 String"), "Quality", ("0", "1"),
-             (*_GLUE, "mrpc"), (("sentence1", "sentence2"), "label"), epochs=5),
-        Task("rte", "classification", ("accuracy",), ("sentence1", "sentence2"), "label",
-             ("entailment", "not_entailment"), (*_GLUE, "rte"), (("sentence1", "sentence2"), "label"), epochs=5),
-        Task("stsb", "regression", ("pearson", "spearman"), ("sentence1", "sentence2"), "score", None,
-             (*_GLUE, "stsb"), (("sentence1", "sentence2"), "label"), epochs=5),
-        Task("classification", "classification", ("accuracy", "macro_f1", "mcc")),
-        Task("regression", "regression", ("pearson", "spearman")),
-        Task("ner", "tagging", ("f1", "precision", "recall"), hf_dataset=("conll2003",),
+        Task(name="cola", kind="classification", metrics=("mcc", "accuracy"), text_columns=("3",),
+             label_column="1", labels=("0", "1"), hf_dataset=(*_GLUE, "cola"),
+             hf_columns=(("sentence",), "label"), max_seq_length=64),
+        Task(name="sst2", kind="classification", metrics=("accuracy",), text_columns=("sentence",),
+             label_column="label", labels=("0", "1"), hf_dataset=(*_GLUE, "sst2"),
+             hf_columns=(("sentence",), "label"), max_seq_length=64),
+        Task(name="mrpc", kind="classification", metrics=("f1", "accuracy"),
+             text_columns=("#1 String", "#2 String"), label_column="Quality", labels=("0", "1"),
+             hf_dataset=(*_GLUE, "mrpc"), hf_columns=(("sentence1", "sentence2"), "label"), epochs=5),
+        Task(name="rte", kind="classification", metrics=("accuracy",), text_columns=("sentence1", "sentence2"),
+             label_column="label", labels=("entailment", "not_entailment"), hf_dataset=(*_GLUE, "rte"),
+             hf_columns=(("sentence1", "sentence2"), "label"), epochs=5),
+        Task(name="stsb", kind="regression", metrics=("pearson", "spearman"),
+             text_columns=("sentence1", "sentence2"), label_column="score", labels=None,
+             hf_dataset=(*_GLUE, "stsb"), hf_columns=(("sentence1", "sentence2"), "label"), epochs=5),
+        Task(name="classification", kind="classification", metrics=("accuracy", "macro_f1", "mcc")),
+        Task(name="regression", kind="regression", metrics=("pearson", "spearman")),
+        Task(name="ner", kind="tagging", metrics=("f1", "precision", "recall"), hf_dataset=("conll2003",),
              hf_columns=(("tokens",), "ner_tags"), lr=5e-5),
-        Task("squad", "qa", ("f1", "exact_match"), hf_dataset=("squad",), lr=5e-5, epochs=2,
+        Task(name="squad", kind="qa", metrics=("f1", "exact_match"), hf_dataset=("squad",), lr=5e-5, epochs=2,
              batch_size=16, max_seq_length=384),
-        Task("squad_v2", "qa", ("f1", "exact_match"), hf_dataset=("squad_v2",), version_2=True, lr=5e-5,
-             epochs=2, batch_size=16, max_seq_length=384),
+        Task(name="squad_v2", kind="qa", metrics=("f1", "exact_match"), hf_dataset=("squad_v2",),
+             version_2=True, lr=5e-5, epochs=2, batch_size=16, max_seq_length=384),
     ]
 }  # fmt: skip
 

@@ -264,11 +264,11 @@ class BertPreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs: Any):
-        """Load a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin); see bert.hf."""
+        """Load a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin); see bert.model.hf."""
         return hf.from_pretrained(cls, path, **kwargs)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json and model.safetensors that transformers loads; see bert.hf."""
+        """Write config.json and model.safetensors that transformers loads; see bert.model.hf."""
         return hf.save_pretrained(self, path)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

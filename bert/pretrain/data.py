@@ -12,7 +12,6 @@ global and micro batch sizes only, never on the world size: a run resumed on ano
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,7 +341,7 @@ class Collator:
         if self.metadata.word_segmenter is not None:
             raise ValueError(
                 f"the examples were segmented into words by {self.metadata.word_segmenter} but this example "
-                f"lacks its {WORD_START_COLUMN!r} column: read the shards with a bert.data that loads it"
+                f"lacks its {WORD_START_COLUMN!r} column: read the shards with a bert.pretrain.data that loads it"
             )
         if self.is_continuation is None:
             raise ValueError("whole-word dynamic masking needs the vocabulary's tokens")
@@ -370,22 +369,3 @@ def vocab_dir_of(examples_dir: str | os.PathLike, metadata: ExampleMetadata | No
         if (Path(examples_dir) / name).is_dir():
             return Path(examples_dir) / name
     return None
-
-
-def read_vocab_tokens(vocab: str | os.PathLike) -> list[str]:
-    """Tokens in id order from a vocab.txt, or a directory holding vocab.txt or tokenizer.json."""
-    path = Path(vocab)
-    if path.is_dir():
-        if (path / "vocab.txt").exists():
-            path = path / "vocab.txt"
-        elif (path / "tokenizer.json").exists():
-            model = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
-            return [t for t, _ in sorted(model.items(), key=lambda kv: kv[1])]
-        else:
-            raise ValueError(f"{vocab} holds neither vocab.txt nor tokenizer.json")
-    if not path.exists():
-        raise ValueError(f"vocabulary {vocab} does not exist")
-    tokens = path.read_text(encoding="utf-8").split("\n")
-    while tokens and tokens[-1] == "":
-        tokens.pop()
-    return [t.rstrip("\r") for t in tokens]

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from bert.model.heads import BertForPreTraining
-from bert.pretrain.data import Collator, open_split, read_vocab_tokens, vocab_dir_of
+from bert.pretrain.data import Collator, open_split, vocab_dir_of
+from data_prep.vocab import load_vocab
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def evaluate_mlm(
     if shards is None:
         raise ValueError(f"{examples_dir} has no {split} examples to evaluate on")
     vocab_dir = vocab_dir_of(examples_dir, shards.metadata)
-    tokens = read_vocab_tokens(vocab_dir) if vocab_dir is not None else None
+    tokens = load_vocab(vocab_dir).tokens if vocab_dir is not None else None
     collator = Collator(shards.metadata, seed, tokens=tokens)
     model = BertForPreTraining.from_pretrained(Path(model_dir)).eval()
     n = len(shards) if max_examples is None else min(max_examples, len(shards))

@@ -44,9 +44,15 @@ import torch
 
 from bert.pretrain import ds_config
 from bert.pretrain.config import TrainConfig
-from bert.pretrain.run import CHECKPOINTS, PARENT_HOST_ENV, PARENT_PID_ENV, PretrainResult, load_run_inputs
+from bert.pretrain.run import (
+    PARENT_HOST_ENV,
+    PARENT_PID_ENV,
+    PretrainResult,
+    load_run_inputs,
+    refuse_existing_checkpoints,
+)
 
-log = logging.getLogger("bert.launch")
+log = logging.getLogger("bert.pretrain.launch")
 
 POLL_S = 0.2  # how often the waiting thread looks at the launcher, stop_event and the deadline
 DEFAULT_MASTER_PORT = 29500  # torchrun's and DeepSpeed's default; every node must name the same one
@@ -377,10 +383,8 @@ def launch(
     ds_config.fill_deepspeed_config(ds_config.load_deepspeed_config(config.deepspeed_config), config, run.batch,
                               run.model_config.hidden_size)  # fmt: skip
     out = Path(config.out)
-    if not config.resume and (out / CHECKPOINTS / "latest").exists():
-        raise ValueError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
-        )
+    if not config.resume:
+        refuse_existing_checkpoints(out)
     out.mkdir(parents=True, exist_ok=True)
     if leader:  # before node 0's ranks start, so before any rank of this run (on any node) can train or fail
         for stale in (out / "logs").glob("error-rank*.txt"):

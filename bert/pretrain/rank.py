@@ -2,7 +2,7 @@
 
 Run it as ``deepspeed --module bert.pretrain --config FILE`` (every rank), as ``python -m bert.pretrain
 --config FILE`` (one process: still DeepSpeed, a world of one over gloo), or call ``main(TrainConfig(...))``.
-``bert.launch`` (behind ``bertpipe pretrain`` and the Prefect task) runs the deepspeed launcher for you.
+``bert.pretrain.launch`` (behind ``bertpipe pretrain`` and the Prefect task) runs the deepspeed launcher for you.
 
 OUT/ holds: train_config.json, deepspeed_config.json (resolved), checkpoints/<step-N>/ (DeepSpeed's, plus
 bertpipe_state.json) and checkpoints/latest, hf/ (transformers-loadable model + tokenizer), metrics.jsonl,
@@ -37,12 +37,12 @@ from bert.pretrain.config import TrainConfig
 from bert.pretrain.data import DataPosition, RankBatches
 from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
 from bert.pretrain.run import (
-    CHECKPOINTS,
     PARENT_HOST_ENV,
     PARENT_PID_ENV,
     PretrainResult,
     Run,
     load_run_inputs,
+    refuse_existing_checkpoints,
     resolve_init,
 )
 
@@ -55,7 +55,7 @@ log = logging.getLogger("bert.pretrain")
 class StopSignal:
     """Remembers a SIGTERM, or that the launching process died; the loop checks it between steps.
 
-    ``bert.launch`` puts its pid in BERTPIPE_PARENT_PID: when that process is gone (killed with SIGKILL, say)
+    ``bert.pretrain.launch`` puts its pid in BERTPIPE_PARENT_PID: when that process is gone (killed with SIGKILL, say)
     the ranks stop as on SIGTERM, agreeing on a step and checkpointing, instead of training on unattended.
     A pid names a process on one host only: a rank on another host (BERTPIPE_PARENT_HOST differs) ignores it.
     The ssh launcher passes neither variable to remote nodes, so their ranks have no such watch.
@@ -248,10 +248,8 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
     out = run.out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if not config.resume and (out / CHECKPOINTS / "latest").exists():
-        raise ValueError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
-        )
+    if not config.resume:
+        refuse_existing_checkpoints(out)
     ds_config, _ = fill_deepspeed_config(
         load_deepspeed_config(config.deepspeed_config), config, run.batch, run.model_config.hidden_size
     )

@@ -13,15 +13,10 @@ from typing import TYPE_CHECKING
 
 from bert.model import BertConfig
 from bert.pretrain.config import BatchSizes, TrainConfig
-from bert.pretrain.data import (
-    Collator,
-    ExampleShards,
-    RankBatches,
-    open_split,
-    read_vocab_tokens,
-    vocab_dir_of,
-)
+from bert.pretrain.data import Collator, ExampleShards, RankBatches, open_split, vocab_dir_of
+from data_prep.manifest import StageError
 from data_prep.schema import ExampleMetadata, special_ids_of, vocab_fingerprint
+from data_prep.vocab import load_vocab
 
 if TYPE_CHECKING:  # the rank side's engine: named here, never imported by the parent
     from bert.pretrain.engine import Engine
@@ -130,10 +125,8 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
             f"the examples manifest in {config.examples} does not record its vocabulary: pass --vocab DIR "
             "(the vocab stage directory the examples were made with)"
         )
-    from data_prep.manifest import verify_source
-
-    verify_source(vocab_dir)  # a vocab.txt changed after its stage wrote it would shift every id: refuse it
-    tokens = read_vocab_tokens(vocab_dir)
+    # load_vocab checks the files against their stage's manifest: a changed vocab.txt would shift every id.
+    tokens = load_vocab(vocab_dir).tokens
     if vocab_dir.is_file():
         vocab_dir = vocab_dir.parent
     problems: list[str] = []
@@ -142,7 +135,7 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
         model_config = BertConfig.from_json_file(init_dir, **config.model_overrides)
         problems += agreement_problems(metadata, model_config, tokens, f"at {vocab_dir}")
         if any((init_dir / name).exists() for name in ("vocab.txt", "tokenizer.json")):
-            init_tokens = read_vocab_tokens(init_dir)
+            init_tokens = load_vocab(init_dir).tokens
             if vocab_fingerprint(init_tokens) != vocab_fingerprint(tokens):
                 problems.append(
                     f"--init-from {init_dir} was trained with another vocabulary than {vocab_dir}"
@@ -158,6 +151,16 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
     collator = Collator(metadata, config.seed, config.pad_to_multiple_of, tokens)
     return Run(config, Path(config.out), rank, world_size, batch, model_config, metadata, vocab_dir, tokens,
                train, valid, collator)  # fmt: skip
+
+
+def refuse_existing_checkpoints(out: str | Path) -> None:
+    """Refuse a fresh start in ``out`` when it already holds checkpoints: continuing them needs --resume.
+
+    The parent checks before any rank starts (``launch``, ``stage``), each rank again before it trains."""
+    if (Path(out) / CHECKPOINTS / "latest").exists():
+        raise StageError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
+        )
 
 
 def checkpoint_tags(checkpoint_dir: Path) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bert.pretrain.config import TrainConfig
+from bert.pretrain.run import refuse_existing_checkpoints
 from data_prep.manifest import (
     INPROGRESS,
     MANIFEST,
@@ -30,6 +31,7 @@ from data_prep.manifest import (
     acquire_writer_lock,
     check_output_directory,
     clear_directory,
+    complete_manifest,
     file_entry,
     fingerprint,
     read_json,
@@ -38,14 +40,13 @@ from data_prep.manifest import (
     require_complete,
     sha256_file,
     stage_fingerprint,
-    verify,
     write_json_atomic,
 )
 
 if TYPE_CHECKING:
     from bert.pretrain.launch import Nodes
 
-log = logging.getLogger("bert.pretrain_stage")
+log = logging.getLogger("bert.pretrain.stage")
 
 STAGE = "pretrain"
 FORMAT_VERSION = 1
@@ -109,22 +110,6 @@ def expected_fingerprint(config: TrainConfig) -> str:
     return stage_fingerprint(STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
 
 
-def _complete(out: Path, manifest: dict | None, fp: str) -> dict | None:
-    """``manifest`` when it is a pretrain manifest with fingerprint ``fp`` whose files are all there."""
-    if manifest is None or manifest.get("stage") != STAGE or manifest["fingerprint"] != fp:
-        return None
-    try:
-        verify(out, manifest)
-    except StageError:
-        return None
-    return manifest
-
-
-def complete_manifest(config: TrainConfig) -> dict | None:
-    """The manifest of ``config.out`` when it holds a complete run of exactly this config, else None."""
-    return _complete(Path(config.out), read_manifest(config.out), expected_fingerprint(config))
-
-
 def _differences(old: dict, new: dict) -> list[str]:
     keys = sorted((set(old) | set(new)) - set(LENGTH))  # the run length never blocks a resume
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -134,12 +119,6 @@ def _other_settings(out: Path, changed: list[str]) -> StageError:
     return StageError(
         f"{out} holds checkpoints of a run with other settings ({'; '.join(changed[:6])}): "
         "choose a new --out, or start from its weights with --init-from"
-    )
-
-
-def _already_has_checkpoints(out: Path) -> StageError:
-    return StageError(
-        f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
     )
 
 
@@ -157,7 +136,7 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
     manifest = read_manifest(out)
     if manifest is not None and manifest.get("stage") != STAGE:
         raise StageError(f"{out} holds a finished '{manifest.get('stage')}' stage: choose another --out")
-    if (complete := _complete(out, manifest, fp)) is not None:
+    if (complete := complete_manifest(out, STAGE, fp)) is not None:
         return config, complete
     wanted = trajectory(values, inputs)
     record = read_json(out / INPROGRESS) or (manifest or {})
@@ -175,7 +154,7 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
         else:
             raise _other_settings(out, changed)
     if has_checkpoints and resume is False:
-        raise _already_has_checkpoints(out)
+        refuse_existing_checkpoints(out)
     (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is not complete
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -220,7 +199,7 @@ def follow(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig
     values, inputs = stage_config(config), stage_inputs(config)
     manifest = read_manifest(out)
     fp = stage_fingerprint(STAGE, values, inputs, FORMAT_VERSION)
-    if (complete := _complete(out, manifest, fp)) is not None:
+    if (complete := complete_manifest(out, STAGE, fp)) is not None:
         return config, complete
     # resume=None (the pipeline): node 0 continues this trajectory's checkpoints or clears the directory; the
     # ranks find either when they look.
@@ -232,7 +211,7 @@ def follow(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig
                 out, _differences(before, values) or ["(a run from before stage manifests)"]
             )
         if not resume:
-            raise _already_has_checkpoints(out)
+            refuse_existing_checkpoints(out)
     return dataclasses.replace(config, resume=resume is not False), None
 
 
@@ -247,9 +226,9 @@ def run_pretrain_stage(
     """Run pretraining as a stage: (manifest or None when the run stopped early, the launch result).
 
     A complete run of the same config returns its manifest at once (result None). ``nodes``
-    (``bert.launch.Nodes``): this is one launch per node; node 0 runs the stage as on one node, another node
+    (``bert.pretrain.launch.Nodes``): this is one launch per node; node 0 runs the stage as on one node, another node
     only runs its ranks and returns (None, None) when they are done (``follow``). ``launch_options`` go to
-    ``bert.launch.launch`` (master_port, on_line, stop_event, deadline_s, ...).
+    ``bert.pretrain.launch.launch`` (master_port, on_line, stop_event, deadline_s, ...).
     """
     from bert.pretrain.launch import launch
 
