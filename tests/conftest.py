@@ -30,3 +30,22 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+# --- one straight two-rank pretraining run that the resume, resize and multi-node tests compare against ---------
+
+
+@pytest.fixture(scope="session")
+def training_stage(tmp_path_factory) -> tuple[Path, Path]:
+    """(a finished examples stage of 256 train / 32 valid examples, a TINY model config without dropout)."""
+    from reference import make_reference_stage
+
+    return make_reference_stage(tmp_path_factory.mktemp("training"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(training_stage, tmp_path_factory):
+    """Two ranks, ZeRO-2 fp32, global batch 16 (micro 4 × accumulation 2 × 2 ranks), 30 steps, checkpoints every 6."""
+    from reference import run_reference
+
+    return run_reference(training_stage, tmp_path_factory.mktemp("reference") / "run")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_data import make_training_stage
+import reference
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -21,8 +21,8 @@ BERTPIPE = Path(sys.executable).parent / "bertpipe"
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory) -> tuple[Path, Path]:
-    return make_training_stage(tmp_path_factory.mktemp("multinode"), num_train=64, num_valid=16)
+def stage(training_stage) -> tuple[Path, Path]:
+    return training_stage
 
 
 @pytest.fixture
@@ -70,14 +70,11 @@ def records(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_nodes_of_one_rank_train_exactly_as_one_node_of_two_ranks(stage, start, tmp_path: Path):
-    examples, model_config = stage
-    common = ["pretrain", "--examples", str(examples), "--model-config", str(model_config),
-              "--deepspeed-config", str(REPO / "deepspeed_configs/zero2_fp32.json"), "--micro-batch-size", "4",
-              "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--log-example-indices",
-              "--no-progress"]  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
-    finish(start(*common, "--out", str(one), "--num-gpus", "2"))
+def test_two_nodes_of_one_rank_train_exactly_as_one_node_of_two_ranks(
+    stage, reference_run, start, tmp_path: Path
+):
+    common = [*reference.reference_args(stage), "--max-steps", str(reference.STEPS)]
+    one, two = reference_run.out, tmp_path / "two"
 
     # Node 1 first: its launcher waits at the rendezvous for node 0's, which must not trip over its lock.
     nodes = [
@@ -92,18 +89,19 @@ def test_two_nodes_of_one_rank_train_exactly_as_one_node_of_two_ranks(stage, sta
     ]
     node1 = start(*common, "--out", str(two), *nodes, "--node-rank", "1")
     node0 = start(*common, "--out", str(two), *nodes, "--node-rank", "0")
-    assert "stopped at step 3 (max_steps)" in finish(node0)
+    assert f"stopped at step {reference.STEPS} (max_steps)" in finish(node0)
     assert "node 1: its ranks are done; node 0 reports the run" in finish(node1)
 
     # Same world, same ranks, same gloo reductions: the same numbers, not merely close ones.
     assert records(two) == records(one)
-    assert [r["step"] for r in records(two)] == [1, 2, 3, 3]  # three steps, then the final evaluation
+    steps = [r["step"] for r in records(two)]
+    assert steps == [*range(1, reference.STEPS + 1), reference.STEPS]  # every step, then the final evaluation
     for r in (0, 1):
         assert (two / f"data_log/rank{r}.jsonl").read_text() == (one / f"data_log/rank{r}.jsonl").read_text()
     # Node 0 ran the stage: its launch config and the manifest; node 1 wrote nothing there but its ranks' files.
-    assert json.loads((two / "manifest.json").read_text())["stats"]["step"] == 3
+    assert json.loads((two / "manifest.json").read_text())["stats"]["step"] == reference.STEPS
     assert sorted(p.name for p in two.glob("launch_config*")) == ["launch_config.json"]
-    assert {p.name for p in (two / "checkpoints/step-3").glob("*optim_states.pt")} == {
+    assert {p.name for p in (two / f"checkpoints/step-{reference.STEPS}").glob("*optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     }

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data import make_training_stage, make_vocab
+import reference
+from test_data import make_vocab
 
 from bert.pretrain.engine import checkpoint_state_dict
 
@@ -21,8 +22,8 @@ BERTPIPE = Path(sys.executable).parent / "bertpipe"
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory) -> tuple[Path, Path]:
-    return make_training_stage(tmp_path_factory.mktemp("distributed"), num_train=256, num_valid=32)
+def stage(training_stage) -> tuple[Path, Path]:
+    return training_stage
 
 
 def bertpipe(*args: str, timeout: int = 500) -> subprocess.CompletedProcess:
@@ -45,22 +46,14 @@ def sigterm_after_three_steps(command: list[str], metrics: Path) -> tuple[str, i
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_zero2_learn_from_different_data_and_export(stage, tmp_path: Path):
-    examples, model_config = stage
-    out = tmp_path / "run"
-    common = ["--examples", str(examples), "--out", str(out), "--model-config", str(model_config),
-              "--deepspeed-config", str(REPO / "deepspeed_configs/zero2_fp32.json"), "--num-gpus", "2",
-              "--micro-batch-size", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-2",
-              "--warmup-steps", "3", "--schedule-steps", "34", "--log-example-indices", "--no-progress"]  # fmt: skip
-    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    done = bertpipe("pretrain", *common, "--max-steps", "30")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stopped at step 30 (max_steps)" in done.stdout
+def test_two_ranks_zero2_learn_from_different_data_and_export(reference_run):
+    out = reference_run.out
+    assert f"stopped at step {reference.STEPS} (max_steps)" in reference_run.output
     # DeepSpeed's CPU all-reduce leaves a 66 MB buffer per rank in /dev/shm; the ranks and launcher remove theirs
-    assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
+    assert not reference_run.shm_left
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == list(range(1, 31))
+    assert [r["step"] for r in train] == list(range(1, reference.STEPS + 1))
     assert all(r["samples"] == 16 for r in train)  # 4 × 2 × 2 ranks
     assert np.mean([r["loss"] for r in train[-5:]]) < np.mean([r["loss"] for r in train[:5]]) - 0.5
 
@@ -68,14 +61,14 @@ def test_two_ranks_zero2_learn_from_different_data_and_export(stage, tmp_path: P
         [json.loads(line) for line in (out / f"data_log/rank{r}.jsonl").read_text().splitlines()]
         for r in (0, 1)
     ]
-    assert len(logs[0]) == len(logs[1]) == 30
+    assert len(logs[0]) == len(logs[1]) == reference.STEPS
     for a, b in zip(*logs, strict=True):
         assert a["step"] == b["step"] and len(a["indices"]) == len(b["indices"]) == 8
         assert not set(a["indices"]) & set(b["indices"])  # the ranks saw different examples
     epoch0 = [i for log in logs for entry in log if entry["epoch"] == 0 for i in entry["indices"]]
     assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 256  # an epoch covers every example once
 
-    checkpoint = out / "checkpoints/step-30"
+    checkpoint = out / f"checkpoints/step-{reference.STEPS}"
     assert {p.name for p in checkpoint.glob("*optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
@@ -86,11 +79,6 @@ def test_two_ranks_zero2_learn_from_different_data_and_export(stage, tmp_path: P
     merged = checkpoint_state_dict(out / "checkpoints")
     assert np.allclose(model.state_dict()["bert.encoder.layer.1.output.dense.weight"].numpy(),
                        merged["bert.encoder.layer.1.output.dense.weight"].numpy())  # fmt: skip
-
-    resumed = bertpipe("pretrain", *common, "--max-steps", "34", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in steps if s > 30] == [31, 32, 33, 34, 34]  # four more steps, then the final evaluation
 
 
 @pytest.mark.slow
@@ -143,45 +131,34 @@ def test_sigterm_writes_a_loadable_checkpoint_and_exits_cleanly(stage, tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigterm_through_the_launcher_then_resume_matches_a_straight_run(stage, tmp_path: Path):
+def test_sigterm_through_the_launcher_then_resume_matches_a_straight_run(
+    training_stage, reference_run, tmp_path
+):
     """SIGTERM to `bertpipe pretrain --num-gpus 2`: both ranks stop at the same step, checkpoint, exit 0;
-    --resume then continues exactly where a run that was never stopped would be (losses, data order)."""
-    examples, model_config = stage
-    common = ["--examples", str(examples), "--model-config", str(model_config),
-              "--deepspeed-config", str(REPO / "deepspeed_configs/zero2_fp32.json"), "--num-gpus", "2",
-              "--micro-batch-size", "4", "--gradient-accumulation-steps", "2", "--lr", "1e-2",
-              "--warmup-steps", "3", "--schedule-steps", "400", "--log-example-indices", "--no-progress"]  # fmt: skip
+    --resume then continues exactly where the run that was never stopped is (losses, data order, weights)."""
+    common = [*reference.reference_args(training_stage), "--num-gpus", "2"]
     stopped = tmp_path / "stopped"
     output, returncode = sigterm_after_three_steps(
-        [str(BERTPIPE), "pretrain", *common, "--out", str(stopped), "--max-steps", "400"],
-        stopped / "metrics.jsonl",
+        [str(BERTPIPE), *common, "--out", str(stopped), "--max-steps", "400"], stopped / "metrics.jsonl"
     )
     assert returncode == 0, output[-3000:]
     assert "(sigterm)" in output and "--resume" in output and "Traceback" not in output
     result = json.loads((stopped / "result.json").read_text())
     k = result["step"]
-    assert result["stop_reason"] == "sigterm" and 3 <= k < 400
+    assert result["stop_reason"] == "sigterm" and 3 <= k < reference.STEPS
     assert (stopped / "checkpoints/latest").read_text().strip() == f"step-{k}"
     logs = [(stopped / f"data_log/rank{r}.jsonl").read_text().splitlines() for r in (0, 1)]
     assert len(logs[0]) == len(logs[1]) == k  # both ranks stopped after the same step
 
-    end = str(k + 3)
-    resumed = bertpipe("pretrain", *common, "--out", str(stopped), "--max-steps", end, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = bertpipe("pretrain", *common, "--out", str(tmp_path / "straight"), "--max-steps", end)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    def losses(run: Path) -> dict[int, float]:
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-    a, b = losses(stopped), losses(tmp_path / "straight")
-    assert sorted(a) == sorted(b) == list(range(1, k + 4))
+    reference.run_bertpipe(*common, "--out", str(stopped), "--max-steps", str(reference.STEPS), "--resume")
+    straight = reference_run.out
+    a, b = reference.losses(stopped), reference.losses(straight)
+    assert sorted(a) == sorted(b) == list(range(1, reference.STEPS + 1))
     assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(b)], rel=1e-5, abs=1e-6)
     for r in (0, 1):  # the same examples on the same rank at every step
         assert (stopped / f"data_log/rank{r}.jsonl").read_text() == (
-            tmp_path / f"straight/data_log/rank{r}.jsonl"
+            straight / f"data_log/rank{r}.jsonl"
         ).read_text()
-    weights = [checkpoint_state_dict(run / "checkpoints") for run in (stopped, tmp_path / "straight")]
+    weights = [checkpoint_state_dict(run / "checkpoints") for run in (stopped, straight)]
     name = "bert.encoder.layer.1.output.dense.weight"
     assert np.allclose(weights[0][name].numpy(), weights[1][name].numpy(), atol=1e-6)
