@@ -386,3 +386,16 @@ def test_the_parent_pid_watch_applies_on_the_launching_host_only(monkeypatch):
     monkeypatch.delenv(PARENT_PID_ENV)
     monkeypatch.delenv(PARENT_HOST_ENV)
     assert not StopSignal().received  # a rank the ssh launcher started on another node: no watch
+
+
+def test_one_rank_on_one_node_runs_without_the_deepspeed_launcher(tmp_path):
+    """A world of one is the rank itself (no runner, no per-node launcher); two ranks go through `deepspeed`."""
+    from bert.pretrain.launch import Nodes, launcher_command
+
+    config = tmp_path / "launch_config.json"
+    assert launcher_command(config, 1, None, 29500) == [sys.executable, "-u", "-m", "bert.pretrain", "--config",
+                                                        str(config)]  # fmt: skip
+    assert launcher_command(config, None, None, 29500)[:3] == [sys.executable, "-u", "-m"]
+    assert Path(launcher_command(config, 2, None, 29500)[0]).name == "deepspeed"
+    two_nodes = Nodes(num_nodes=2, node_rank=0, master_addr="127.0.0.1")
+    assert Path(launcher_command(config, 1, str(tmp_path / "nodes"), 29500, two_nodes)[0]).name == "deepspeed"

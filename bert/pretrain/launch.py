@@ -143,11 +143,16 @@ def launcher_command(
     master_port: int,
     nodes: Nodes | None = None,
 ) -> list[str]:
-    """The `deepspeed` launcher command that runs bert.pretrain on every rank (of this node, with ``nodes``).
+    """The command that runs bert.pretrain on every rank (of this node, with ``nodes``).
 
-    With ``nodes`` of several, ``hostfile`` is their node list (``Nodes.hostfile_text``): --no_ssh needs one,
-    since without a hostfile DeepSpeed knows only this machine (and sets the master address to 127.0.0.1).
+    One rank on one node runs as ``python -u -m bert.pretrain`` itself: a world of one needs no launcher, and the
+    `deepspeed` runner and its per-node launcher would add two processes and ~8 s of start-up (each imports
+    DeepSpeed) for nothing. Otherwise the `deepspeed` launcher; with ``nodes`` of several, ``hostfile`` is their
+    node list (``Nodes.hostfile_text``): --no_ssh needs one, since without a hostfile DeepSpeed knows only this
+    machine (and sets the master address to 127.0.0.1).
     """
+    if hostfile is None and (nodes is None or not nodes.multi) and (num_gpus or 1) == 1:
+        return [sys.executable, "-u", "-m", "bert.pretrain", "--config", str(config_file)]
     beside = Path(sys.executable).parent / "deepspeed"
     launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
     if launcher is None:
@@ -403,6 +408,9 @@ def launch(
             hostfile = str(node_list)
         port = master_port or (DEFAULT_MASTER_PORT if multi else free_port())
         command = launcher_command(config_file, num_gpus, hostfile, port, nodes)
+        if command[0] == sys.executable:  # the one rank itself: a world of one, whatever this process was given
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(name, None)
         try:
             code, stop = run_launcher(command, env, on_line, stop_event, deadline_s, stop_grace_s)
         finally:
