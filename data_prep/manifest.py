@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import logging
@@ -535,3 +536,49 @@ def invalidate(directory: str | os.PathLike) -> None:
         return
     write_json_atomic(directory / INPROGRESS, {"stage": manifest.get("stage"), "fingerprint": None})
     (directory / MANIFEST).unlink(missing_ok=True)
+
+
+# --- a full disk ------------------------------------------------------------------------------------------------
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+LOW_FREE_BYTES = (
+    64 * 2**20
+)  # less than this free under a run's directory: a write that failed there ran out of space
+
+
+def error_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def disk_full_error(error: BaseException) -> BaseException | None:
+    """The exception of ``error``'s chain that says the disk (or the user's quota) is full, else None. Libraries
+    that wrap the OS error keep only its text (tokenizers: "No space left on device (os error 28)")."""
+    texts = [os.strerror(code) for code in DISK_FULL_ERRNOS]
+    for e in error_chain(error):
+        if (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS) or any(t in str(e) for t in texts):
+            return e
+    return None
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent); None when unknown."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        return shutil.disk_usage(existing).free if existing is not None else None
+    except OSError:
+        return None
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``num_bytes`` for a person: 0 bytes, 12.3 MiB, 4.0 GiB."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} GiB"

@@ -10,7 +10,7 @@ from pathlib import Path
 from bert.model import BertForPreTraining
 from bert.pretrain import engine as eng
 from bert.pretrain.data import DataPosition
-from bert.pretrain.run import CHECKPOINTS, STATE_FILE, Run, checkpoint_tags
+from bert.pretrain.run import CHECKPOINTS, LATEST, STATE_FILE, Run, checkpoint_tags, newest_checkpoint
 from data_prep.vocab import TOKENIZER_FILES
 
 log = logging.getLogger("bert.pretrain")
@@ -20,7 +20,12 @@ log = logging.getLogger("bert.pretrain")
 
 
 def save_checkpoint(run: Run) -> Path:
-    """A DeepSpeed checkpoint on every rank, the data position in client_state; keeps the last N."""
+    """A DeepSpeed checkpoint on every rank, the data position in client_state; keeps the last N complete.
+
+    It becomes visible only when complete: rank 0 writes its STATE_FILE once every rank has saved, then
+    points ``latest`` at it (each atomically), and only then deletes complete checkpoints beyond ``keep_last``.
+    A kill anywhere before leaves the previous checkpoint the newest complete one, which ``resume`` takes.
+    """
     engine, step = run.engine, run.engine.global_step
     checkpoint_dir = run.out / CHECKPOINTS
     tag = f"step-{step}"
@@ -28,6 +33,11 @@ def save_checkpoint(run: Run) -> Path:
         # The complete checkpoint this run resumed from (and took no step since): the same state, and its
         # files may be laid out for another world size, which a second save would mix with this one's.
         return checkpoint_dir / tag
+    if run.rank == 0 and (checkpoint_dir / tag).exists():
+        # A save of this step that was cut short: its files may be another world size's, never mixed in.
+        log.info("removing %s, a checkpoint whose save was cut short", checkpoint_dir / tag)
+        shutil.rmtree(checkpoint_dir / tag)
+    eng.barrier()
     state = {
         "step": step,
         "data": run.batches.position.to_dict(),
@@ -40,10 +50,11 @@ def save_checkpoint(run: Run) -> Path:
     engine.save(checkpoint_dir, tag, {"bertpipe": state})
     eng.barrier()
     if run.rank == 0:
-        from data_prep.manifest import write_json_atomic
+        from data_prep.manifest import write_json_atomic, write_text_atomic
 
-        write_json_atomic(checkpoint_dir / tag / STATE_FILE, state)
-        for old in checkpoint_tags(checkpoint_dir)[: -run.config.keep_last]:
+        write_json_atomic(checkpoint_dir / tag / STATE_FILE, state)  # from here on the checkpoint is complete
+        write_text_atomic(checkpoint_dir / LATEST, tag)
+        for old in checkpoint_tags(checkpoint_dir)[: -run.config.keep_last]:  # complete, older than tag
             shutil.rmtree(checkpoint_dir / old, ignore_errors=True)
     eng.barrier()
     log.info("saved checkpoint %s", checkpoint_dir / tag)
@@ -51,7 +62,10 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def resume(run: Run) -> DataPosition:
-    """Load the latest checkpoint, refusing one it cannot continue exactly; the data position to go on from.
+    """Load the newest complete checkpoint, refusing one it cannot continue exactly; the data position to go on from.
+
+    A checkpoint whose save was cut short (no STATE_FILE; ``latest`` empty or naming it) is passed over,
+    and the one taken instead is named in the log with the reason.
 
     On another number of ranks the global batch must stay the same: give the global and micro batch sizes,
     and the accumulation steps follow the world size. ZeRO-0 checkpoints hold the whole optimizer state and load on any world
@@ -59,17 +73,18 @@ def resume(run: Run) -> DataPosition:
     DeepSpeed's universal checkpoint (one file per parameter and state, once, inside the checkpoint).
     """
     checkpoint_dir = run.out / CHECKPOINTS
-    latest = checkpoint_dir / "latest"
-    if not latest.exists():
-        log.warning("--resume: %s holds no checkpoint yet, starting from step 0", checkpoint_dir)
+    tag, why = newest_checkpoint(checkpoint_dir)
+    if tag is None:
+        log.warning("--resume: %s holds no complete checkpoint%s, starting from step 0", checkpoint_dir,
+                    f" ({why})" if why else "")  # fmt: skip
         return DataPosition()
-    tag = latest.read_text().strip()
-    state_file = checkpoint_dir / tag / STATE_FILE
-    if not state_file.exists():
-        raise ValueError(
-            f"checkpoint {checkpoint_dir / tag} is incomplete (no {STATE_FILE}): delete it to resume from an earlier one"
-        )
-    state = json.loads(state_file.read_text())
+    if why is not None:
+        log.warning("--resume: continuing from %s, the newest complete checkpoint: %s", tag, why)
+        if run.rank == 0:  # so that whoever reads ``latest`` finds the checkpoint this run continues
+            from data_prep.manifest import write_text_atomic
+
+            write_text_atomic(checkpoint_dir / LATEST, tag)
+    state = json.loads((checkpoint_dir / tag / STATE_FILE).read_text())
     engine = run.engine
     if state["global_batch_size"] != run.batch.global_batch_size:
         raise ValueError(

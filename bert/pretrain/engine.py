@@ -29,6 +29,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bert.pretrain.config import derive_seed  # noqa: E402
 from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
+from bert.pretrain.run import LATEST, newest_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -170,20 +171,23 @@ class Engine:
         return _metrics_from_sums(totals[:9], num_micro=max(1, int(totals[9].item())))
 
     def save(self, checkpoint_dir: str | os.PathLike, tag: str, client_state: dict) -> None:
-        """DeepSpeed's checkpoint of model, optimizer and engine state, on every rank; ``latest`` → tag.
+        """DeepSpeed's checkpoint of model, optimizer and engine state, on every rank.
 
-        A 16-bit ZeRO-0 run also records which parameter each fp32 master copy is (``MASTER_NAMES``), so
+        DeepSpeed does not touch ``latest``: it would rewrite it in place before the checkpoint is complete;
+        ``bert.pretrain.checkpoint.save_checkpoint`` points it at the tag once it is. A 16-bit ZeRO-0 run also records which parameter each fp32 master copy is (``MASTER_NAMES``), so
         ``checkpoint_state_dict`` can export those rather than the 16-bit working weights.
         """
         names = _master_param_names(self.engine)
         if names is not None:
             client_state = {**client_state, MASTER_NAMES: names}
-        self.engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+        self.engine.save_checkpoint(
+            str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False
+        )
 
     def load(
         self, checkpoint_dir: str | os.PathLike, tag: str | None = None, universal: bool = False
     ) -> dict:
-        """Restore a checkpoint (``latest`` when no tag); returns its client_state.
+        """Restore a checkpoint (the newest complete one when no tag); returns its client_state.
 
         ``universal``: ``tag`` is a universal checkpoint (``universal_checkpoint``), loadable on any world size.
         """
@@ -195,6 +199,10 @@ class Engine:
         hyperparameters = [
             {k: v for k, v in group.items() if k != "params"} for group in self.base_optimizer.param_groups
         ]
+        if tag is None:
+            tag = newest_checkpoint(Path(checkpoint_dir))[0]
+            if tag is None:
+                raise ValueError(f"{checkpoint_dir} holds no complete checkpoint")
         config.load_universal_checkpoint = universal
         try:
             path, client_state = self.engine.load_checkpoint(str(checkpoint_dir), tag=tag)
@@ -218,7 +226,8 @@ class Engine:
 def checkpoint_state_dict(
     checkpoint_dir: str | os.PathLike, tag: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint (``latest`` when no tag): the optimizer's fp32 master copy.
+    """fp32 weights of a DeepSpeed checkpoint (when no tag, the newest complete one, else the one DeepSpeed's
+    ``latest`` names): the optimizer's fp32 master copy.
 
     ZeRO-1/2/3: the master partitions merged (deepspeed.utils.zero_to_fp32; BF16_Optimizer's by their slice
     mappings). ZeRO-0 bf16/fp16: the 16-bit optimizer's fp32 groups, named by ``Engine.save``. ZeRO-0 fp32
@@ -226,12 +235,14 @@ def checkpoint_state_dict(
     """
     checkpoint_dir = Path(checkpoint_dir)
     if tag is None:
-        latest = checkpoint_dir / "latest"
-        if not latest.exists():
+        tag = newest_checkpoint(checkpoint_dir)[0]
+    if tag is None:  # no bertpipe state files: a plain DeepSpeed checkpoint directory
+        latest = checkpoint_dir / LATEST
+        tag = latest.read_text().strip() if latest.is_file() else ""
+        if not tag:
             raise ValueError(
-                f"{checkpoint_dir} has no 'latest' file: it is not a DeepSpeed checkpoint directory"
+                f"{checkpoint_dir} holds no complete checkpoint: it is not a (finished) checkpoint directory"
             )
-        tag = latest.read_text().strip()
     directory = checkpoint_dir / tag
     # ZeRO-0/1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<N>_mp_rank_00_model_states.pt per rank.
     files = sorted(directory.glob("*mp_rank_*_model_states.pt"), key=lambda p: (len(p.name), p.name))

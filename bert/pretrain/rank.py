@@ -5,8 +5,9 @@ Run it as ``deepspeed --module bert.pretrain --config FILE`` (every rank), as ``
 ``bert.pretrain.launch`` (behind ``bertpipe pretrain`` and the Prefect task) runs the deepspeed launcher for you.
 
 OUT/ holds: train_config.json, deepspeed_config.json (resolved), checkpoints/<step-N>/ (DeepSpeed's, plus
-bertpipe_state.json) and checkpoints/latest, hf/ (transformers-loadable model + tokenizer), metrics.jsonl,
-tensorboard/, data_log/rank<R>.jsonl (on request), logs/error-rank<R>.txt (when a rank fails), result.json.
+bertpipe_state.json, written last) and checkpoints/latest (the newest complete one's tag), hf/
+(transformers-loadable model + tokenizer), metrics.jsonl, tensorboard/, data_log/rank<R>.jsonl (on request),
+logs/error-rank<R>.txt (when a rank fails), result.json.
 
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -45,6 +47,7 @@ from bert.pretrain.run import (
     refuse_existing_checkpoints,
     resolve_init,
 )
+from data_prep.manifest import DISK_FULL_ERRNOS, LOW_FREE_BYTES, error_chain, format_bytes, free_bytes
 
 log = logging.getLogger("bert.pretrain")
 
@@ -313,8 +316,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     return TrainConfig.from_dict(values), args
 
 
+def disk_full_message(error: BaseException, out: Path | None) -> str | None:
+    """One line when ``error`` comes from a full disk (or quota), saying where and how much is free; else None."""
+    full = next(
+        (e for e in error_chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS), None
+    )
+    resume = "free space there (old checkpoints and runs) and run again with --resume"
+    if full is None:  # torch.save's RuntimeError has no errno: judged by the space left
+        free = free_bytes(out) if out is not None and isinstance(error, RuntimeError) else None
+        if free is None or free >= LOW_FREE_BYTES:
+            return None
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"the disk is full: {out} has {format_bytes(free)} free ({type(error).__name__}: {first}); {resume}"
+    where = Path(full.filename) if full.filename else out
+    free = free_bytes(where) if where is not None else None
+    what = (
+        "the disk is full"
+        if full.errno == errno.ENOSPC
+        else "the disk is full for this user (quota exceeded)"
+    )
+    space = f" ({format_bytes(free)} free there)" if free is not None else ""
+    return f"{what}: could not write {where or 'the output directory'}{space}; {resume}"
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """Per-rank entry point; a failure is written to OUT/logs/error-rank<R>.txt for the launcher's caller."""
+    """Per-rank entry point; a failure is written to OUT/logs/error-rank<R>.txt for the launcher's caller.
+
+    Exit code 2 for a user's mistake or a full disk (one line, no traceback in the log), 1 for anything else.
+    """
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)  # fmt: skip
@@ -325,22 +354,26 @@ def cli(argv: list[str] | None = None) -> int:
         result = main(config)
         log.info("done: %s", json.dumps({"step": result.step, "stop_reason": result.stop_reason}))
         return 0
-    except (ValueError, FileNotFoundError) as e:  # a user mistake: one clear message, no traceback
-        message, detail = str(e), traceback.format_exc()
-        log.error("%s", message)
-        code = 2
     except Exception as e:
-        message, detail = f"{type(e).__name__}: {e}", traceback.format_exc()
-        log.error("%s", detail)
-        code = 1
+        detail = traceback.format_exc()
+        if (full := disk_full_message(e, out)) is not None or isinstance(e, ValueError | FileNotFoundError):
+            message, code = full or str(e), 2  # a full disk or a user mistake: one clear line, no traceback
+            log.error("%s", message)
+        else:
+            message, code = f"{type(e).__name__}: {e}", 1
+            log.error("%s", detail)
     finally:
         eng.shutdown()  # every exit path: NCCL warns of (and can hang on) a group left to the interpreter
     if out is not None:
-        try:
-            (out / "logs").mkdir(parents=True, exist_ok=True)
-            (out / "logs" / f"error-rank{rank}.txt").write_text(message + "\n\n" + detail)
-        except OSError:
-            pass
+        error_file = out / "logs" / f"error-rank{rank}.txt"
+        try:  # atomically: on a full disk the launcher finds the whole message or no file, never an empty one
+            from data_prep.manifest import write_text_atomic
+
+            error_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(error_file, message + "\n\n" + detail)
+        except OSError as e:
+            print(f"error: rank {rank}: {message} (its error file {error_file} could not be written: "
+                  f"{e.strerror or e})", file=sys.stderr, flush=True)  # fmt: skip
     return code
 
 

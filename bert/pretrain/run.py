@@ -22,9 +22,12 @@ if TYPE_CHECKING:  # the rank side's engine: named here, never imported by the p
     from bert.pretrain.engine import Engine
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "bertpipe_state.json"
+STATE_FILE = "bertpipe_state.json"  # rank 0 writes it once every rank has saved: the checkpoint is complete
+LATEST = "latest"  # checkpoints/latest: the newest complete checkpoint's tag, written after its STATE_FILE
 PARENT_PID_ENV = "BERTPIPE_PARENT_PID"  # set by the launcher: the ranks stop when that process dies
 PARENT_HOST_ENV = "BERTPIPE_PARENT_HOST"  # beside it: a pid names a process on one host only
+# torch.save reports a full disk as a RuntimeError without an errno ("unexpected pos", "iostream error"):
+# a failure where less than this is left free is taken for a full disk, by the ranks and by the parent.
 
 
 @dataclass
@@ -153,17 +156,58 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
                train, valid, collator)  # fmt: skip
 
 
+def holds_checkpoints(out: str | Path) -> bool:
+    """Whether ``out`` holds checkpoints, complete or cut short (``latest``, or any ``step-N`` directory)."""
+    checkpoint_dir = Path(out) / CHECKPOINTS
+    return (checkpoint_dir / LATEST).exists() or bool(_step_directories(checkpoint_dir))
+
+
 def refuse_existing_checkpoints(out: str | Path) -> None:
     """Refuse a fresh start in ``out`` when it already holds checkpoints: continuing them needs --resume.
 
     The parent checks before any rank starts (``launch``, ``stage``), each rank again before it trains."""
-    if (Path(out) / CHECKPOINTS / "latest").exists():
+    if holds_checkpoints(out):
         raise StageError(
             f"{out} already holds checkpoints: pass --resume to continue that run, or choose a new --out"
         )
 
 
+def _step_directories(checkpoint_dir: Path) -> list[Path]:
+    """The ``step-N`` directories, complete or not, oldest first."""
+    found = [p for p in checkpoint_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def checkpoint_tags(checkpoint_dir: Path) -> list[str]:
-    """Tags of the saved checkpoints, oldest first."""
-    tags = [p.name for p in checkpoint_dir.glob("step-*") if (p / STATE_FILE).exists()]
-    return sorted(tags, key=lambda t: int(t.split("-")[1]))
+    """Tags of the complete checkpoints (those with their STATE_FILE), oldest first."""
+    return [p.name for p in _step_directories(Path(checkpoint_dir)) if (p / STATE_FILE).exists()]
+
+
+def newest_checkpoint(checkpoint_dir: Path) -> tuple[str | None, str | None]:
+    """(the newest complete checkpoint's tag or None, why it is not simply the one ``latest`` names or None).
+
+    bertpipe writes ``latest`` after the checkpoint's STATE_FILE, so a save cut short leaves it naming the
+    previous one; DeepSpeed's own ``latest`` (runs from before) was rewritten in place before the state file,
+    so a kill could leave it empty or naming a checkpoint that never got its state file.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tags = checkpoint_tags(checkpoint_dir)
+    newest = tags[-1] if tags else None
+    pointer, latest = checkpoint_dir / LATEST, f"{CHECKPOINTS}/{LATEST}"
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    torn = [p.name for p in _step_directories(checkpoint_dir) if not (p / STATE_FILE).exists()]
+    torn = [t for t in torn if newest is None or int(t[5:]) > int(newest[5:])]
+    cut_short = f"has no {STATE_FILE}: its save was cut short"
+    if named is None or named == newest:
+        why = f"{torn[-1]} {cut_short}" if torn else None
+        if named is None and newest is not None:
+            why = f"{latest} is missing" + (f" and {why}" if why else "")
+    elif not named:
+        why = f"{latest} is empty"
+    elif not (checkpoint_dir / named).is_dir():
+        why = f"{latest} names {named}, which does not exist"
+    elif not (checkpoint_dir / named / STATE_FILE).exists():
+        why = f"{latest} names {named}, which {cut_short}"
+    else:
+        why = f"{latest} names {named}, older than the complete {newest}"
+    return newest, why
