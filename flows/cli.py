@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -28,6 +29,45 @@ def fail(message: str) -> None:
     """Report a user mistake in one line and exit 2 (never a traceback)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+# --- a full disk: one line that says where, for every command that writes ------------------------------------
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or one it came from) is a full disk or an exceeded quota."""
+    from data_prep.manifest import disk_full_error
+
+    return disk_full_error(error) is not None
+
+
+def disk_full_message(error: BaseException, *places: str | Path | None) -> str:
+    """One line for a full disk: the file the error names, else of the ``places`` the command writes (its --out
+    first) the one with the least space left, and how much that is."""
+    from data_prep.manifest import error_chain, format_bytes, free_bytes
+
+    named = next((e.filename for e in error_chain(error) if isinstance(e, OSError) and e.filename), None)
+    candidates = [Path(str(p)) for p in ((named,) if named else places) if p] or [Path(".")]
+    free = {path: free_bytes(path) for path in candidates}
+    where = min(candidates, key=lambda p: float("inf") if free[p] is None else free[p])
+    space = "unknown space" if free[where] is None else format_bytes(free[where])
+    return f"the disk is full writing {where} ({space} free): free space or choose another --out"
+
+
+@contextlib.contextmanager
+def stage_errors(out: str | Path, *also_writes: str | Path | None):
+    """A stage command's failure as one line and exit 2 when it is the user's to fix: a full disk while writing
+    ``out`` (or ``also_writes``: a cache), or a mistake in the inputs or settings (ValueError, StageError).
+    Anything else keeps its traceback. The stages commit atomically, so what a failure leaves behind never
+    passes for a complete stage."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            fail(disk_full_message(e, out, *also_writes))
+        if isinstance(e, ValueError):  # data_prep.manifest.StageError included
+            fail(str(e))
+        raise
 
 
 @app.callback()
@@ -112,10 +152,9 @@ def shard(
     force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """Raw text/JSONL/Parquet/HF datasets → sentence-split documents in N Parquet shards."""
-    from data_prep.manifest import StageError
     from data_prep.shard import ShardConfig, shard_corpus
 
-    try:
+    with stage_errors(out):
         config = ShardConfig(
             inputs=input, out=str(out), num_shards=num_shards,
             **given(doc_boundary=doc_boundary, valid_fraction=valid_fraction, seed=seed, workers=workers,
@@ -123,8 +162,6 @@ def shard(
                     near_dup_threshold=0.0 if no_near_dup else near_dup_threshold),
         )  # fmt: skip
         manifest = shard_corpus(config)
-    except (StageError, ValueError) as e:
-        fail(str(e))
     stats = manifest["stats"]
     typer.echo(
         f"{out}: {stats['documents']} documents, {stats['sentences']} sentences, {stats['words']} words "
@@ -150,18 +187,15 @@ def vocab(
     force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """WordPiece vocabulary trained on the corpus's train split (or adopted with --from)."""
-    from data_prep.manifest import StageError
     from data_prep.vocab import VocabConfig, train_vocab
 
-    try:
+    with stage_errors(out):
         config = VocabConfig(
             corpus=str(corpus), out=str(out),
             **given(vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency,
                     character_coverage=character_coverage, from_path=from_path, force=force),
         )  # fmt: skip
         manifest = train_vocab(config)
-    except (StageError, ValueError) as e:
-        fail(str(e))
     stats = manifest["stats"]
     typer.echo(
         f"{out}: {stats['vocab_size']} tokens; {stats['stats_split']} split: UNK rate {stats['unk_rate']:.4%}, "
@@ -198,9 +232,8 @@ def examples(
 ) -> None:
     """Corpus shards + vocabulary → MLM/NSP examples (Arrow IPC), Google's algorithm, streaming."""
     from data_prep.examples_stage import ExamplesConfig, generate_examples
-    from data_prep.manifest import StageError
 
-    try:
+    with stage_errors(out, cache_dir):
         config = ExamplesConfig(
             corpus=corpus, vocab=vocab, out=out, max_seq_length=max_seq_length,
             **given(masking=masking, dupe_factor=dupe_factor, masked_lm_prob=masked_lm_prob,
@@ -208,8 +241,6 @@ def examples(
                     whole_word_mask=whole_word_mask, seed=seed, workers=workers, cache_dir=cache_dir),
         )  # fmt: skip
         manifest = generate_examples(config)
-    except (StageError, ValueError) as e:
-        fail(str(e))
     stats = manifest["stats"]
     typer.echo(
         f"{out}: {stats['examples']} examples, {stats['tokens']} tokens, "
@@ -429,7 +460,7 @@ def pretrain(
     )  # fmt: skip
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     values["resume"] = resume or values.get("resume", False)
-    from bert.pretrain.launch import Nodes, check_launch
+    from bert.pretrain.launch import Nodes, check_launch, check_pretrain_launch
 
     nodes = None
     try:
@@ -448,6 +479,7 @@ def pretrain(
 
     try:
         config = TrainConfig.from_dict(values)
+        check_pretrain_launch(config, num_gpus, str(hostfile) if hostfile else None, nodes, master_port)
         manifest, result = run_pretrain_stage(
             config, num_gpus=num_gpus, hostfile=str(hostfile) if hostfile else None, resume=config.resume,
             nodes=nodes, master_port=master_port,
@@ -527,14 +559,16 @@ def run(
     if not (shared / "data").is_dir():
         fail(f"--shared {shared}: no data/ directory there (relative corpus and task paths are read from it)")
     stage_list = [s.strip() for s in stages.split(",") if s.strip()]
-    try:  # every stage's config is built and checked before Prefect starts
-        prepare(config, overrides, out, shared)
+    try:  # every stage's config and inputs are checked before Prefect starts
+        prepare(config, overrides, out, shared, stage_list)
     except (PipelineConfigError, ValueError) as e:
         fail(str(e))
     state = bert_pipeline(config=config, overrides=overrides, out=str(out), shared=str(shared),
                           stages=stage_list, dask_address=dask_address, return_state=True)  # fmt: skip
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
+        if isinstance(error, BaseException) and is_disk_full(error):
+            fail(disk_full_message(error, out))
         message = str(error).splitlines()[0] if isinstance(error, BaseException) else state.message
         typer.secho(f"error: the pipeline run ended {state.name}: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
@@ -563,12 +597,14 @@ def retrain(
     """Retrain on what is new in the corpus as the Prefect flow `bert-retrain` (Prefect's embedded server).
 
     The first run (empty registry) trains from scratch and makes version 1 champion; later runs continue the
-    champion on new files only, and promote the result when the gate holds. Nothing new: ends at once.
+    champion on new files only, and promote the result when the gate holds. Nothing new: ends at once. A registry
+    that cannot be read, or none while ROOT holds earlier runs, is refused: see `bertpipe models rebuild`.
     """
     import json as _json
 
     prefect_defaults()
     from flows.config import PipelineConfigError
+    from flows.retrain import open_champion
     from flows.retrain import retrain as retrain_flow
     from flows.retrain_plan import load_retrain_config
 
@@ -577,6 +613,10 @@ def retrain(
         load_retrain_config(config, overrides)
     except (PipelineConfigError, ValueError) as e:
         fail(str(e))
+    try:  # and the registry: readable, a champion with its weights, or no earlier runs to continue
+        open_champion(out.absolute())
+    except ValueError as e:
+        fail(_one_line(e))
     state = retrain_flow(
         config=config, overrides=overrides, out=str(out), shared=str(shared), return_state=True
     )
@@ -638,6 +678,17 @@ def _one_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _runs_hint(root: Path) -> str:
+    """For an empty registry: the earlier runs it could be rebuilt from, if ROOT holds any."""
+    from flows.retrain_plan import earlier_runs
+
+    runs = earlier_runs(root)
+    if not runs:
+        return ""
+    rebuild = f"`bertpipe models rebuild --root {root}`"
+    return f"; {root / 'runs'} holds {len(runs)} earlier runs: {rebuild} registers them again"
+
+
 @models_app.command("list")
 def models_list(
     root: Path = typer.Option(Path("runs/retrain"), "--root", help=ROOT_HELP),
@@ -647,9 +698,12 @@ def models_list(
     import json
 
     registry = _registry(root)
-    versions = registry.versions(download=False)
+    try:
+        versions = registry.versions(download=False)
+    except ValueError as e:  # a registry that cannot be read
+        fail(_one_line(e))
     if not versions:
-        fail(f"the registry {registry.uri} holds no versions of {registry.name}")
+        fail(f"the registry {registry.uri} holds no versions of {registry.name}{_runs_hint(root)}")
     if as_json:
         for v in versions:  # hf_dir left out: not fetched from a remote artifact store for a listing
             typer.echo(json.dumps({k: x for k, x in v.to_dict().items() if k != "hf_dir"}))
@@ -712,6 +766,23 @@ def models_rollback(
     except ValueError as e:
         fail(_one_line(e))
     typer.echo(f"{registry.name} version {model.version} is champion again (was version {before.version})")
+
+
+@models_app.command("rebuild")
+def models_rebuild(
+    root: Path = typer.Option(Path("runs/retrain"), "--root", help=ROOT_HELP),
+    force: bool = typer.Option(
+        False, "--force", help="Rebuild a readable registry too (it is moved aside, never deleted)."
+    ),
+) -> None:
+    """Register every run under ROOT/runs again (weights, figures and lineage from its run record), restoring the
+    champion and the promotion history; a registry database that cannot be read is moved aside first."""
+    registry = _registry(root)
+    logging.getLogger("flows.registry").setLevel(logging.WARNING)  # its own lines say what each step did
+    try:
+        registry.rebuild(force=force, say=typer.echo)
+    except ValueError as e:
+        fail(_one_line(e))
 
 
 if __name__ == "__main__":  # python -m flows.cli: the same commands where no `bertpipe` script is installed

@@ -317,6 +317,61 @@ def build_stage_configs(config: PipelineConfig, shared_data: str | Path, out: st
                         num_gpus=launch.get("num_gpus"), hostfile=launch.get("hostfile"))  # fmt: skip
 
 
+def check_before_work(
+    config: PipelineConfig, configs: StageConfigs, shared_data: str | Path, stages: tuple[str, ...] = STAGES
+) -> None:
+    """What the ``stages`` to run would fail on later, refused now in one line (PipelineConfigError): their
+    input files exist and parse, the DeepSpeed JSON agrees with the training config, the ranks fit this machine.
+
+    Apart from ``build_stage_configs``: a phase-2 preset names phase 1's outputs, which exist only once phase 1
+    has run.
+    """
+    if "shard" in stages:
+        for path in configs.shard.inputs:
+            if not path.startswith("hf://") and not Path(path).exists():
+                raise PipelineConfigError(
+                    f'corpus input {path} does not exist: fix "corpus" (relative paths are read from {shared_data})'
+                )
+    if "vocab" in stages and configs.vocab.from_path and not Path(configs.vocab.from_path).exists():
+        raise PipelineConfigError(
+            f'section "vocab": from_path {configs.vocab.from_path} does not exist: give a vocab.txt or a '
+            "tokenizer directory (phase 1's vocab/)"
+        )
+    if "pretrain" in stages and configs.pretrain is not None:
+        _check_pretrain(configs)
+    if "finetune" in stages:
+        pretrained_here = "pretrain" in stages and configs.pretrain is not None
+        for i, task in enumerate(configs.finetune):
+            where = f'section "finetune[{i}]" ({task.task})'
+            for key in ("train", "eval"):
+                path = getattr(task, key)
+                if path is not None and not Path(path).exists():
+                    raise PipelineConfigError(f"{where}: {key} file {path} does not exist")
+            if not pretrained_here and not (Path(task.model) / "config.json").is_file():
+                raise PipelineConfigError(
+                    f"{where}: the model {task.model} is not a Hugging Face directory (no config.json): "
+                    + ("run the pretrain stage first" if configs.pretrain is not None else 'fix "model"')
+                )
+
+
+def _check_pretrain(configs: StageConfigs) -> None:
+    """The pretrain section before its examples exist: model, batch arithmetic, DeepSpeed JSON, devices."""
+    from bert.pretrain.launch import check_pretrain_launch, planned_model_config
+
+    try:
+        check_pretrain_launch(configs.pretrain, configs.num_gpus, configs.hostfile)
+        model = planned_model_config(configs.pretrain)
+    except (ValueError, OSError) as e:  # OSError: a file that is there but cannot be read
+        message = " ".join(str(e).split())  # one line, even for multi-problem messages
+        raise PipelineConfigError(f'section "pretrain": {message}') from None
+    if configs.examples.max_seq_length > model.max_position_embeddings:
+        raise PipelineConfigError(
+            f'section "examples": max_seq_length {configs.examples.max_seq_length} exceeds the model\'s '
+            f"{model.max_position_embeddings} positions: shorten it, or give the model more "
+            "(pretrain.model_overrides.max_position_embeddings)"
+        )
+
+
 def _repo_path(path: str) -> str:
     """DeepSpeed configs named relative to the repository work from any directory."""
     p = Path(path)

@@ -39,6 +39,7 @@ from flows.config import (
     PipelineConfigError,
     StageConfigs,
     build_stage_configs,
+    check_before_work,
     default_shared,
     load_pipeline_config,
     stage_paths,
@@ -330,12 +331,19 @@ def task_value(result: Any) -> Any:
 
 def prepare(
     config: str = "demo", overrides: list[str] | tuple[str, ...] = (), out: str | Path = "runs/demo",
-    shared: str | Path | None = None,
+    shared: str | Path | None = None, stages: list[str] | tuple[str, ...] | None = None,
 ) -> tuple[PipelineConfig, StageConfigs]:  # fmt: skip
-    """The validated pipeline config and every stage's typed config; PipelineConfigError before any work."""
+    """The validated pipeline config and every stage's typed config; PipelineConfigError before any work, for a
+    setting or for what the ``stages`` to run (default all) would fail on later (``check_before_work``)."""
+    stages = tuple(stages or STAGES)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise PipelineConfigError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     pipeline = load_pipeline_config(config, list(overrides))
     shared_data = Path(shared or default_shared()) / "data"
-    return pipeline, build_stage_configs(pipeline, shared_data, Path(out))
+    configs = build_stage_configs(pipeline, shared_data, Path(out))
+    check_before_work(pipeline, configs, shared_data, stages)
+    return pipeline, configs
 
 
 @flow(name="bert-pipeline", log_prints=True)
@@ -355,11 +363,8 @@ def bert_pipeline(
     after that many seconds.
     """
     logger = get_run_logger()
-    pipeline, configs = prepare(config, overrides or (), out, shared)
     stages = tuple(stages or STAGES)
-    unknown = set(stages) - set(STAGES)
-    if unknown:
-        raise PipelineConfigError(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    pipeline, configs = prepare(config, overrides or (), out, shared, stages)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     paths = stage_paths(root, pipeline)

@@ -29,11 +29,19 @@ def load_deepspeed_config(path: str | os.PathLike | None) -> dict:
     if path is None:
         return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
     try:
-        return json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ValueError(f"DeepSpeed config {path} does not exist") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    except OSError as e:  # a directory, no permission
+        raise ValueError(f"cannot read the DeepSpeed config {path}: {e.strerror or e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object of settings")
+    for name in ("bf16", "fp16", "zero_optimization", "optimizer", "scheduler"):
+        if name in values and not isinstance(values[name], dict):
+            raise ValueError(f'DeepSpeed config {path}: "{name}" must be a JSON object, got {values[name]!r}')
+    return values
 
 
 def resolve_precision(ds_config: dict, precision: str) -> str:

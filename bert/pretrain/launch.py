@@ -38,19 +38,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import torch
 
+from bert.model import BertConfig
 from bert.pretrain import ds_config
 from bert.pretrain.config import TrainConfig
 from bert.pretrain.run import (
     PARENT_HOST_ENV,
     PARENT_PID_ENV,
     PretrainResult,
+    build_model_config,
     load_run_inputs,
     refuse_existing_checkpoints,
+    resolve_init,
 )
+from data_prep.manifest import LOW_FREE_BYTES, format_bytes, free_bytes
 
 log = logging.getLogger("bert.pretrain.launch")
 
@@ -134,6 +139,118 @@ def check_launch(
             )
         return sum(read_hostfile(hostfile).values())
     return (num_gpus or 1) * (nodes.num_nodes if nodes is not None else 1)
+
+
+# --- does the run fit this machine? Checked before any work starts (bertpipe pretrain, the flow's prepare) --------
+
+OVERSUBSCRIBE_ENV = "BERTPIPE_ALLOW_OVERSUBSCRIBE"  # "1": run more CPU ranks than this machine has cores
+# Two CPU ranks run (slowly) on one core too, and two is what the demo and the tests launch: never refused.
+MIN_CPU_RANKS = 2
+# What a CPU rank holds besides its model: Python, torch, DeepSpeed, gloo, the data. A tiny-model rank measured
+# 540 MB resident, 380 MB of it its own (the rest: shared libraries); counted low, so that the check never refuses
+# a run that fits.
+RANK_OVERHEAD_BYTES = 350 * 2**20
+# fp32 weights and gradients, and AdamW's or LAMB's two moments: the least a training rank keeps per parameter.
+WEIGHT_BYTES, GRADIENT_BYTES, OPTIMIZER_BYTES = 4, 4, 8
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's cpuset), else the machine's."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parameter_count(model: BertConfig) -> int:
+    """Parameters of ``BertForPreTraining(model)`` (the decoder's weight is tied to the word embeddings)."""
+    h, i = model.hidden_size, model.intermediate_size
+    embeddings = (model.vocab_size + model.max_position_embeddings + model.type_vocab_size) * h + 2 * h
+    # attention: q, k, v and output (h² + h each), two LayerNorms (2h each), the MLP in and out
+    layer = 4 * (h * h + h) + 4 * h + (h * i + i) + (i * h + h)
+    pooler = h * h + h
+    heads = (h * h + h) + 2 * h + model.vocab_size + (2 * h + 2)  # MLM transform + LayerNorm + bias, NSP
+    return embeddings + model.num_hidden_layers * layer + pooler + heads
+
+
+def rank_memory_bytes(model: BertConfig, zero_stage: int, world_size: int) -> int:
+    """A low estimate of one CPU rank's memory: the fixed overhead plus fp32 weights, gradients and optimizer
+    states, less what ZeRO partitions over the ranks (stage 1: optimizer states, 2: and gradients, 3: and
+    weights). Activations are left out: the estimate must never exceed what a run really takes."""
+    n = parameter_count(model)
+    weights, gradients, optimizer = n * WEIGHT_BYTES, n * GRADIENT_BYTES, n * OPTIMIZER_BYTES
+    if zero_stage >= 1:
+        optimizer //= world_size
+    if zero_stage >= 2:
+        gradients //= world_size
+    if zero_stage >= 3:
+        weights //= world_size
+    return RANK_OVERHEAD_BYTES + weights + gradients + optimizer
+
+
+def check_devices(local_ranks: int, world_size: int, model: BertConfig, zero_stage: int = 0) -> None:
+    """Refuse (ValueError) ``local_ranks`` ranks that this machine cannot hold: on CUDA more than its devices;
+    on the CPU more than its cores (unless BERTPIPE_ALLOW_OVERSUBSCRIBE=1) or more than its available memory."""
+    fewer = "--num-gpus; pretrain.num_gpus in a pipeline"
+    accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if accelerator == "cuda":  # DeepSpeed gives each local rank a device of its own
+        devices = torch.cuda.device_count()
+        if local_ranks > devices:
+            raise ValueError(
+                f"{local_ranks} ranks on this node, which has {devices} CUDA device"
+                f"{'' if devices == 1 else 's'}: give at most {devices} ({fewer})"
+            )
+        return
+    if accelerator != "cpu":  # another DeepSpeed accelerator: its own runtime counts its devices
+        return
+    cores = usable_cores()
+    if local_ranks > max(cores, MIN_CPU_RANKS) and os.environ.get(OVERSUBSCRIBE_ENV) != "1":
+        raise ValueError(
+            f"{local_ranks} ranks would train on this machine's {cores} CPU cores: give at most "
+            f"{max(cores, MIN_CPU_RANKS)} ranks ({fewer}), or set {OVERSUBSCRIBE_ENV}=1 to run more ranks than cores"
+        )
+    per_rank = rank_memory_bytes(model, zero_stage, world_size)
+    available = psutil.virtual_memory().available
+    if local_ranks * per_rank > available:
+        raise ValueError(
+            f"{local_ranks} ranks need about {format_bytes(local_ranks * per_rank)} of memory ({format_bytes(per_rank)} each: "
+            f"{format_bytes(RANK_OVERHEAD_BYTES)} of runtime and {format_bytes(per_rank - RANK_OVERHEAD_BYTES)} of weights, "
+            f"gradients and optimizer states), but only {format_bytes(available)} is available here: give fewer ranks "
+            f"({fewer}) or a smaller model"
+        )
+
+
+def planned_model_config(config: TrainConfig, vocab_size: int | None = None) -> BertConfig:
+    """The model ``config`` will train, known before its examples exist: ``init_from``'s config.json, a config
+    file or a preset (its vocabulary ``vocab_size``; when that is not known yet, a placeholder of 1)."""
+    if config.init_from:
+        return BertConfig.from_json_file(resolve_init(config.init_from), **config.model_overrides)
+    # build_model_config reads only these two of the examples' metadata
+    vocabulary = SimpleNamespace(vocab_size=vocab_size or 1, special_ids={})
+    return build_model_config(config.model_config, vocabulary, config.model_overrides)
+
+
+def check_pretrain_launch(
+    config: TrainConfig,
+    num_gpus: int | None,
+    hostfile: str | None,
+    nodes: Nodes | None = None,
+    master_port: int | None = None,
+    vocab_size: int | None = None,
+) -> int:
+    """What can be checked of a pretraining run before its examples exist (ValueError, one problem each):
+    the launch settings, the model config, the batch arithmetic, the DeepSpeed JSON against the training
+    config, and whether this machine holds its ranks (``check_devices``; not for a hostfile's remote hosts).
+    Returns the number of ranks. ``vocab_size``: the vocabulary's, when known (only the memory estimate uses it).
+    """
+    world_size = check_launch(num_gpus, hostfile, nodes, master_port)
+    deepspeed = ds_config.load_deepspeed_config(config.deepspeed_config)
+    model = planned_model_config(config, vocab_size)
+    if hostfile is None:
+        zero_stage = (deepspeed.get("zero_optimization") or {}).get("stage", 0)
+        check_devices(num_gpus or 1, world_size, model, zero_stage if isinstance(zero_stage, int) else 0)
+    batch = config.batch_sizes(world_size)
+    ds_config.fill_deepspeed_config(deepspeed, config, batch, model.hidden_size)
+    return world_size
 
 
 def launcher_command(
@@ -358,6 +475,22 @@ def run_launcher(
     return code, stop
 
 
+def rank_failure(errors: list[Path]) -> str:
+    """What the first of the ranks' error files says: its first paragraph, or that the rank left no message."""
+    path = errors[0]
+    rank = path.stem.removeprefix("error-rank")
+    try:
+        message = path.read_text(errors="replace").split("\n\n")[0].strip()
+    except OSError:
+        message = ""
+    if not message:
+        return (
+            f"rank {rank} failed without a message (its error file {path} is empty: was the disk full?); "
+            "see the ranks' output (above, or in the run's log)"
+        )
+    return f"rank {rank} failed: {message}\n(full traceback: {path})"
+
+
 def launch(
     config: TrainConfig,
     num_gpus: int | None = None,
@@ -408,7 +541,9 @@ def launch(
             hostfile = str(node_list)
         port = master_port or (DEFAULT_MASTER_PORT if multi else free_port())
         command = launcher_command(config_file, num_gpus, hostfile, port, nodes)
-        if command[0] == sys.executable:  # the one rank itself: a world of one, whatever this process was given
+        if (
+            command[0] == sys.executable
+        ):  # the one rank itself: a world of one, whatever this process was given
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 env.pop(name, None)
         try:
@@ -425,11 +560,15 @@ def launch(
         log.info("node %d: its ranks are done; node 0 reports the run", nodes.node_rank)
         return None
     if errors:
-        rank = errors[0].stem.removeprefix("error-rank")
-        message = errors[0].read_text().split("\n\n")[0].strip()
-        raise LaunchError(f"rank {rank} failed: {message}\n(full traceback: {errors[0]})")
+        raise LaunchError(rank_failure(errors))
     if stop.reason is not None:
         raise LaunchError(
             f"stopped ({stop.reason}) before the ranks could checkpoint (launcher exit code {code})"
+        )
+    free = free_bytes(out)
+    if free is not None and free < LOW_FREE_BYTES:  # a rank on a full disk cannot write its error file
+        raise LaunchError(
+            f"the ranks failed without a message (launcher exit code {code}) and {out} has {format_bytes(free)} "
+            "free: the disk is full; free space there and run again with --resume"
         )
     raise LaunchError(f"the deepspeed launcher exited with code {code}; see the ranks' output above")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bert.pretrain.config import TrainConfig
-from bert.pretrain.run import refuse_existing_checkpoints
+from bert.pretrain.run import holds_checkpoints, refuse_existing_checkpoints
 from data_prep.manifest import (
     INPROGRESS,
     MANIFEST,
@@ -140,7 +140,7 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
         return config, complete
     wanted = trajectory(values, inputs)
     record = read_json(out / INPROGRESS) or (manifest or {})
-    has_checkpoints = (out / "checkpoints" / "latest").exists()
+    has_checkpoints = holds_checkpoints(out)
     same = record.get("trajectory") == wanted
     if has_checkpoints and not same:
         before = record.get("config") or {}
@@ -203,7 +203,7 @@ def follow(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig
         return config, complete
     # resume=None (the pipeline): node 0 continues this trajectory's checkpoints or clears the directory; the
     # ranks find either when they look.
-    if resume is not None and (out / "checkpoints" / "latest").exists():
+    if resume is not None and holds_checkpoints(out):
         record = read_json(out / INPROGRESS) or (manifest or {})
         if record.get("trajectory") != trajectory(values, inputs):
             before = record.get("config") or {}
