@@ -15,6 +15,12 @@ a tag of the registered model written before the alias moves and read against th
 two is harmless. Two processes promoting at the same moment are not guarded against: retraining runs one at a
 time (the deployment's concurrency limit).
 
+Damage. A SQLite registry that exists but cannot be read (empty, truncated, not SQLite, without MLflow's tables)
+is refused before MLflow opens it (MLflow would write a fresh schema into it and the history would be gone):
+:class:`RegistryDamaged`, one line naming the file. Each version's run directory keeps what the registry holds
+(weights, figures, lineage; each promotion is noted in its run record too), so :meth:`Registry.rebuild` moves a
+damaged database aside and registers the runs again, champion and promotion history included.
+
 Only ``flows/`` imports mlflow, and only inside these methods: importing this module costs nothing.
 """
 
@@ -25,7 +31,9 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,12 @@ PREVIOUS = (
 HISTORY_TAG = "bertpipe.champion_history"  # JSON list of versions, oldest first: what rollback walks back
 MAX_HISTORY = 200  # promotions remembered; far more rollbacks than anyone makes, far below the tag size limit
 ARTIFACT = "hf"  # the artifact path of the HF export inside each run
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+MLFLOW_TABLES = ("experiments", "runs", "registered_models", "model_versions", "alembic_version")
+
+
+class RegistryDamaged(ValueError):
+    """The registry's database exists but cannot be read; it is left untouched."""
 
 
 @dataclass
@@ -170,6 +184,7 @@ class Registry:
             return self.get(target.version)
         self._tag_promotion(target.version, reason)
         self._move_champion([*history, target.version])
+        self._note_promotion(target, "promoted", reason)
         log.info("%s: version %s is champion%s", self.name, target.version, f" ({reason})" if reason else "")
         return self.get(target.version)
 
@@ -184,12 +199,73 @@ class Registry:
                 f"(version {history[-1]} is champion)"
             )
         restored = history[-2]
-        self._tag_promotion(
-            restored, f"rollback from version {history[-1]}" + (f": {reason}" if reason else "")
-        )
+        why = f"rollback from version {history[-1]}" + (f": {reason}" if reason else "")
+        self._tag_promotion(restored, why)
         self._move_champion(history[:-1])
+        model = self.get(restored)
+        self._note_promotion(model, "rollback", why)
         log.info("%s: rolled back from version %s to %s", self.name, history[-1], restored)
-        return self.get(restored)
+        return model
+
+    def rebuild(self, force: bool = False, say: Callable[[str], None] = log.info) -> list[int]:
+        """Register every run under ROOT/runs that has a record and complete weights again, in run order, into a
+        fresh registry, and restore the champion and its history from the runs' promotion logs; returns the
+        history. A damaged database (or, with ``force``, a readable one) is moved aside, never deleted; ``say``
+        gets one line per version and a summary."""
+        from data_prep.manifest import acquire_writer_lock, release_writer_lock
+        from flows.retrain_plan import restore_plan
+
+        plan = restore_plan(self.root)
+        if not plan.runs:
+            raise ValueError(
+                f"{self.root / 'runs'} holds no run with a record and complete weights: "
+                "nothing to rebuild the registry from"
+            )
+        acquire_writer_lock(self.root)  # no retraining run writes the registry meanwhile
+        try:
+            aside = self._set_aside(force, say)
+            for run_dir, why in plan.skipped:
+                say(f"{run_dir}: skipped ({why})")
+            numbers: list[int] = []
+            renumbered: dict[int, int] = {}  # a version's number in the old registry → in the new one
+            for run in plan.runs:
+                lineage = dict(run.lineage)
+                parent = lineage.get("parent_version", "")
+                if parent.isdigit() and int(parent) in renumbered:
+                    lineage["parent_version"] = str(renumbered[int(parent)])
+                version = self.register(run.hf_dir, run.metrics, lineage).version
+                self._client().set_model_version_tag(
+                    self.name, str(version), "restored_from", str(run.run_dir)
+                )
+                if run.promotions:  # the tags its last promotion left
+                    last = run.promotions[-1]
+                    self._client().set_model_version_tag(self.name, str(version), "champion_reason",
+                                                         last.get("reason", ""))  # fmt: skip
+                    self._client().set_model_version_tag(self.name, str(version), "promoted_at", last["at"])
+                if run.version is not None:
+                    renumbered[int(run.version)] = version
+                numbers.append(version)
+                was = f" (was version {run.version})" if run.version not in (None, version) else ""
+                figures = ", ".join(f"{k} {v:.4g}" for k, v in sorted(run.metrics.items()))
+                say(f"version {version} ← {run.run_dir}{was}" + (f": {figures}" if figures else ""))
+            history = [numbers[i] for i in plan.history]
+            if history:
+                self._move_champion(history)
+        finally:
+            release_writer_lock(self.root)
+        champion = (
+            f"champion: version {history[-1]} (history {', '.join(map(str, history))})"
+            if history
+            else f"no champion: no run's record says it was promoted (`bertpipe models promote VERSION --root {self.root}`)"
+        )
+        notes = [f"{len(plan.skipped)} run directories skipped"] if plan.skipped else []
+        if plan.inferred:
+            notes.append("older runs' promotions taken from their gate decisions")
+        if aside is not None:
+            notes.append(f"the old database is kept at {aside}")
+        say(f"rebuilt {self.uri}: {len(numbers)} versions from {self.root / 'runs'}, {champion}"
+            + "".join(f"; {n}" for n in notes))  # fmt: skip
+        return history
 
     # --- internals ------------------------------------------------------------------------------------------
 
@@ -200,10 +276,66 @@ class Registry:
 
             for noisy in ("mlflow.store.db.utils", "alembic.runtime.migration"):  # schema set-up, each new db
                 logging.getLogger(noisy).setLevel(logging.WARNING)
+            self.check()  # before MLflow opens it: MLflow would write a fresh schema into a damaged file
             if self._default_store:
                 self.local_dir.mkdir(parents=True, exist_ok=True)
             self._client_obj = MlflowClient(tracking_uri=self.uri, registry_uri=self.registry_uri)
         return self._client_obj
+
+    def check(self) -> None:
+        """RegistryDamaged (one line: the file, what is wrong, how to recover) when a SQLite store exists but
+        cannot be read; reads the file only, never writes it."""
+        for path in dict.fromkeys(p for p in (_sqlite_file(self.uri), _sqlite_file(self.registry_uri)) if p):
+            why = _sqlite_damage(path)
+            if why is not None:
+                raise RegistryDamaged(
+                    f"the registry {path} cannot be read ({why}); it is left as it is: "
+                    f"`bertpipe models rebuild --root {self.root}` moves it aside and registers the versions "
+                    f"again from {self.root / 'runs'}"
+                )
+
+    def _set_aside(self, force: bool, say: Callable[[str], None]) -> Path | None:
+        """Move the SQLite database aside (renamed, never deleted) before a rebuild: always when it cannot be read,
+        with ``force`` when it can; a registry that holds versions is otherwise refused."""
+        path = _sqlite_file(self.uri)
+        if path is None:  # a server: only filled again when it holds nothing of this model
+            held = len(self.versions(download=False))
+            if held:
+                raise ValueError(
+                    f"{self.uri} holds {held} versions of {self.name}: rebuild fills an empty registry"
+                )
+            return None
+        if not path.exists():
+            return None
+        why = _sqlite_damage(path)
+        held = _sqlite_versions(path, self.name) if why is None else 0
+        if held and not force:
+            raise ValueError(
+                f"the registry {path} is readable and holds {held} versions of {self.name}: nothing to rebuild "
+                f"(`--force` moves it aside and rebuilds it from {self.root / 'runs'} all the same)"
+            )
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = path.with_name(f"{path.name}.{'damaged' if why else 'replaced'}-{stamp}")
+        for suffix in ("-journal", "-wal", "-shm", ""):  # the database last: its side files belong to it
+            side = Path(f"{path}{suffix}")
+            if side.exists():
+                side.rename(Path(f"{aside}{suffix}"))
+        _forget_mlflow_store(self.uri)
+        self._client_obj = None
+        say(f"{path} moved aside to {aside.name}" + (f" ({why})" if why else ""))
+        return aside
+
+    def _note_promotion(self, model: ModelVersion, event: str, reason: str) -> None:
+        """Note in the version's run record that it became champion: what ``rebuild`` replays."""
+        run_dir = model.lineage.get("run_dir")
+        if not run_dir:
+            return
+        from flows.retrain_plan import record_promotion
+
+        try:
+            record_promotion(run_dir, event, model.version, reason)
+        except OSError as e:  # the registry has moved already; only a later rebuild would miss this promotion
+            log.warning("could not note the promotion of version %s in %s: %s", model.version, run_dir, e)
 
     def _may_exist(self) -> bool:
         """False when the default database is not there yet: reading never creates it (a mistyped --root)."""
@@ -223,12 +355,8 @@ class Registry:
         """Beside the database for SQLite stores (MLflow's own default is ./mlruns of the working directory)."""
         if self._default_store:
             return self.local_dir / "artifacts"
-        parsed = urlparse(self.uri)
-        if parsed.scheme == "sqlite" and parsed.path not in ("", "/", "/:memory:"):
-            return (
-                Path(unquote(parsed.path[1:])).resolve().parent / "artifacts"
-            )  # sqlite:///rel.db, ////abs.db
-        return None  # a server decides where its artifacts go
+        database = _sqlite_file(self.uri)
+        return database.parent / "artifacts" if database else None  # a server decides where its artifacts go
 
     def _ensure_registered_model(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -330,6 +458,84 @@ class Registry:
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
         return target / ARTIFACT
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI (``sqlite:///rel.db``, ``sqlite:////abs.db``), else None."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+        return None
+    return Path(unquote(parsed.path[1:])).resolve()
+
+
+def _sqlite_damage(path: Path) -> str | None:
+    """What is wrong with the SQLite registry ``path`` (None: nothing, or it does not exist), read-only."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return "it is empty: 0 bytes"
+    with open(path, "rb") as f:
+        header = f.read(100)  # the database header: https://www.sqlite.org/fileformat.html
+    if header[: len(SQLITE_HEADER)] != SQLITE_HEADER:
+        return "it is not a SQLite database"
+    if len(header) < 100:
+        return f"it is truncated: {size} bytes, less than a SQLite header"
+    if any(Path(f"{path}{side}").exists() for side in ("-journal", "-wal")):
+        return None  # a write was cut short: SQLite mends it from the journal when it next opens the file
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return "its SQLite header is damaged"
+    counted = int.from_bytes(header[28:32], "big")  # pages; valid while offset 92 equals the change counter
+    if size % page_size or (header[92:96] == header[24:28] and counted * page_size > size):
+        return f"it is truncated: {size} bytes, where its header counts {counted} pages of {page_size} bytes"
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {
+                row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            check = connection.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.Error as e:
+        return f"SQLite cannot read it: {e}"
+    missing = [t for t in MLFLOW_TABLES if t not in tables]
+    if missing:
+        return f"it lacks MLflow's tables {', '.join(missing)}"
+    if check != "ok":
+        return f"SQLite finds it damaged: {check}"
+    return None
+
+
+def _sqlite_versions(path: Path, name: str) -> int:
+    """How many versions of ``name`` a readable SQLite registry holds, read without MLflow (which would keep the
+    file open for the life of the process)."""
+    connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return connection.execute("SELECT COUNT(*) FROM model_versions WHERE name = ?", (name,)).fetchone()[0]
+    finally:
+        connection.close()
+
+
+def _forget_mlflow_store(uri: str) -> None:
+    """Drop MLflow's per-process store and engine for ``uri``: after the database is moved aside they would still
+    write into the moved file. MLflow internals, touched defensively."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistryStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    for store_registry in (tracking_utils._tracking_store_registry, registry_utils._get_store_registry()):
+        cached = getattr(type(store_registry), "_get_store_with_resolved_uri", None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    for store in (TrackingStore, RegistryStore):
+        engine = getattr(store, "_engine_map", {}).pop(uri, None)
+        if engine is not None:
+            engine.dispose()
 
 
 def _quote(name: str) -> str:

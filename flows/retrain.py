@@ -24,6 +24,12 @@ One run, under ``ROOT`` (``out``)::
 6. Challenger and champion are evaluated on the same held-out examples (the first run's valid split) and
    fine-tuned on the configured tasks; the ``gate`` decides; the challenger is registered, and promoted
    only if the gate holds. Nothing reaches the registry before evaluation, so a killed run changes nothing.
+   ``retrain.json`` holds the figures and lineage the version was registered with and a log of its promotions,
+   so ``bertpipe models rebuild`` can register every run again if the registry is lost.
+
+Before any work (``open_champion``, also run by the CLI before Prefect starts): a registry that cannot be read, no
+champion while ROOT holds earlier runs, or a champion whose weights are gone is refused in one line that says
+how to recover; a run never silently starts from scratch beside an earlier lineage.
 
 A writer lock on ROOT keeps two runs (a schedule, a manual run) from working on one root at once; the
 deployment's concurrency limit queues the scheduled ones. The rules of each step (settings, what is new, batches,
@@ -35,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -64,9 +70,11 @@ from flows.retrain_plan import (
     assign_batches,
     batch_seed,
     build_mix,
+    check_champion_artifact,
     content_hashes,
     continued_pretraining,
     eval_dir,
+    evaluated_record,
     example_parts,
     gate_decision,
     heldout_figures,
@@ -77,9 +85,13 @@ from flows.retrain_plan import (
     new_text_stats,
     next_run_dir,
     plan_mix,
+    refuse_fresh_start,
     run_record,
     unk_drift,
 )
+
+if TYPE_CHECKING:
+    from flows.registry import ModelVersion, Registry
 
 # --- tasks: a call of a plain function (flows/retrain_plan.py) each --------------------------------------------
 
@@ -128,6 +140,27 @@ def evaluate(who: str, model_dir: Path, evals_root: Path, heldout: Path, num_exa
 # --- the flow -----------------------------------------------------------------------------------------------
 
 
+def open_champion(root: Path) -> tuple[Registry, ModelVersion | None, dict | None]:
+    """(the registry under ``root``, its champion or None, the champion's run record); StageError or
+    RegistryDamaged (one line each, saying what to do) when retraining must not start: a registry that cannot be
+    read, earlier runs but no champion, a champion whose weights or record are gone. Called by the CLI before
+    Prefect starts, and by the flow."""
+    from flows.registry import Registry
+
+    registry = Registry(root)
+    champion = registry.champion()
+    if champion is None:
+        refuse_fresh_start(root, registry.uri, len(registry.versions(download=False)))
+        return registry, None, None
+    run_dir = champion.lineage.get("run_dir")
+    check_champion_artifact(root, champion.version, champion.hf_dir, run_dir)
+    record = read_json(Path(run_dir) / RUN_RECORD) if run_dir else None
+    if record is None:
+        raise StageError(f"the champion (version {champion.version}) has no {RUN_RECORD} in "
+                         f"{run_dir}: its corpus is unknown")  # fmt: skip
+    return registry, champion, record
+
+
 def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 
@@ -161,15 +194,9 @@ def retrain(
 
 def _retrain(settings: RetrainConfig, shared_data: Path, root: Path, pretrain_timeout_s, logger) -> dict:
     from flows import report
-    from flows.registry import Registry
 
     started = time.monotonic()
-    registry = Registry(root)
-    champion = registry.champion()
-    record = read_json(Path(champion.lineage["run_dir"]) / RUN_RECORD) if champion else None
-    if champion is not None and record is None:
-        raise StageError(f"the champion (version {champion.version}) has no {RUN_RECORD} in "
-                         f"{champion.lineage.get('run_dir')}: its corpus is unknown")  # fmt: skip
+    registry, champion, record = open_champion(root)
     data = root / "data"
     template = build_stage_configs(settings.pipeline, shared_data, data / ".template")
     shard_settings = {k: v for k, v in template.shard.output_config().items() if k != "inputs"}
@@ -263,17 +290,18 @@ def _retrain(settings: RetrainConfig, shared_data: Path, root: Path, pretrain_ti
     parent = champion.version if champion else None
     record_out = run_record(record, found["new"], [*old_ids, *new_ids], vocab_dir, heldout, new_text, parent,
                             decision)  # fmt: skip
-    # Before the registry: a version always has its record.
-    write_json_atomic(run_dir / RUN_RECORD, record_out)
-    version = registry.register(
-        hf_dir, challenger, lineage(record_out, mix, run_dir, parent, summary["flow_run_id"])
-    )
+    registered_with = lineage(record_out, mix, run_dir, parent, summary["flow_run_id"])
+    # Before the registry: a version always has its record, and the record what `models rebuild` registers again.
+    record_path = run_dir / RUN_RECORD
+    write_json_atomic(record_path, evaluated_record(record_out, challenger, registered_with))
+    version = registry.register(hf_dir, challenger, registered_with)
+    write_json_atomic(record_path, {**(read_json(record_path) or record_out), "version": version.version})
     if decision["promote"]:
-        registry.promote(version.version, decision["reason"])
+        registry.promote(version.version, decision["reason"])  # notes the promotion in the record too
     summary |= {"version": version.version, "decision": "promoted" if decision["promote"] else "rejected",
                 "reason": decision["reason"], "checks": decision["checks"], "challenger_metrics": challenger,
                 "champion_metrics": incumbent or {}, "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
-    write_json_atomic(run_dir / RUN_RECORD, {**record_out, "version": version.version, "summary": summary})
+    write_json_atomic(record_path, {**(read_json(record_path) or record_out), "summary": summary})
     logger.info("retrain: version %s %s (%s)", version.version, summary["decision"], decision["reason"])
     _markdown(report.render_retrain_markdown(summary), slug)
     return summary

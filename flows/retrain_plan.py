@@ -9,6 +9,7 @@ starting Prefect; the flow's tasks are a few lines each around these calls.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 from data_prep.manifest import (
     StageError,
     begin_stage,
+    complete_manifest,
     file_entry,
     fingerprint,
     read_json,
@@ -30,6 +32,7 @@ from data_prep.manifest import (
 from flows.config import PipelineConfig, PipelineConfigError, load_pipeline_config
 
 RUN_RECORD = "retrain.json"  # ROOT/runs/<n>/retrain.json: what the model of that run was trained on
+PROMOTIONS = "promotions"  # the record's log of each time its version became champion (promote, rollback)
 
 
 # --- settings --------------------------------------------------------------------------------------------
@@ -372,6 +375,12 @@ def run_record(
     }  # fmt: skip
 
 
+def evaluated_record(record: dict, metrics: dict[str, float], lineage: dict[str, str]) -> dict:
+    """The run record as written before registering: ``record`` (``run_record``) with the challenger's figures
+    and lineage (what ``bertpipe models rebuild`` registers the run with again) and an empty promotion log."""
+    return {**record, "metrics": dict(metrics), "lineage": dict(lineage), PROMOTIONS: []}
+
+
 def lineage(
     record: dict, mix: str | Path, run_dir: Path, parent_version: int | None, flow_run_id: str
 ) -> dict:
@@ -386,3 +395,163 @@ def lineage(
         "heldout": record["heldout"], "parent_version": "" if parent_version is None else str(parent_version),
         "run_dir": str(run_dir), "flow_run_id": flow_run_id,
     }  # fmt: skip
+
+
+# --- what the run directories tell: earlier runs, promotions, a registry rebuilt from them ---------------------
+
+
+def earlier_runs(root: str | os.PathLike) -> list[Path]:
+    """``ROOT/runs/<n>`` directories that hold a run record (runs that reached evaluation), in run order."""
+    runs = Path(root) / "runs"
+    if not runs.is_dir():
+        return []
+    found = [p for p in runs.iterdir() if p.name.isdigit() and (p / RUN_RECORD).is_file()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def refuse_fresh_start(root: Path, registry_uri: str, num_versions: int) -> None:
+    """StageError when there is no champion although ``root`` holds earlier runs: training from scratch would
+    start a second lineage beside the first and a new "version 1" over the old history."""
+    runs = earlier_runs(root)
+    if not runs:
+        return
+    if num_versions == 0:
+        raise StageError(
+            f"{root} holds {_runs(len(runs))} but no registry ({registry_uri} holds no versions): "
+            f"run `bertpipe models rebuild --root {root}` rather than train from scratch"
+        )
+    raise StageError(
+        f"{root} holds {_runs(len(runs))} but the registry {registry_uri} has no champion among its "
+        f"{num_versions} versions: make one champion (`bertpipe models promote VERSION --root {root}`)"
+    )
+
+
+def _runs(count: int) -> str:
+    return f"{count} earlier run" + ("" if count == 1 else "s")
+
+
+def _has_weights(directory: Path) -> bool:
+    from bert.pretrain.stage import WEIGHT_FILES
+
+    return (directory / "config.json").is_file() and any((directory / w).is_file() for w in WEIGHT_FILES)
+
+
+def check_champion_artifact(root: Path, version: int, hf_dir: Path, run_dir: str | None) -> None:
+    """StageError (one line, saying where the weights still are) when the champion's export is gone from the
+    registry's artifact store: continued pretraining would start from nothing."""
+    if _has_weights(Path(hf_dir)):
+        return
+    kept = Path(run_dir) / "pretrain" / "hf" if run_dir else None
+    if kept is not None and _has_weights(kept):
+        raise StageError(
+            f"the champion's artifact (version {version}) is missing at {hf_dir}; its weights are still in "
+            f"{kept}: copy them back (`mkdir -p {hf_dir} && cp -r {kept}/. {hf_dir}`) or register the runs "
+            f"again (`bertpipe models rebuild --root {root} --force`)"
+        )
+    gone = f", and {kept} no longer holds them either" if kept is not None else ""
+    raise StageError(
+        f"the champion's artifact (version {version}) is missing at {hf_dir}{gone}: make another version "
+        f"champion (`bertpipe models promote VERSION --root {root}`)"
+    )
+
+
+def record_promotion(run_dir: str | os.PathLike, event: str, version: int, reason: str) -> bool:
+    """Add to the run record's promotion log that its version became champion (``event``: "promoted" or
+    "rollback"); False when ``run_dir`` holds no record. What ``bertpipe models rebuild`` replays."""
+    path = Path(run_dir) / RUN_RECORD
+    record = read_json(path)
+    if record is None:
+        return False
+    at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+    entry = {"event": event, "version": version, "reason": reason, "at": at}
+    write_json_atomic(path, {**record, PROMOTIONS: [*promotions(record, Path(run_dir)), entry]})
+    return True
+
+
+def promotions(record: dict, run_dir: Path) -> list[dict]:
+    """The record's promotion log. A record from before the log was kept: its gate's promotion, if the gate held,
+    dated by its pretraining's manifest (promotions by hand were not recorded then)."""
+    if PROMOTIONS in record:
+        return list(record[PROMOTIONS])
+    decision = record.get("decision") or {}
+    if not decision.get("promote"):
+        return []
+    dated = run_dir / "pretrain" / "manifest.json"
+    when = (dated if dated.exists() else run_dir / RUN_RECORD).stat().st_mtime
+    at = _dt.datetime.fromtimestamp(when, _dt.timezone.utc).isoformat(timespec="microseconds")
+    return [{"event": "promoted", "version": record.get("version"), "reason": decision.get("reason", ""),
+             "at": at, "inferred": True}]  # fmt: skip
+
+
+@dataclass
+class RestoredRun:
+    """One run directory as ``bertpipe models rebuild`` registers it again."""
+
+    run_dir: Path
+    hf_dir: Path  # its complete pretraining export
+    metrics: dict[str, float]  # the challenger's figures when it was evaluated
+    lineage: dict[str, str]
+    version: int | None  # the version it had, when its record says
+    promotions: list[dict]  # its promotion log (``promotions``)
+
+
+@dataclass
+class RestorePlan:
+    """What the run directories under a root tell about the registry they fed."""
+
+    runs: list[RestoredRun]  # to register, in run order
+    skipped: list[tuple[Path, str]]  # run directories left out, and why
+    history: list[int]  # the champions, oldest first, as indexes into ``runs``; the last one is champion
+    inferred: bool  # some promotion was inferred from a gate decision (a record without a promotion log)
+
+
+def restore_plan(root: str | os.PathLike) -> RestorePlan:
+    """Every run under ``root/runs`` that has a record and a complete pretraining export, with its figures and
+    lineage, and the champion history replayed from the runs' promotion logs in time order."""
+    runs_dir = Path(root) / "runs"
+    numbered = [p for p in runs_dir.iterdir() if p.name.isdigit()] if runs_dir.is_dir() else []
+    runs, skipped = [], []
+    for run_dir in sorted(numbered, key=lambda p: int(p.name)):
+        record = read_json(run_dir / RUN_RECORD)
+        if record is None:
+            skipped.append(
+                (run_dir, f"no {RUN_RECORD}: the run ended before evaluation, it was never registered")
+            )
+            continue
+        manifest = complete_manifest(run_dir / "pretrain", "pretrain")
+        hf_dir = run_dir / "pretrain" / (manifest or {}).get("hf_dir", "hf")
+        if manifest is None or not _has_weights(hf_dir):
+            was = f", was version {record['version']}" if record.get("version") is not None else ""
+            skipped.append((run_dir, f"its pretraining export is incomplete or gone{was}"))
+            continue
+        summary = record.get("summary") or {}
+        metrics = record.get("metrics") or summary.get("challenger_metrics") or {}
+        runs.append(RestoredRun(run_dir=run_dir, hf_dir=hf_dir, metrics=dict(metrics),
+                                lineage=_recorded_lineage(record, run_dir), version=record.get("version"),
+                                promotions=promotions(record, run_dir)))  # fmt: skip
+    events = sorted(((_dt.datetime.fromisoformat(e["at"]), i, e) for i, run in enumerate(runs)
+                     for e in run.promotions), key=lambda t: (t[0], t[1]))  # fmt: skip
+    history: list[int] = []
+    for _, i, entry in events:  # what Registry.promote and Registry.rollback did to the history, again
+        if entry.get("event") == "rollback" and len(history) >= 2 and history[-2] == i:
+            history.pop()
+        elif not history or history[-1] != i:
+            history.append(i)
+    inferred = any(e.get("inferred") for _, _, e in events)
+    return RestorePlan(runs=runs, skipped=skipped, history=history, inferred=inferred)
+
+
+def _recorded_lineage(record: dict, run_dir: Path) -> dict[str, str]:
+    """The lineage the run was registered with: kept in its record; for an older record, computed again from
+    it, or what the record itself says when the vocabulary or examples it names are gone."""
+    if "lineage" in record:
+        return {k: "" if v is None else str(v) for k, v in record["lineage"].items()}
+    parent = record.get("parent_version")
+    flow_run_id = str((record.get("summary") or {}).get("flow_run_id", ""))
+    try:
+        return lineage(record, run_dir / "mix", run_dir, parent, flow_run_id)
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"corpus": fingerprint(sorted((record.get("corpus_files") or {}).values())),
+                "batches": ",".join(record.get("batches") or []), "heldout": str(record.get("heldout", "")),
+                "parent_version": "" if parent is None else str(parent), "run_dir": str(run_dir),
+                "flow_run_id": flow_run_id}  # fmt: skip
