@@ -236,7 +236,9 @@ def test_deployment_run_completes_with_artifacts_and_metrics(stack):
 
 
 def test_cancelling_during_pretraining_leaves_no_process_and_the_next_run_resumes(stack):
-    out = stack.root / "cancel"
+    # The completed run's directory when that test ran first: its data stages are Cached here (they are not what
+    # this test is about), and its pretraining, of other settings, is replaced as a changed setting replaces it.
+    out = stack.root / "complete"
     # A fixed schedule length: the second run may then stop at another max_steps on the same trajectory.
     schedule = ["pretrain.schedule_steps=20000", "pretrain.save_every=5"]
     flow_run_id, done = deployment_run(stack, out, ["pretrain.max_steps=20000", *schedule], watch=False)
