@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -210,6 +211,7 @@ def train_records(out: Path) -> list[dict]:
 
 def test_deployment_run_completes_with_artifacts_and_metrics(stack):
     out = stack.root / "complete"
+    shutil.rmtree(out / "pretrain", ignore_errors=True)  # its steps must not pass for this run's
     started = time.monotonic()
     flow_run_id, done = deployment_run(stack, out)
     print(f"\ntiny deployment run: {time.monotonic() - started:.0f} s")
@@ -239,6 +241,7 @@ def test_cancelling_during_pretraining_leaves_no_process_and_the_next_run_resume
     # The completed run's directory when that test ran first: its data stages are Cached here (they are not what
     # this test is about), and its pretraining, of other settings, is replaced as a changed setting replaces it.
     out = stack.root / "complete"
+    shutil.rmtree(out / "pretrain", ignore_errors=True)  # its steps must not pass for this run's
     # A fixed schedule length: the second run may then stop at another max_steps on the same trajectory.
     schedule = ["pretrain.schedule_steps=20000", "pretrain.save_every=5"]
     flow_run_id, done = deployment_run(stack, out, ["pretrain.max_steps=20000", *schedule], watch=False)

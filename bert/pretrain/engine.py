@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,17 @@ import torch
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed picks an accelerator
 
-import deepspeed  # noqa: E402
+# DeepSpeed's autotuner imports MLflow when it is installed (bertpipe's registry needs it): 1.5-5 s of every
+# rank's start-up for a tuner bertpipe never runs. Hidden only while DeepSpeed is imported, so a process that
+# uses MLflow itself (the tests, a notebook) still can.
+_hide_mlflow = "mlflow" not in sys.modules
+if _hide_mlflow:
+    sys.modules["mlflow"] = None  # import mlflow raises ImportError: the autotuner then goes without
+try:
+    import deepspeed  # noqa: E402
+finally:
+    if _hide_mlflow:
+        del sys.modules["mlflow"]
 import torch.distributed as dist  # noqa: E402
 
 from bert.pretrain.config import derive_seed  # noqa: E402
