@@ -28,6 +28,8 @@ from bert.pretrain.engine import checkpoint_state_dict
 from bert.pretrain.rank import main
 from bert.pretrain.run import STATE_FILE, checkpoint_tags
 
+pytestmark = pytest.mark.slow  # DeepSpeed runs (a world of one) and a rank in a process of its own
+
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 8  # the straight run's length; the interrupted runs stop at 4 with checkpoints at 2 and 4
 

@@ -111,6 +111,7 @@ def without_timing_keys(obj):
     return obj
 
 
+@pytest.mark.slow
 def test_three_pretraining_and_fine_tuning_runs_give_identical_weights_and_metrics(tmp_path):
     """Pretraining (DeepSpeed, one process) and fine-tuning, three runs each: the same exported bytes."""
     from test_data import TINY, make_examples, make_vocab

@@ -201,6 +201,7 @@ def test_the_graph_sees_the_imports_it_must_see():
 
 
 @pytest.mark.parametrize("module", ["flows.pipeline", "flows.cli", "bert.pretrain.stage", "bert.finetune"])
+@pytest.mark.slow
 def test_importing_the_parent_side_loads_neither_deepspeed_nor_the_rank_loop(module):
     """At run time too: the flow process and ``bertpipe pretrain`` never load DeepSpeed or the rank loop."""
     code = (
@@ -212,6 +213,7 @@ def test_importing_the_parent_side_loads_neither_deepspeed_nor_the_rank_loop(mod
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_rank_does_not_import_mlflow_through_deepspeed():
     """DeepSpeed's autotuner imports MLflow when it is installed; the ranks never need it (seconds of start-up)."""
     code = "import sys, bert.pretrain.rank; print('mlflow' in sys.modules); import mlflow"

@@ -117,6 +117,7 @@ def test_jobs_in_spawned_processes_match_the_default_path(reference, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_jobs_on_a_dask_cluster_match_the_default_path(reference, tmp_path):
     distributed = pytest.importorskip("distributed")
     calls = []
@@ -169,6 +170,7 @@ def test_map_inline_and_bad_start_method():
 
 
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+@pytest.mark.slow
 def test_workers_die_when_the_parent_is_killed(start_method):
     """kill -9 of the process running a stage leaves no worker behind (the kernel kills them with it)."""
     import signal

@@ -51,6 +51,7 @@ def stage(tmp_path_factory) -> tuple[Path, Path]:
     return make_examples(root / "examples", vocab, num_train=64, num_valid=16), vocab
 
 
+@pytest.mark.slow
 def test_run_trains_logs_checkpoints_and_exports_for_transformers(stage, tmp_path: Path):
     examples, _ = stage
     out = tmp_path / "run"
@@ -93,6 +94,7 @@ def test_run_trains_logs_checkpoints_and_exports_for_transformers(stage, tmp_pat
     assert torch.allclose(got.mlm_logits, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(stage, tmp_path: Path):
     examples, _ = stage
     # 64 examples, global batch 8: 8 steps per epoch, so the runs cross an epoch boundary at step 8.
@@ -116,6 +118,7 @@ def test_resume_continues_exactly(stage, tmp_path: Path):
         main(tiny_config(examples, tmp_path / "split", max_steps=14))
 
 
+@pytest.mark.slow
 def test_time_budget_stops_between_steps_with_a_checkpoint_and_export(stage, tmp_path: Path):
     examples, _ = stage
     config = tiny_config(examples, tmp_path / "run", max_steps=None, time_budget="4s", decay="constant")
@@ -146,6 +149,7 @@ def test_mismatched_examples_are_refused_before_training(stage, tmp_path: Path):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_init_from_starts_phase_two_from_an_export_with_a_fresh_schedule(stage, tmp_path: Path):
     examples, _ = stage
     main(tiny_config(examples, tmp_path / "phase1", max_steps=3))
@@ -217,6 +221,7 @@ def test_real_stages_pretrain_and_export_a_loadable_tokenizer(shared_data: Path,
     assert tokenizer("We the people")["input_ids"][0] == tokenizer.cls_token_id
 
 
+@pytest.mark.slow
 def test_the_rank_entry_point_destroys_the_process_group_on_every_exit(stage, tmp_path: Path):
     """bert.pretrain.cli (what every rank runs) leaves no process group behind, trained or failed.
 

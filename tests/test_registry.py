@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.registry import HISTORY_TAG, Registry
 
+pytestmark = pytest.mark.slow  # MLflow: seconds per registry
+
 
 @pytest.fixture(autouse=True)
 def default_store(monkeypatch):

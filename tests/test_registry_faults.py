@@ -16,6 +16,8 @@ from flows.cli import app
 from flows.registry import Registry
 from flows.retrain_plan import RUN_RECORD, evaluated_record, run_record
 
+pytestmark = pytest.mark.slow  # MLflow: seconds per registry
+
 
 @pytest.fixture(autouse=True)
 def default_store(monkeypatch):

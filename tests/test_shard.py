@@ -286,6 +286,7 @@ def test_truncated_gzip_keeps_earlier_documents_and_is_counted(tmp_path):
     assert 0 < manifest["stats"]["documents"] < 2000
 
 
+@pytest.mark.slow
 def test_fifty_megabyte_single_line_is_chunked_quickly(tmp_path):
     path = tmp_path / "in" / "huge.txt"
     path.parent.mkdir()
