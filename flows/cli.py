@@ -7,7 +7,9 @@ import dataclasses
 import importlib
 import logging
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -519,6 +521,64 @@ def prefect_defaults() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+EMBEDDED_SERVER_APP = "prefect.server.api.server:create_app"  # what Prefect's ephemeral uvicorn serves
+RUN_MARK_ENV = "BERTPIPE_RUN_MARK"  # "<pid>:<start time>" of the `bertpipe run` whose server this is
+
+
+def _is_embedded_server(process) -> bool:
+    try:
+        command = process.cmdline()
+    except Exception:  # psutil.Error: gone or unreadable
+        return False
+    return "uvicorn" in command and EMBEDDED_SERVER_APP in command
+
+
+def watch_embedded_server(mark: str, poll_s: float = 0.5, grace_s: float = 5.0) -> None:
+    """Wait for the `bertpipe run` that ``mark`` names to end, then end the Prefect servers it started.
+
+    Prefect stops its embedded server at a normal exit, but not when `bertpipe run` is killed outright (kill -9,
+    the OOM killer), and not always under load; then the uvicorn process (220 MB) runs on forever. A server is
+    known by its command line and by ``mark`` in its environment (inherited from `bertpipe run`), so this finds
+    it even after init adopted it, and never takes another run's server.
+    """
+    import psutil
+
+    pid, started = mark.split(":")
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(int(pid))
+        while parent.is_running() and f"{parent.create_time()}" == started:
+            if parent.status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(poll_s)
+    tree = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if _is_embedded_server(process) and process.environ().get(RUN_MARK_ENV) == mark:
+                tree += [process, *process.children(recursive=True)]
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def start_server_watchdog() -> subprocess.Popen:
+    """A small process that outlives this one and ends Prefect's embedded server once this process is gone.
+
+    In a session of its own, so the Ctrl-C or the process-group SIGTERM that stops `bertpipe run` does not stop
+    it first; it exits by itself once this process has ended.
+    """
+    import psutil
+
+    mark = f"{os.getpid()}:{psutil.Process().create_time()}"
+    os.environ[RUN_MARK_ENV] = mark  # the server Prefect starts from here inherits it
+    code = f"from flows.cli import watch_embedded_server; watch_embedded_server({mark!r})"
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
 @app.command()
 def run(
     config: str = typer.Option(
@@ -561,8 +621,13 @@ def run(
     stage_list = [s.strip() for s in stages.split(",") if s.strip()]
     try:  # every stage's config and inputs are checked before Prefect starts
         prepare(config, overrides, out, shared, stage_list)
+        if "pretrain" in stage_list:  # not 30 s later, inside the flow, as a failed run (exit 1)
+            from bert.pretrain.launch import check_extension_locks
+
+            check_extension_locks()
     except (PipelineConfigError, ValueError) as e:
         fail(str(e))
+    start_server_watchdog()  # Prefect's embedded server must not outlive a kill -9 of this process
     state = bert_pipeline(config=config, overrides=overrides, out=str(out), shared=str(shared),
                           stages=stage_list, dask_address=dask_address, return_state=True)  # fmt: skip
     if not state.is_completed():

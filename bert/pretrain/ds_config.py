@@ -141,3 +141,54 @@ def remove_shm_buffers(port: int | str, rank: int | str = "*") -> None:
     for path in SHM_BUFFERS.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _mapped_paths(names: set[str]) -> set[str]:
+    """Which of ``names`` (absolute paths) some process of this user maps or holds open.
+
+    A rank creates its buffer with shm_open (an open descriptor) and then mmaps it, so both are looked at;
+    /proc/<pid>/maps and fd of other users' processes are unreadable, which is why only this uid's buffers
+    are ever candidates.
+    """
+    held: set[str] = set()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                slash = line.find("/")
+                if slash >= 0 and line[slash:].rstrip("\n") in names:
+                    held.add(line[slash:].rstrip("\n"))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target in names:
+                        held.add(target)
+    return held
+
+
+def sweep_shm_buffers() -> tuple[int, int]:
+    """Unlink this user's all-reduce buffers that no live process maps (left by ranks killed outright).
+
+    The launcher removes its own run's buffers when it ends, but a tree kill (SIGKILL of launcher and ranks)
+    leaves 66 MB a rank behind until reboot; the next launch calls this. A buffer that a live process maps or
+    holds open belongs to a run still going and is kept. Returns (number removed, bytes freed).
+    """
+    uid = os.getuid()
+    candidates: dict[str, Path] = {}
+    for path in SHM_BUFFERS.glob(f"deepspeed_allreduce_buffer_{uid}_*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == uid:
+                candidates[os.path.realpath(path)] = path
+    if not candidates:
+        return 0, 0
+    held = _mapped_paths(set(candidates))
+    removed = freed = 0
+    for real, path in candidates.items():
+        if real in held:
+            continue
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            path.unlink()
+            removed += 1
+            freed += size
+    return removed, freed

@@ -491,6 +491,84 @@ def rank_failure(errors: list[Path]) -> str:
     return f"rank {rank} failed: {message}\n(full traceback: {path})"
 
 
+STALE_LOCK_S = 600.0  # a DeepSpeed op build takes 1-5 minutes; a lock twice as old with no holder is stale
+
+
+def torch_extensions_root() -> Path:
+    """Where torch builds JIT extensions for this Python and torch (as ``cpp_extension._get_build_directory``)."""
+    configured = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if configured is not None:
+        return Path(configured)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accelerator}"
+    return Path(get_default_build_root()) / tag
+
+
+def _build_dir_in_use(build_dir: Path) -> bool:
+    """Whether a process of this user works in ``build_dir`` (its cwd, as ninja and the compiler have) or
+    holds a file there open (torch's FileBaton keeps the lock's descriptor open while it builds)."""
+    uid = os.getuid()
+    inside = str(build_dir.resolve())
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if process.uids().real != uid:
+                continue
+            paths = [process.cwd(), *(f.path for f in process.open_files())]
+            if any(p == inside or p.startswith(inside + os.sep) for p in paths):
+                return True
+    return False
+
+
+def stale_extension_locks(root: Path | None = None, stale_after_s: float = STALE_LOCK_S) -> list[Path]:
+    """The JIT build locks under ``root`` (default: torch's extensions root) that a killed build left behind.
+
+    torch's FileBaton creates ``<root>/<op>/lock`` with O_EXCL before building and deletes it after; a build
+    killed by SIGKILL never deletes it, and every later build of that op (DeepSpeed's shm op on each CPU
+    launch) waits for it forever without a word. A lock counts as stale when it is older than
+    ``stale_after_s`` and no process of this user has its build directory open or as its working directory.
+    """
+    root = torch_extensions_root() if root is None else Path(root)
+    stale = []
+    for lock in sorted(root.glob("*/lock")):
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime >= stale_after_s and not _build_dir_in_use(lock.parent):
+                stale.append(lock)
+    return stale
+
+
+def check_extension_locks(root: Path | None = None) -> None:
+    """Refuse to launch (ValueError) while a stale JIT build lock would make the ranks wait forever.
+
+    Not deleted here: the extensions cache may be shared (a home directory on NFS, containers sharing it),
+    where a build on another machine is invisible to this one's process table; the user knows.
+    """
+    stale = stale_extension_locks(root)
+    if stale:
+        minutes = (time.time() - stale[0].stat().st_mtime) / 60
+        raise ValueError(
+            f"a killed DeepSpeed op build left the lock {stale[0]} ({minutes:.0f} min old, no process holds it) "
+            f"and every launch would wait on it forever; if no build runs elsewhere, remove it: "
+            f"rm {' '.join(str(p) for p in stale)}"
+        )
+
+
+def sweep_shm_buffers() -> None:
+    """Free the /dev/shm all-reduce buffers that ranks killed outright left behind (one line when any)."""
+    removed, freed = ds_config.sweep_shm_buffers()
+    if removed:
+        log.info(
+            "removed %d DeepSpeed all-reduce buffer%s left in %s by killed ranks (%s freed)",
+            removed, "" if removed == 1 else "s", ds_config.SHM_BUFFERS, format_bytes(freed),
+        )  # fmt: skip
+
+
 def launch(
     config: TrainConfig,
     num_gpus: int | None = None,
@@ -520,6 +598,7 @@ def launch(
     # A malformed DeepSpeed JSON or one that contradicts the training config, too (not 7-10 s later on a rank).
     ds_config.fill_deepspeed_config(ds_config.load_deepspeed_config(config.deepspeed_config), config, run.batch,
                               run.model_config.hidden_size)  # fmt: skip
+    check_extension_locks()  # a killed op build's lock would make every rank wait on it, silently
     out = Path(config.out)
     if not config.resume:
         refuse_existing_checkpoints(out)
@@ -546,6 +625,7 @@ def launch(
         ):  # the one rank itself: a world of one, whatever this process was given
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 env.pop(name, None)
+        sweep_shm_buffers()
         try:
             code, stop = run_launcher(command, env, on_line, stop_event, deadline_s, stop_grace_s)
         finally:
