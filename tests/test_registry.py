@@ -12,21 +12,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.registry import HISTORY_TAG, Registry
 
-pytestmark = pytest.mark.slow  # MLflow: seconds per registry
-
-
-@pytest.fixture(autouse=True)
-def default_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A database with MLflow's schema and nothing else: creating one runs ~50 migrations (5-7 s here)."""
-    root = tmp_path_factory.mktemp("template")
-    Registry(root)._client().search_experiments()
-    return root / "registry" / "mlflow.db"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("default_mlflow_store")]  # MLflow: seconds a registry
 
 
 def fake_export(path: Path, tag: str) -> Path:

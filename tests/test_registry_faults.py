@@ -16,21 +16,7 @@ from flows.cli import app
 from flows.registry import Registry
 from flows.retrain_plan import RUN_RECORD, evaluated_record, run_record
 
-pytestmark = pytest.mark.slow  # MLflow: seconds per registry
-
-
-@pytest.fixture(autouse=True)
-def default_store(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-
-
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """A database with MLflow's schema and nothing else: creating one runs ~50 migrations (5-7 s here)."""
-    root = tmp_path_factory.mktemp("template")
-    Registry(root)._client().search_experiments()
-    return root / "registry" / "mlflow.db"
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("default_mlflow_store")]  # MLflow: seconds a registry
 
 
 @pytest.fixture
