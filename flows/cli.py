@@ -621,10 +621,6 @@ def run(
     stage_list = [s.strip() for s in stages.split(",") if s.strip()]
     try:  # every stage's config and inputs are checked before Prefect starts
         prepare(config, overrides, out, shared, stage_list)
-        if "pretrain" in stage_list:  # not 30 s later, inside the flow, as a failed run (exit 1)
-            from bert.pretrain.launch import check_extension_locks
-
-            check_extension_locks()
     except (PipelineConfigError, ValueError) as e:
         fail(str(e))
     start_server_watchdog()  # Prefect's embedded server must not outlive a kill -9 of this process

@@ -431,7 +431,7 @@ def _runs(count: int) -> str:
 
 
 def _has_weights(directory: Path) -> bool:
-    from bert.pretrain.stage import WEIGHT_FILES
+    from bert.model.hf import WEIGHT_FILES
 
     return (directory / "config.json").is_file() and any((directory / w).is_file() for w in WEIGHT_FILES)
 

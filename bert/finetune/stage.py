@@ -28,6 +28,7 @@ from bert.finetune import features, readers
 from bert.finetune.config import FinetuneConfig
 from bert.finetune.loop import SeedRun, train_seed
 from bert.finetune.tasks import Task, get_task
+from bert.model.hf import WEIGHT_FILES
 from data_prep.manifest import begin_stage, file_entry, write_json_atomic, write_text_atomic
 from data_prep.vocab import TOKENIZER_FILES
 
@@ -155,7 +156,7 @@ def _publish_model(out: Path, runs: list[SeedRun], task: Task, model_src: Path) 
 STAGE, FORMAT_VERSION = "finetune", 1
 # paths are inputs; the device changes only rounding (the precision is in the fingerprint)
 NOT_IN_FINGERPRINT = ("model", "out", "train", "eval", "num_threads", "progress", "device")
-MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", *TOKENIZER_FILES)
+MODEL_FILES = ("config.json", *WEIGHT_FILES, *TOKENIZER_FILES)
 
 
 def _content_fingerprint(path: str | Path | None) -> str | None:

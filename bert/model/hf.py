@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, PYTORCH_WEIGHTS_NAME)  # a Hugging Face directory holds one of them
 BACKBONE_PARTS = ("embeddings.", "encoder.", "pooler.")
 # buffers some checkpoints carry; they are not parameters and we recompute them
 IGNORED_CHECKPOINT_KEYS = {"bert.embeddings.position_ids", "bert.embeddings.token_type_ids"}

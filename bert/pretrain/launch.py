@@ -239,7 +239,8 @@ def check_pretrain_launch(
 ) -> int:
     """What can be checked of a pretraining run before its examples exist (ValueError, one problem each):
     the launch settings, the model config, the batch arithmetic, the DeepSpeed JSON against the training
-    config, and whether this machine holds its ranks (``check_devices``; not for a hostfile's remote hosts).
+    config, whether this machine holds its ranks (``check_devices``; not for a hostfile's remote hosts) and
+    no stale JIT build lock waits for them (``check_extension_locks``).
     Returns the number of ranks. ``vocab_size``: the vocabulary's, when known (only the memory estimate uses it).
     """
     world_size = check_launch(num_gpus, hostfile, nodes, master_port)
@@ -250,6 +251,7 @@ def check_pretrain_launch(
         check_devices(num_gpus or 1, world_size, model, zero_stage if isinstance(zero_stage, int) else 0)
     batch = config.batch_sizes(world_size)
     ds_config.fill_deepspeed_config(deepspeed, config, batch, model.hidden_size)
+    check_extension_locks()  # a killed op build's lock would make every rank wait on it, silently
     return world_size
 
 
@@ -589,16 +591,12 @@ def launch(
     failing rank's message (the earliest error file) when a rank fails, and re-raises an exception of
     ``on_line``. See the module docstring for the stop and clean-up rules.
     """
-    world_size = check_launch(num_gpus, hostfile, nodes, master_port)
+    # Flags, DeepSpeed JSON, devices and build locks, then the examples against the model and tokenizer:
+    # everything fails here, before any launch (not 7-10 s later on a rank).
+    world_size = check_pretrain_launch(config, num_gpus, hostfile, nodes, master_port)
     multi = nodes is not None and nodes.multi
     leader = not multi or nodes.node_rank == 0  # holds rank 0: the one launch that tidies OUT
-    run = load_run_inputs(
-        config, 0, world_size
-    )  # mismatches and batch arithmetic fail here, before any launch
-    # A malformed DeepSpeed JSON or one that contradicts the training config, too (not 7-10 s later on a rank).
-    ds_config.fill_deepspeed_config(ds_config.load_deepspeed_config(config.deepspeed_config), config, run.batch,
-                              run.model_config.hidden_size)  # fmt: skip
-    check_extension_locks()  # a killed op build's lock would make every rank wait on it, silently
+    load_run_inputs(config, 0, world_size)
     out = Path(config.out)
     if not config.resume:
         refuse_existing_checkpoints(out)
@@ -620,9 +618,7 @@ def launch(
             hostfile = str(node_list)
         port = master_port or (DEFAULT_MASTER_PORT if multi else free_port())
         command = launcher_command(config_file, num_gpus, hostfile, port, nodes)
-        if (
-            command[0] == sys.executable
-        ):  # the one rank itself: a world of one, whatever this process was given
+        if command[0] == sys.executable:  # the one rank itself: a world of one, whatever this process got
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 env.pop(name, None)
         sweep_shm_buffers()

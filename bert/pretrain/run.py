@@ -26,8 +26,6 @@ STATE_FILE = "bertpipe_state.json"  # rank 0 writes it once every rank has saved
 LATEST = "latest"  # checkpoints/latest: the newest complete checkpoint's tag, written after its STATE_FILE
 PARENT_PID_ENV = "BERTPIPE_PARENT_PID"  # set by the launcher: the ranks stop when that process dies
 PARENT_HOST_ENV = "BERTPIPE_PARENT_HOST"  # beside it: a pid names a process on one host only
-# torch.save reports a full disk as a RuntimeError without an errno ("unexpected pos", "iostream error"):
-# a failure where less than this is left free is taken for a full disk, by the ranks and by the parent.
 
 
 @dataclass

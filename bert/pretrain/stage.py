@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bert.model.hf import WEIGHT_FILES
 from bert.pretrain.config import TrainConfig
 from bert.pretrain.run import holds_checkpoints, refuse_existing_checkpoints
 from data_prep.manifest import (
@@ -55,7 +56,6 @@ NOT_IN_FINGERPRINT = ("examples", "out", "vocab", "resume", "save_every", "keep_
                       "eval_every", "eval_samples", "log_every", "log_example_indices", "progress_bar",
                       "tensorboard", "model_config", "init_from", "deepspeed_config")  # fmt: skip
 LENGTH = ("max_steps", "time_budget")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def _file_or_name(spec: str) -> str:
