@@ -18,6 +18,9 @@ BERTPIPE = Path(sys.executable).parent / "bertpipe"
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 30
 SAVED = (6, 12, 18, 24, 30)  # the checkpoints it keeps, to compare runs that stop earlier
+# metrics.jsonl's wall-clock fields: they differ from run to run, everything else must not.
+TIMING_KEYS = {"step_time_s", "tokens_per_s", "tokens_per_s_per_rank", "samples_per_s", "train_seconds",
+               "data_wait_s", "data_wait_share"}  # fmt: skip
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # dropout is seeded per rank
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import reference
 from test_vocab import WORDS
 
 from data_prep.examples_stage import ExamplesConfig, generate_examples
@@ -99,13 +100,10 @@ def test_three_runs_of_each_stage_give_identical_bytes_on_the_sample_corpus(shar
     assert examples["stats"]["examples"] > 500  # enough text for the comparison to mean something
 
 
-TIMING_KEYS = {"step_time_s", "tokens_per_s", "tokens_per_s_per_rank", "samples_per_s", "train_seconds"}
-
-
 def without_timing_keys(obj):
     """``obj`` (JSON) with the wall-clock fields dropped wherever they are nested."""
     if isinstance(obj, dict):
-        return {k: without_timing_keys(v) for k, v in obj.items() if k not in TIMING_KEYS}
+        return {k: without_timing_keys(v) for k, v in obj.items() if k not in reference.TIMING_KEYS}
     if isinstance(obj, list):
         return [without_timing_keys(v) for v in obj]
     return obj

@@ -324,30 +324,49 @@ def test_hostfile_runs_one_launcher_per_host_over_pdsh_without_the_parent_pid(
 def test_no_ssh_runs_this_nodes_ranks_only_with_the_node_list_and_node_rank(
     tmp_path, launching_env, monkeypatch
 ):
+    """One launch per node starts DeepSpeed's per-node launcher itself, exactly as `deepspeed --no_ssh` would."""
     from bert.pretrain.launch import Nodes, check_launch, launcher_command
-    from bert.pretrain.run import PARENT_PID_ENV
 
     nodes = Nodes(num_nodes=3, node_rank=1, master_addr="10.1.2.3")
     assert check_launch(2, None, nodes) == 6
-    node_list = tmp_path / "nodes"
-    node_list.write_text(nodes.hostfile_text(2))
-    command = launcher_command(tmp_path / "config.json", 2, str(node_list), 29500, nodes)
-    assert command[1:] == ["--hostfile", str(node_list), "--no_ssh", "--node_rank", "1", "--master_addr", "10.1.2.3",
-                           "--master_port", "29500", "--module", "bert.pretrain", "--config",
-                           str(tmp_path / "config.json")]  # fmt: skip
-
-    cmd, env, ssh_calls = deepspeed_would_run(command, monkeypatch)
-    assert not ssh_calls
-    assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
-    assert {"--master_addr=10.1.2.3", "--master_port=29500", "--node_rank=1", "--module"} <= set(cmd)
-    assert cmd[-3:] == ["bert.pretrain", "--config", str(tmp_path / "config.json")]
-    world = next(a for a in cmd if a.startswith("--world_info=")).removeprefix("--world_info=")
+    command = launcher_command(tmp_path / "config.json", 2, None, 29500, nodes)
+    assert command[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert {"--master_addr=10.1.2.3", "--master_port=29500", "--node_rank=1", "--module"} <= set(command)
+    assert command[-3:] == ["bert.pretrain", "--config", str(tmp_path / "config.json")]
+    world = next(a for a in command if a.startswith("--world_info=")).removeprefix("--world_info=")
     assert json.loads(base64.urlsafe_b64decode(world)) == {
         "node-0": [0, 1],
         "node-1": [0, 1],
         "node-2": [0, 1],
     }
-    assert env[PARENT_PID_ENV] == str(os.getpid())  # this node's ranks are local: they keep the watch
+    # The oracle: what DeepSpeed's runner starts for the same node with a node list.
+    node_list = tmp_path / "nodes"
+    node_list.write_text("".join(f"node-{i} slots=2\n" for i in range(3)))
+    runner_args = ["--hostfile", str(node_list), "--no_ssh", "--node_rank", "1", "--master_addr", "10.1.2.3",
+                   "--master_port", "29500", "--module", "bert.pretrain", "--config", str(tmp_path / "config.json")]  # fmt: skip
+    cmd, env, ssh_calls = deepspeed_would_run(["deepspeed", *runner_args], monkeypatch)
+    assert not ssh_calls
+    assert cmd == command
+
+
+def test_several_ranks_on_one_node_start_the_per_node_launcher_as_the_runner_would(
+    tmp_path, launching_env, monkeypatch
+):
+    from bert.pretrain.launch import launcher_command
+
+    config = tmp_path / "launch_config.json"
+    command = launcher_command(config, 2, None, 29612)
+    assert command[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    world = next(a for a in command if a.startswith("--world_info=")).removeprefix("--world_info=")
+    assert json.loads(base64.urlsafe_b64decode(world)) == {"localhost": [0, 1]}
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "device_count", lambda self: 2)  # the runner counts devices
+    cmd, env, ssh_calls = deepspeed_would_run(
+        ["deepspeed", "--num_gpus", "2", "--master_port", "29612", "--module", "bert.pretrain", "--config",
+         str(config)], monkeypatch)  # fmt: skip
+    assert not ssh_calls
+    assert cmd == command
 
 
 @pytest.mark.parametrize(
@@ -389,13 +408,14 @@ def test_the_parent_pid_watch_applies_on_the_launching_host_only(monkeypatch):
 
 
 def test_one_rank_on_one_node_runs_without_the_deepspeed_launcher(tmp_path):
-    """A world of one is the rank itself (no runner, no per-node launcher); two ranks go through `deepspeed`."""
+    """A world of one is the rank itself; several ranks run under the per-node launcher; a hostfile's nodes the runner."""
     from bert.pretrain.launch import Nodes, launcher_command
 
     config = tmp_path / "launch_config.json"
     assert launcher_command(config, 1, None, 29500) == [sys.executable, "-u", "-m", "bert.pretrain", "--config",
                                                         str(config)]  # fmt: skip
     assert launcher_command(config, None, None, 29500)[:3] == [sys.executable, "-u", "-m"]
-    assert Path(launcher_command(config, 2, None, 29500)[0]).name == "deepspeed"
+    assert launcher_command(config, 2, None, 29500)[3] == "deepspeed.launcher.launch"
     two_nodes = Nodes(num_nodes=2, node_rank=0, master_addr="127.0.0.1")
-    assert Path(launcher_command(config, 1, str(tmp_path / "nodes"), 29500, two_nodes)[0]).name == "deepspeed"
+    assert launcher_command(config, 1, None, 29500, two_nodes)[3] == "deepspeed.launcher.launch"
+    assert Path(launcher_command(config, None, str(tmp_path / "hosts"), 29500)[0]).name == "deepspeed"

@@ -63,8 +63,7 @@ def free_port() -> int:
 
 def records(run: Path) -> list[dict]:
     """metrics.jsonl without the timings (which differ from run to run)."""
-    timing = ("step_time_s", "tokens_per_s", "tokens_per_s_per_rank", "samples_per_s")
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+    return [{k: v for k, v in json.loads(line).items() if k not in reference.TIMING_KEYS}
             for line in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Pretraining from a parent process: the `deepspeed` launcher as a watched subprocess, one rank per device.
 
 ``launch(config, num_gpus)`` is what ``bertpipe pretrain`` and the Prefect task call. It checks the inputs
-before any rank starts, runs ``deepspeed --module bert.pretrain`` in a session of its own and returns rank 0's
+before any rank starts, runs the ranks (``launcher_command``) in a session of its own and returns rank 0's
 PretrainResult, or raises LaunchError with the failing rank's message. It may run in any thread:
 
 - ``on_line`` receives every line the launcher and the ranks print (without it they go to the terminal);
@@ -22,6 +22,7 @@ the other nodes' launches write nothing there themselves and return None.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -93,10 +94,6 @@ class Nodes:
     @property
     def multi(self) -> bool:
         return self.num_nodes > 1
-
-    def hostfile_text(self, num_gpus: int) -> str:
-        """The node list DeepSpeed's --no_ssh mode reads (only the order and slots count, the names are labels)."""
-        return "".join(f"node-{i} slots={num_gpus}\n" for i in range(self.num_nodes))
 
 
 def read_hostfile(hostfile: str) -> dict[str, int]:
@@ -264,28 +261,33 @@ def launcher_command(
 ) -> list[str]:
     """The command that runs bert.pretrain on every rank (of this node, with ``nodes``).
 
-    One rank on one node runs as ``python -u -m bert.pretrain`` itself: a world of one needs no launcher, and the
-    `deepspeed` runner and its per-node launcher would add two processes and ~8 s of start-up (each imports
-    DeepSpeed) for nothing. Otherwise the `deepspeed` launcher; with ``nodes`` of several, ``hostfile`` is their
-    node list (``Nodes.hostfile_text``): --no_ssh needs one, since without a hostfile DeepSpeed knows only this
-    machine (and sets the master address to 127.0.0.1).
+    One rank on one node runs as ``python -u -m bert.pretrain`` itself: a world of one needs no launcher.
+    Several ranks on this node, or this node's ranks of several (``nodes``, DeepSpeed's --no_ssh), run under
+    DeepSpeed's per-node launcher (``python -m deepspeed.launcher.launch``) started directly with the command
+    the `deepspeed` runner would build: the runner adds a process and ~4 s of start-up (it imports DeepSpeed)
+    only to compute that command. A ``hostfile`` (nodes started over ssh) goes through the `deepspeed` runner.
     """
-    if hostfile is None and (nodes is None or not nodes.multi) and (num_gpus or 1) == 1:
+    multi = nodes is not None and nodes.multi
+    if hostfile is None and not multi and (num_gpus or 1) == 1:
         return [sys.executable, "-u", "-m", "bert.pretrain", "--config", str(config_file)]
+    if hostfile is None:
+        ranks = list(range(num_gpus or 1))
+        if multi:  # the node names are labels: only their order and slots count (node 0 holds rank 0)
+            world, master_addr = {f"node-{i}": ranks for i in range(nodes.num_nodes)}, nodes.master_addr
+        else:
+            world, master_addr = {"localhost": ranks}, "127.0.0.1"
+        world_info = base64.urlsafe_b64encode(json.dumps(world).encode("utf-8")).decode("utf-8")
+        node_rank = [f"--node_rank={nodes.node_rank}"] if multi else []
+        return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+                f"--master_addr={master_addr}", f"--master_port={master_port}", *node_rank, "--module",
+                "--enable_each_rank_log=None", "--log_level=info", "bert.pretrain", "--config", str(config_file)]  # fmt: skip
     beside = Path(sys.executable).parent / "deepspeed"
     launcher = str(beside) if beside.exists() else shutil.which("deepspeed")
     if launcher is None:
         raise ValueError(
             "the `deepspeed` launcher is not installed in this environment: pip install deepspeed"
         )
-    if nodes is not None and nodes.multi:
-        where = ["--hostfile", hostfile, "--no_ssh", "--node_rank", str(nodes.node_rank),
-                 "--master_addr", nodes.master_addr]  # fmt: skip
-    elif hostfile:
-        where = ["--hostfile", hostfile]
-    else:
-        where = ["--num_gpus", str(num_gpus or 1)]
-    return [launcher, *where, "--master_port", str(master_port), "--module", "bert.pretrain",
+    return [launcher, "--hostfile", hostfile, "--master_port", str(master_port), "--module", "bert.pretrain",
             "--config", str(config_file)]  # fmt: skip
 
 
@@ -312,9 +314,8 @@ class GroupStop:
     """SIGTERM, SIGHUP, Ctrl-C, stop_event or the deadline: stop every local rank cleanly, then let the launcher finish.
 
     The ranks get SIGTERM directly (they agree on a step, checkpoint and exit 0, and the launcher exits
-    normally). Signalling the launcher instead would not do: the single-node `deepspeed` runner does not
-    forward SIGTERM (it dies and leaves the ranks running) and its child kills ranks that take over 30 s to
-    checkpoint. Before any rank exists (or for ranks on other nodes, which the pdsh runner signals itself)
+    normally). Signalling the launcher instead would not do: DeepSpeed's per-node launcher kills ranks that
+    take over 30 s to checkpoint, and the `deepspeed` runner (a hostfile's) does not forward SIGTERM. Before any rank exists (or for ranks on other nodes, which the pdsh runner signals itself)
     the launcher's process group gets the SIGTERM. A second request kills the group.
     """
 
@@ -612,10 +613,6 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="bertpipe-launch-") as scratch:
         config_file = out / "launch_config.json" if leader else Path(scratch) / "launch_config.json"
         config.to_json_file(config_file)
-        if multi:
-            node_list = Path(scratch) / "nodes"
-            node_list.write_text(nodes.hostfile_text(num_gpus or 1))
-            hostfile = str(node_list)
         port = master_port or (DEFAULT_MASTER_PORT if multi else free_port())
         command = launcher_command(config_file, num_gpus, hostfile, port, nodes)
         if command[0] == sys.executable:  # the one rank itself: a world of one, whatever this process got
