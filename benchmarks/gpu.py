@@ -6,6 +6,9 @@
    then the same with torch.compile;
 3. pretrain: `bertpipe pretrain` on 1 GPU with DeepSpeed ZeRO-1 bf16 (BERT-base, real examples), then a
    resume for a few more steps and the HF export loaded back: tokens/s from metrics.jsonl;
+   pretrain_variants: the same run (no resume) eager (``compile: false``), and with every speed switch
+   (torch.compile, vocabulary padded to 64, flash varlen attention with attention dropout 0, MosaicBERT's
+   setting), each given as a TrainConfig JSON through ``--config``;
 4. finetune: benchmarks/finetune_step.py on CoLA batches (32 and 128), ours and transformers', fp32
    and bf16: milliseconds per phase, steps/s;
 5. tests: ``pytest -m gpu`` (tests/test_gpu.py).
@@ -115,13 +118,7 @@ def pretrain_part(args) -> dict:
 
     hf = BertForPreTraining.from_pretrained(run / "hf")
     cfg = BertConfig.from_json_file(run / "hf")
-    per_token = (
-        6 * cfg.num_hidden_layers * (4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size)
-    )
-    per_token += 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_len  # attention over the mean length
-    per_token += (
-        6 * (cfg.hidden_size**2 + cfg.hidden_size * cfg.vocab_size) * 0.15
-    )  # MLM head, ~15% predicted
+    per_token = flops_per_token(cfg, mean_len)
     peak = args.peak_flops or 989e12
     return {
         "deepspeed": "ZeRO-1, bf16, 1 GPU, bertpipe pretrain (the deepspeed launcher)",
@@ -139,6 +136,64 @@ def pretrain_part(args) -> dict:
         "export_parameters": hf.num_parameters(),
         "export_dtype": str(next(hf.parameters()).dtype),
     }
+
+
+def flops_per_token(cfg, mean_len: float) -> float:
+    """Training FLOPs per non-padding token: 6 × the dense layers, attention over the mean length, MLM head."""
+    per_token = (
+        6 * cfg.num_hidden_layers * (4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+    )
+    per_token += 12 * cfg.num_hidden_layers * cfg.hidden_size * mean_len  # attention over the mean length
+    per_token += (
+        6 * (cfg.hidden_size**2 + cfg.hidden_size * cfg.vocab_size) * 0.15
+    )  # MLM head, ~15% predicted
+    return per_token
+
+
+PRETRAIN_VARIANTS = {
+    "eager": {"compile": False},
+    "all_switches": {"compile": True, "model_overrides": {"pad_vocab_to_multiple_of": 64, "unpad_attention": "varlen",
+                                                           "attention_probs_dropout_prob": 0.0}},
+}  # fmt: skip
+
+
+def pretrain_variants_part(args) -> dict:
+    """`bertpipe pretrain` end to end through the launcher, once per PRETRAIN_VARIANTS entry (no resume)."""
+    from bert.model import BertConfig
+
+    out: dict = {}
+    for name, settings in PRETRAIN_VARIANTS.items():
+        run = args.work / f"pretrain-{name}"
+        config_file = args.work / f"pretrain-{name}.json"
+        config_file.write_text(json.dumps(settings))
+        try:
+            wall = bertpipe("pretrain", "--config", str(config_file), "--examples", str(args.examples),
+                            "--model-config", args.model, "--num-gpus", "1",
+                            "--deepspeed-config", str(REPO / "deepspeed_configs/zero1_bf16.json"),
+                            "--global-batch-size", str(args.batch_size), "--micro-batch-size", str(args.batch_size),
+                            "--lr", "1e-4", "--warmup-steps", "10", "--schedule-steps", "1000", "--save-every", "1000",
+                            "--no-progress", "--out", str(run), "--max-steps", str(args.pretrain_steps),
+                            log=args.out / f"pretrain-{name}.log")  # fmt: skip
+        except Exception as e:  # one variant failing (no flash kernel, say) still leaves the others measured
+            out[name] = {"settings": settings, "error": f"{type(e).__name__}: {e}"[-2000:]}
+            continue
+        train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in train if "tokens_per_s" in r]
+        steady = train[5:] or train
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in steady)
+        mean_len = sum(r["tokens"] for r in steady) / sum(r["samples"] for r in steady)
+        cfg = BertConfig.from_json_file(run / "hf")
+        out[name] = {
+            "settings": settings,
+            "wall_s": round(wall, 1),
+            "median_step_s": round(statistics.median(r["step_time_s"] for r in steady), 4),
+            "tokens_per_s": round(tokens_per_s),
+            "approx_mfu": round(
+                tokens_per_s * flops_per_token(cfg, mean_len) / (args.peak_flops or 989e12), 4
+            ),
+            "loss_first_last": [round(train[0]["loss"], 3), round(train[-1]["loss"], 3)],
+        }
+    return out
 
 
 def finetune_model(args) -> Path:
@@ -223,6 +278,7 @@ def main() -> None:
         "device": lambda: device_part(args),
         "step": lambda: step_part(args, compile_=False),
         "pretrain": lambda: pretrain_part(args),
+        "pretrain_variants": lambda: pretrain_variants_part(args),
         "finetune": lambda: finetune_part(args),
         "tests": lambda: tests_part(args),
         "step_compile": lambda: step_part(args, compile_=True),
@@ -254,6 +310,9 @@ def summary(report: dict) -> None:
                   f"transformers {theirs.get('tokens_per_s')} tok/s MFU {theirs.get('mfu')} | x{r.get('speedup_vs_transformers')}")  # fmt: skip
     pre = parts.get("pretrain") or {}
     print(f"pretrain: {pre.get('tokens_per_s')} tok/s, MFU~{pre.get('approx_mfu')}, resumed to {pre.get('resumed_to_step')}, {pre.get('error', '')}")  # fmt: skip
+    for name, variant in (parts.get("pretrain_variants") or {}).items():
+        if isinstance(variant, dict):
+            print(f"pretrain {name}: {variant.get('tokens_per_s')} tok/s, MFU~{variant.get('approx_mfu')} {variant.get('error', '')[:200]}")  # fmt: skip
     print(f"finetune: {json.dumps(parts.get('finetune'))[:300]}")
     print(f"tests: {json.dumps(parts.get('tests'))[:300]}")
 

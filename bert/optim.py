@@ -23,7 +23,13 @@ NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.w
 
 
 class Lamb(torch.optim.Optimizer):
-    """Layer-wise adaptive moments (LAMB) for CPU and GPU tensors; see the module docstring for ZeRO."""
+    """Layer-wise adaptive moments (LAMB) for CPU and GPU tensors; see the module docstring for ZeRO.
+
+    One ``step`` runs each operation over all tensors of a param group at once (``torch._foreach_*``: a few
+    kernels per group, not a dozen per tensor), with every value as the per-tensor formulation computes it
+    (tests/test_optim.py keeps that loop as the reference). It holds two fp32 temporaries per parameter
+    during a step.
+    """
 
     def __init__(
         self,
@@ -51,46 +57,59 @@ class Lamb(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One LAMB update of every parameter that has a gradient; returns the closure's loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                if group["bias_correction"]:
-                    m_hat = exp_avg / (1 - beta1 ** state["step"])
-                    v_hat = exp_avg_sq / (1 - beta2 ** state["step"])
-                else:
-                    m_hat, v_hat = exp_avg, exp_avg_sq
-                weight = p.float()
-                update = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(weight, alpha=group["weight_decay"])
-                weight_norm = weight.norm()
-                update_norm = update.norm()
-                # A zero norm (fresh zero-initialised bias, zero gradient) falls back to plain Adam-W.
-                trust = torch.where(
-                    (weight_norm > 0) & (update_norm > 0),
-                    weight_norm / update_norm,
-                    torch.ones_like(weight_norm),
-                )
-                if group["max_trust_ratio"] is not None:
-                    trust = trust.clamp(max=group["max_trust_ratio"])
-                p.add_((update * (-group["lr"] * trust)).to(p.dtype))
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
         return loss
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads = [p.grad.float() for p in params]
+        exp_avgs, exp_avg_sqs, bias1, bias2 = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            # a tensor's step can differ from its group's (it had no gradient in some steps)
+            bias1.append(1 - beta1 ** state["step"] if group["bias_correction"] else 1.0)
+            bias2.append(1 - beta2 ** state["step"] if group["bias_correction"] else 1.0)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        del grads
+        updates = torch._foreach_div(exp_avgs, bias1)  # m_hat
+        denominators = torch._foreach_div(exp_avg_sqs, bias2)  # v_hat
+        torch._foreach_sqrt_(denominators)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_div_(updates, denominators)  # m_hat / (sqrt(v_hat) + eps)
+        del denominators
+        weights = [p.float() for p in params]
+        if group["weight_decay"]:
+            torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
+        weight_norms = torch.stack(torch._foreach_norm(weights))
+        update_norms = torch.stack(torch._foreach_norm(updates))
+        # A zero norm (fresh zero-initialised bias, zero gradient) falls back to plain Adam-W.
+        trust = torch.where(
+            (weight_norms > 0) & (update_norms > 0),
+            weight_norms / update_norms,
+            torch.ones_like(weight_norms),
+        )
+        if group["max_trust_ratio"] is not None:
+            trust = trust.clamp(max=group["max_trust_ratio"])
+        torch._foreach_mul_(updates, list((-group["lr"] * trust).unbind()))
+        torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -116,11 +135,20 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    fused: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (torch) or LAMB over ``parameter_groups(model)``."""
+    """AdamW (torch) or LAMB over ``parameter_groups(model)``.
+
+    ``fused``: AdamW's single-kernel update; None turns it on when CUDA is available (the parameters are
+    still on the CPU when the optimizer is built: DeepSpeed moves them, the same tensors, to the GPU).
+    """
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if fused is None:
+            fused = torch.cuda.is_available()
+        return torch.optim.AdamW(
+            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
+        )
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}: choose adamw or lamb")

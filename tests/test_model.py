@@ -240,6 +240,111 @@ def test_unpadded_and_padded_paths_agree_in_training_with_dropout():
     assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("layout", ["padded", "per_sequence"])
+def test_packing_precomputed_on_the_host_gives_the_same_numbers(layout):
+    from bert.model.encoder import packing_inputs
+    from bert.model.heads import find_mlm_positions
+
+    ids, mask, types, labels, nsp = batch(seed=15)
+    host = packing_inputs(mask.numpy())  # a collator may hold numpy arrays
+    assert torch.equal(host["unpad_indices"], mask.view(-1).nonzero().squeeze(1))
+    assert host["cu_seqlens"].tolist() == [0, 24, 41, 50, 63] and host["cu_seqlens"].dtype == torch.int32
+    assert host["max_seqlen"] == 24
+    torch.manual_seed(16)
+    model = randomise(BertForPreTraining(tiny_config(unpad_attention=layout))).eval()
+    a = model(ids, mask, types, labels, nsp)
+    b = model(ids, mask, types, labels, nsp, mlm_positions=find_mlm_positions(labels), **host)
+    assert torch.equal(a.mlm_positions, b.mlm_positions)
+    assert_close(a.loss, b.loss, tol=0)
+    assert_close(a.mlm_logits, b.mlm_logits, tol=0)
+
+
+def reference_varlen(q, k, v, cu_seqlens, max_seqlen):
+    """What flash varlen attention computes, sequence by sequence on the CPU (the kernel is CUDA-only)."""
+    assert q.shape == k.shape == v.shape and q.dim() == 3 and cu_seqlens.dtype == torch.int32
+    assert max_seqlen == int(cu_seqlens.diff().max())
+    bounds = cu_seqlens.tolist()
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            *(t[i:j].transpose(0, 1) for t in (q, k, v))
+        ).transpose(0, 1)
+        for i, j in zip(bounds, bounds[1:], strict=False)
+    ]
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("precomputed", [True, False])
+def test_varlen_attention_equals_the_padded_reference(monkeypatch, precomputed):
+    from bert.model import encoder
+    from bert.model.encoder import packing_inputs
+
+    ids, mask, types, labels, nsp = batch(seed=17)
+    results = []
+    for layout in ("padded", "varlen"):
+        torch.manual_seed(18)
+        model = randomise(
+            BertForPreTraining(tiny_config(unpad_attention=layout, attention_probs_dropout_prob=0.0))
+        )
+        calls: list[int] = []
+        monkeypatch.setattr(
+            encoder, "varlen_attention", lambda *a, c=calls: c.append(1) or reference_varlen(*a)
+        )
+        host = packing_inputs(mask) if precomputed else {}
+        out = model.eval()(ids, mask, types, labels, nsp, **host)
+        out.loss.backward()
+        assert len(calls) == (2 if layout == "varlen" else 0)  # every layer attends packed
+        results.append((out, model.bert.encoder.layer[0].attention.self.query.weight.grad))
+    (padded, padded_grad), (varlen, varlen_grad) = results
+    assert_close(padded.loss, varlen.loss)
+    assert_close(padded.mlm_logits, varlen.mlm_logits)
+    assert_close(padded_grad, varlen_grad)
+
+
+def test_varlen_attention_has_no_dropout_and_needs_cuda():
+    with pytest.raises(
+        ValueError, match="has no attention dropout.*attention_probs_dropout_prob.*MosaicBERT"
+    ):
+        tiny_config(unpad_attention="varlen")  # the default 0.1 is never dropped silently
+    model = BertModel(tiny_config(unpad_attention="varlen", attention_probs_dropout_prob=0.0)).eval()
+    ids, mask, _, _, _ = batch()
+    with pytest.raises(ValueError, match="needs CUDA tensors in bf16 or fp16.*'padded' on the CPU"):
+        model(ids, mask)
+    assert_close(
+        model(ids).last_hidden_state, model(ids, torch.ones_like(ids)).last_hidden_state
+    )  # no padding
+
+
+def test_padded_vocabulary_changes_no_number():
+    ids, mask, types, labels, nsp = batch(seed=19)
+    torch.manual_seed(20)
+    plain = randomise(
+        BertForPreTraining(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    )
+    padded = BertForPreTraining(tiny_config(pad_vocab_to_multiple_of=64, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0))  # fmt: skip
+    emb, bias = padded.bert.embeddings.word_embeddings.weight, padded.cls.predictions.bias
+    assert emb.shape == (128, 32) and bias.shape == (128,) and padded.config.padded_vocab_size == 128
+    assert emb[VOCAB:].abs().max() == 0 and bias[VOCAB:].abs().max() == 0  # init leaves the padding zero
+    with torch.no_grad():
+        for name, p in padded.named_parameters():
+            p[: plain.state_dict()[name].shape[0]].copy_(plain.state_dict()[name])
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (plain, padded)]
+    for _ in range(2):
+        outs = []
+        for model, optimizer in zip((plain, padded), optimizers, strict=True):
+            out = model.train()(ids, mask, types, labels, nsp)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            outs.append(out)
+        assert outs[1].mlm_logits.shape == outs[0].mlm_logits.shape == (int((labels != -100).sum()), VOCAB)
+        assert_close(outs[0].loss, outs[1].loss)
+    assert emb[VOCAB:].abs().max() == 0 and bias[VOCAB:].abs().max() == 0  # never predicted, never trained
+    assert_close(emb[:VOCAB], plain.bert.embeddings.word_embeddings.weight)
+    without_labels = padded.eval()(ids, mask)  # every position: the logits are cut to the vocabulary too
+    assert without_labels.mlm_logits.shape == (*ids.shape, VOCAB)
+
+
 def test_gradient_checkpointing_gives_identical_gradients():
     ids, mask, types, labels, nsp = batch(seed=10)
     grads = []
@@ -295,6 +400,8 @@ def test_presets():
         (dict(pad_token_id=500), "pad_token_id"),
         (dict(num_labels=3, id2label={0: "a", 1: "b"}), "id2label has keys"),
         (dict(problem_type="ranking"), "problem_type 'ranking'"),
+        (dict(unpad_attention="flash"), "unpad_attention must be one of"),
+        (dict(pad_vocab_to_multiple_of=0), "pad_vocab_to_multiple_of must be a positive integer"),
     ],
 )
 def test_config_validation(overrides, message):

@@ -160,6 +160,39 @@ def test_qa_model_loads_pretraining_checkpoint_and_old_names(tmp_path):
     assert torch.equal(qa.bert.embeddings.LayerNorm.weight, pre.bert.embeddings.LayerNorm.weight)
 
 
+def test_padded_vocabulary_exports_and_loads_as_the_unpadded_model(tmp_path):
+    torch.manual_seed(4)
+    padded = scramble(BertForPreTraining(tiny_config(pad_vocab_to_multiple_of=64)))
+    padded.zero_vocab_padding()
+    assert padded.bert.embeddings.word_embeddings.weight.shape[0] == 128
+    plain = BertForPreTraining(tiny_config())
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            p.copy_(padded.state_dict()[name][: p.shape[0]])
+    padded.save_pretrained(tmp_path / "padded")
+    plain.save_pretrained(tmp_path / "plain")
+    # the same files: config.json without the padding switch, every tensor with vocab_size rows
+    assert (tmp_path / "padded/config.json").read_text() == (tmp_path / "plain/config.json").read_text()
+    exported, expected = load_state_dict(tmp_path / "padded"), load_state_dict(tmp_path / "plain")
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+    assert exported["bert.embeddings.word_embeddings.weight"].shape == (VOCAB, 32)
+    theirs = transformers.BertForPreTraining.from_pretrained(tmp_path / "padded").eval()
+    # a Hugging Face checkpoint (vocab_size rows) loads into a padded model; the padding rows stay zero
+    again = BertForPreTraining.from_pretrained(tmp_path / "plain", pad_vocab_to_multiple_of=64)
+    assert not again.loading_info["missing_keys"] and not again.loading_info["mismatched_keys"]
+    assert again.bert.embeddings.word_embeddings.weight[VOCAB:].abs().max() == 0
+    assert again.cls.predictions.decoder.weight is again.bert.embeddings.word_embeddings.weight
+    ids, mask = inputs()
+    with torch.no_grad():
+        ours = again(ids, mask).mlm_logits
+        reference = theirs(input_ids=ids, attention_mask=mask).prediction_logits
+    assert ours.shape == reference.shape == (3, 16, VOCAB)
+    real = mask.bool()
+    assert torch.allclose(ours[real], reference[real], atol=1e-5)
+
+
 def test_non_bert_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})

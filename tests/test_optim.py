@@ -58,6 +58,114 @@ def test_lamb_follows_the_reference_on_a_toy_regression():
     assert ((x @ w + b - y) ** 2).mean() < first_loss
 
 
+class LoopLamb(Lamb):
+    """bert.optim.Lamb's step before it ran over ``torch._foreach_*`` ops: one tensor at a time (the reference)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if group["bias_correction"]:
+                    m_hat = exp_avg / (1 - beta1 ** state["step"])
+                    v_hat = exp_avg_sq / (1 - beta2 ** state["step"])
+                else:
+                    m_hat, v_hat = exp_avg, exp_avg_sq
+                weight = p.float()
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(weight, alpha=group["weight_decay"])
+                weight_norm = weight.norm()
+                update_norm = update.norm()
+                trust = torch.where(
+                    (weight_norm > 0) & (update_norm > 0),
+                    weight_norm / update_norm,
+                    torch.ones_like(weight_norm),
+                )
+                if group["max_trust_ratio"] is not None:
+                    trust = trust.clamp(max=group["max_trust_ratio"])
+                p.add_((update * (-group["lr"] * trust)).to(p.dtype))
+
+
+def _train_tiny_bert(make_optimizer, steps: int, skip_grad: str | None = None) -> dict[str, torch.Tensor]:
+    """A few optimizer steps of a tiny BertForPreTraining (dropout off) from fixed weights and batches."""
+    from bert.model import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = BertForPreTraining(config).train()
+    optimizer = make_optimizer(model)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        ids = torch.randint(5, 50, (4, 12), generator=generator)
+        labels = torch.where(torch.rand(4, 12, generator=generator) < 0.3, ids, -100)
+        out = model(ids, torch.ones_like(ids), labels=labels, next_sentence_label=torch.tensor([0, 1, 0, 1]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        if skip_grad is not None and step % 2:  # a tensor without gradient in some steps: its own step count
+            dict(model.named_parameters())[skip_grad].grad = None
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_foreach_lamb_equals_the_per_tensor_loop_bitwise():
+    # Several steps, weight decay on one of the two param groups (a third with its own lr, no bias correction
+    # and a trust-ratio cap), and a tensor that misses its gradient every other step: bitwise equal on the CPU
+    # (on CUDA the foreach norm and division kernels may round differently: expect 1-ulp differences there).
+    def groups(model):
+        decay, no_decay = parameter_groups(model, 0.01)
+        last = decay["params"].pop()
+        third = {
+            "params": [last],
+            "lr": 3e-3,
+            "weight_decay": 0.1,
+            "bias_correction": False,
+            "max_trust_ratio": 0.5,
+        }
+        return [decay, no_decay, third]
+
+    def make(cls):
+        return lambda model: cls(groups(model), lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+
+    skip = "cls.seq_relationship.weight"
+    reference = _train_tiny_bert(make(LoopLamb), steps=3, skip_grad=skip)
+    vectorised = _train_tiny_bert(make(Lamb), steps=3, skip_grad=skip)
+    initial = _train_tiny_bert(make(Lamb), steps=0)
+    assert reference.keys() == vectorised.keys()
+    for name, expected in reference.items():
+        assert torch.equal(vectorised[name], expected), name
+    assert not torch.equal(reference[skip], initial[skip])  # the skipped tensor still trained
+
+
+def test_fused_adamw_matches_the_default_adamw():
+    # build_optimizer turns fused on when CUDA is there; the CPU has the same fused kernel to check it against
+    def make(fused):
+        return lambda model: build_optimizer(model, "adamw", 1e-2, (0.9, 0.99), 1e-6, 0.01, fused=fused)
+
+    fused, plain = _train_tiny_bert(make(True), steps=2), _train_tiny_bert(make(False), steps=2)
+    initial = _train_tiny_bert(make(False), steps=0)
+    for name, expected in plain.items():
+        torch.testing.assert_close(fused[name], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(plain[k], initial[k]) for k in plain)
+    model = torch.nn.Linear(2, 2)
+    assert build_optimizer(model, "adamw", 1e-3, (0.9, 0.99), 1e-6, 0.0, fused=True).defaults["fused"]
+    assert not build_optimizer(model, "adamw", 1e-3, (0.9, 0.99), 1e-6, 0.0, fused=False).defaults["fused"]
+
+
 def test_lamb_step_size_is_lr_times_weight_norm():
     # The trust ratio makes each tensor's step ||lr * trust * r|| = lr * ||w||, whatever the gradient scale.
     for scale in (1e-3, 1.0, 1e3):

@@ -22,7 +22,22 @@ ACTIVATIONS = {
     "relu": F.relu,
     "silu": F.silu,
 }
-RUNTIME_SWITCHES = {"use_sdpa", "unpad", "unpad_attention", "gradient_checkpointing"}  # not in config.json
+RUNTIME_SWITCHES = {
+    "use_sdpa",
+    "unpad",
+    "unpad_attention",
+    "gradient_checkpointing",
+    "pad_vocab_to_multiple_of",
+}  # not in config.json: how to compute, not what
+UNPAD_ATTENTION = ("padded", "per_sequence", "varlen")
+# Parameters with one row per vocabulary id (checkpoint key suffixes): padded inside the model when
+# pad_vocab_to_multiple_of > 1, cut back to vocab_size in every Hugging Face export.
+VOCAB_SIZED_KEYS = (
+    "embeddings.word_embeddings.weight",
+    "predictions.bias",
+    "predictions.decoder.weight",
+    "predictions.decoder.bias",
+)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # name: (num_hidden_layers, hidden_size, num_attention_heads, intermediate_size)
@@ -94,7 +109,14 @@ class BertConfig:
     unpad_attention: str = "padded"
     """With unpad, how attention sees the packed tokens: "padded" (scatter back to (B, T) and mask: one kernel
     per layer) or "per_sequence" (a loop over sequences at exact lengths, no mask: ~8% faster per step on one
-    idle CPU thread, but B times more kernels, which costs far more when the cores are contended)."""
+    idle CPU thread, but B times more kernels, which costs far more when the cores are contended) or "varlen"
+    (CUDA, bf16/fp16: PyTorch's flash-attention kernel over the packed (N, H) tokens with cumulative lengths,
+    no padding and no mask in any layer; it has no attention dropout, so it needs
+    attention_probs_dropout_prob=0, MosaicBERT's setting). "padded" is the reference the others must equal."""
+    pad_vocab_to_multiple_of: int = 1
+    """Give the word embeddings and the MLM decoder this multiple of rows (64: tensor-core aligned GEMMs on the
+    GPU); the extra rows stay zero, MLM logits are cut back to vocab_size, and Hugging Face exports hold
+    vocab_size rows, as if never padded. A DeepSpeed checkpoint only resumes with the same value."""
     gradient_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint) to save activation memory."""
 
@@ -124,9 +146,20 @@ class BertConfig:
             raise ValueError(
                 f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})"
             )
-        if self.unpad_attention not in ("padded", "per_sequence"):
+        if self.unpad_attention not in UNPAD_ATTENTION:
             raise ValueError(
-                f"unpad_attention must be 'padded' or 'per_sequence', got {self.unpad_attention!r}"
+                f"unpad_attention must be one of {UNPAD_ATTENTION}, got {self.unpad_attention!r}"
+            )
+        if self.unpad_attention == "varlen" and self.attention_probs_dropout_prob:
+            raise ValueError(
+                f"unpad_attention='varlen' (flash attention over packed tokens) has no attention dropout, but "
+                f"attention_probs_dropout_prob is {self.attention_probs_dropout_prob}: set it to 0 (MosaicBERT's "
+                f"choice) to use 'varlen', or keep unpad_attention='padded'"
+            )
+        multiple = self.pad_vocab_to_multiple_of
+        if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(
+                f"pad_vocab_to_multiple_of must be a positive integer (1: no padding), got {multiple!r}"
             )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES} (or None)")
@@ -147,6 +180,11 @@ class BertConfig:
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the word embeddings and the MLM decoder: vocab_size rounded up to pad_vocab_to_multiple_of."""
+        return -(-self.vocab_size // self.pad_vocab_to_multiple_of) * self.pad_vocab_to_multiple_of
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> BertConfig:

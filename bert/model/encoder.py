@@ -7,6 +7,10 @@ Shapes: B batch, T padded sequence length, N non-padding tokens of the batch, H 
 Two speed paths differ from `transformers` only in cost, not in values:
 - unpadding (`config.unpad`): the dense layers run on the N real tokens of the batch packed together; only
   attention pads them back to (B, T). With lengths uniform in [32, 128] that skips ~35% of the work.
+  `config.unpad_attention="varlen"` (CUDA) keeps attention packed too: flash attention over cumulative
+  sequence lengths, no pad/unpad in any layer. `packing_inputs` computes the packing on the host from the
+  attention mask; passed to `forward` precomputed, no step runs `nonzero`/`tolist` on the device and the
+  forward has no data-dependent branch (one graph under torch.compile).
 - the task models live in `bert.model.heads`; the MLM head projects onto the vocabulary only at predicted positions.
 
 """
@@ -19,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bert.model import hf
-from bert.model.config import ACTIVATIONS, BertConfig
+from bert.model.config import ACTIVATIONS, VOCAB_SIZED_KEYS, BertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ class Packing:
     batch_size: int
     seq_len: int
     lengths: list[int] | None = None  # tokens per sequence, when attention runs sequence by sequence
+    cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32 cumulative lengths, for varlen attention
+    max_seqlen: int | None = None  # longest sequence of the batch, for varlen attention
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (B, T, C) with zeros at padding."""
@@ -52,6 +59,41 @@ class Packing:
         return x.reshape(self.batch_size * self.seq_len, -1).index_select(0, self.indices)
 
 
+def packing_inputs(attention_mask: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    """The unpadding of a (B, T) 0/1 mask, computed on the host: BertModel.forward's precomputed inputs.
+
+    ``unpad_indices`` (N,) int64 flat positions b * T + t of the tokens, ``cu_seqlens`` (B + 1,) int32
+    cumulative lengths, ``max_seqlen`` an int. A collator (or the engine) calls it on CPU tensors before the
+    batch moves to the device, so the device never waits on ``nonzero``/``tolist`` in a step.
+    """
+    mask = torch.as_tensor(attention_mask)
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, seq_len), got shape {tuple(mask.shape)}")
+    if mask.device.type != "cpu":
+        raise ValueError("packing_inputs runs on the host: pass the CPU attention mask, before .to(device)")
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    cu_seqlens = torch.zeros(len(mask) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    return {
+        "unpad_indices": mask.reshape(-1).nonzero().squeeze(1),
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int(lengths.max()) if len(mask) else 0,
+    }
+
+
+def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    """Attention of packed (N, nh, hd) tokens within their sequences (PyTorch's flash varlen kernel, CUDA)."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"unpad_attention='varlen' needs CUDA tensors in bf16 or fp16 (flash attention), got {q.dtype} on "
+            f"{q.device}: use unpad_attention='padded' on the CPU or in fp32"
+        )
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
 # ------------------------------------------------------------------------------------------ embeddings
 
 
@@ -61,7 +103,7 @@ class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+            config.padded_vocab_size, config.hidden_size, padding_idx=config.pad_token_id
         )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
@@ -89,6 +131,7 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self.use_sdpa = config.use_sdpa
+        self.varlen = config.unpad_attention == "varlen"
 
     def attend(self, q, k, v, key_mask) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) v over (..., nh, T, hd), keys masked where key_mask is False."""
@@ -108,6 +151,10 @@ class BertSelfAttention(nn.Module):
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         qkv = F.linear(x, weight, bias)  # (..., 3H)
         nh, hd = self.num_heads, self.head_dim
+        if packing is not None and self.varlen:
+            # dropout_p is 0 here: BertConfig refuses "varlen" with attention dropout
+            q, k, v = qkv.view(-1, 3, nh, hd).unbind(1)  # each (N, nh, hd)
+            return varlen_attention(q, k, v, packing.cu_seqlens, packing.max_seqlen).reshape(-1, nh * hd)
         if packing is not None and packing.lengths is not None:
             # one sequence at a time, no padding and no mask: the (nh, len, len) scores stay in cache
             outs = []
@@ -258,6 +305,15 @@ class BertPreTrainedModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        self.zero_vocab_padding()
+
+    def zero_vocab_padding(self) -> None:
+        """Zero the rows past vocab_size (pad_vocab_to_multiple_of): no id looks them up, no logit is kept."""
+        vocab = self.config.vocab_size
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith(VOCAB_SIZED_KEYS) and param.shape[0] > vocab:
+                    param[vocab:].zero_()
 
     def tie_weights(self) -> None:
         """Re-tie shared parameters (the MLM decoder and the word embeddings); no-op by default."""
@@ -291,6 +347,9 @@ class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, blocks and (optionally) the [CLS] pooler."""
 
     base_model_prefix = ""
+    # Whether forward checks the ids' values (a read of the device: a sync per step). Pretraining turns it
+    # off: its collator checks every batch on the host before the step.
+    check_values: bool = True
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__(config)
@@ -298,6 +357,37 @@ class BertModel(BertPreTrainedModel):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.init_weights()
+
+    def packing(
+        self, attention_mask, unpad_indices, cu_seqlens, max_seqlen
+    ) -> tuple[torch.Tensor | None, Packing | None]:
+        """The key mask (B, 1, 1, T) and the packing of the batch (None, None: no padding to skip)."""
+        if attention_mask is None:
+            return None, None
+        B, T = attention_mask.shape
+        cfg = self.config
+        attention = cfg.unpad_attention if cfg.unpad else "padded"
+        if unpad_indices is None:
+            if torch.compiler.is_compiling():  # no data-dependent branch in a graph: padded, masked
+                return attention_mask.bool()[:, None, None, :], None
+            if bool(attention_mask.all()):
+                return None, None
+        mask = attention_mask.bool()
+        key_mask = None if attention == "varlen" else mask[:, None, None, :]  # broadcast over heads, queries
+        if not cfg.unpad:
+            return key_mask, None
+        if unpad_indices is None:
+            unpad_indices = mask.view(-1).nonzero().squeeze(1)  # (N,)
+            if attention == "varlen":
+                lengths = mask.sum(1, dtype=torch.int32)
+                cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+                max_seqlen = int(lengths.max())
+        elif attention == "varlen" and (cu_seqlens is None or max_seqlen is None):
+            raise ValueError("unpad_attention='varlen' needs cu_seqlens and max_seqlen with unpad_indices")
+        lengths = None
+        if attention == "per_sequence":  # the CPU path: lengths as Python ints
+            lengths = [n for n in mask.sum(1).tolist() if n]
+        return key_mask, Packing(unpad_indices, B, T, lengths, cu_seqlens, max_seqlen)
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
         """ValueError for inputs the embedding tables cannot take (cheap: shapes and one max())."""
@@ -312,7 +402,9 @@ class BertModel(BertPreTrainedModel):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}")
-        if input_ids.numel():
+        if self.check_values and input_ids.numel() and not torch.compiler.is_compiling():
+            # value checks read the device (a sync, and a graph break under torch.compile): eager only; the
+            # compiled run's ids come from the same collator the eager runs check
             lo, hi = torch.aminmax(input_ids)
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(
@@ -324,22 +416,28 @@ class BertModel(BertPreTrainedModel):
             ):
                 raise ValueError(f"token_type_ids must be in [0, type_vocab_size={cfg.type_vocab_size})")
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> BertModelOutput:
-        """input_ids (B, T) long; attention_mask (B, T) 1 = token, 0 = padding; token_type_ids (B, T)."""
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        unpad_indices=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> BertModelOutput:
+        """input_ids (B, T) long; attention_mask (B, T) 1 = token, 0 = padding; token_type_ids (B, T).
+
+        unpad_indices, cu_seqlens, max_seqlen: the packing of attention_mask, precomputed on the host by
+        ``packing_inputs`` (optional; without them the model finds it on the device, or under torch.compile
+        runs padded).
+        """
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         B, T = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         position_ids = torch.arange(T, device=input_ids.device)  # (T,)
-        key_mask = packing = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            attention_mask = attention_mask.bool()
-            key_mask = attention_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
-            if self.config.unpad:
-                indices = attention_mask.view(-1).nonzero().squeeze(1)  # (N,)
-                per_sequence = self.config.unpad_attention == "per_sequence"
-                lengths = [n for n in attention_mask.sum(1).tolist() if n] if per_sequence else None
-                packing = Packing(indices, B, T, lengths)
+        key_mask, packing = self.packing(attention_mask, unpad_indices, cu_seqlens, max_seqlen)
 
         if packing is not None:
             x = self.embeddings(

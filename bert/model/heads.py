@@ -35,17 +35,29 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    """Transform, then project onto the vocabulary with the word embeddings (tied) plus an output bias."""
+    """Transform, then project onto the vocabulary with the word embeddings (tied) plus an output bias.
+
+    With ``pad_vocab_to_multiple_of`` the projection has ``padded_vocab_size`` outputs (an aligned GEMM) and
+    the logits are cut back to ``vocab_size``: a padding row is never predicted nor part of the softmax.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)  # weight tied by the owner model
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.vocab_size = config.vocab_size
+        rows = config.padded_vocab_size
+        self.decoder = nn.Linear(config.hidden_size, rows)  # weight tied by the owner model
+        self.bias = nn.Parameter(torch.zeros(rows))
         self.decoder.bias = self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(x))  # (..., H) -> (..., V)
+        logits = self.decoder(self.transform(x))  # (..., H) -> (..., padded V)
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
+
+
+def find_mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(P,) flat positions b * T + t of the predicted tokens (label != -100); on a CPU batch, a host computation."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 class BertPreTrainingHeads(nn.Module):
@@ -89,10 +101,22 @@ class BertForPreTraining(BertPreTrainedModel):
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
     def forward(
-        self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        labels=None,
+        next_sentence_label=None,
+        *,
+        mlm_positions=None,
+        **packing,
     ) -> BertForPreTrainingOutput:
-        """labels (B, T): original ids at predicted positions, -100 elsewhere; next_sentence_label (B,) 0/1."""
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+        """labels (B, T): original ids at predicted positions, -100 elsewhere; next_sentence_label (B,) 0/1.
+
+        Optional, computed on the host so no step waits on the device: mlm_positions (P,) the flat positions
+        of labels != -100 (``find_mlm_positions(labels)``), and the packing of ``packing_inputs(attention_mask)``.
+        """
+        out = self.bert(input_ids, attention_mask, token_type_ids, **packing)
         hidden = out.last_hidden_state  # (B, T, H)
         mlm_loss = nsp_loss = mlm_labels = positions = None
         if labels is not None:
@@ -101,7 +125,7 @@ class BertForPreTraining(BertPreTrainedModel):
                     f"labels has shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}"
                 )
             flat_labels = labels.reshape(-1)
-            positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (P,)
+            positions = mlm_positions if mlm_positions is not None else find_mlm_positions(labels)  # (P,)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (P, H)
             mlm_labels = flat_labels.index_select(0, positions)
         mlm_logits = self.cls.predictions(hidden)  # (P, V), or (B, T, V) without labels

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from bert.model.config import VOCAB_SIZED_KEYS
+
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -88,6 +90,9 @@ def from_pretrained(cls, path: str | Path, *, ignore_mismatched_sizes: bool = Fa
             if canonical not in checkpoint:
                 continue
             tensor, param = checkpoint[canonical], params[name]
+            if _is_vocab_padding(canonical, tensor, param, config):
+                param[: config.vocab_size].copy_(tensor)  # the padding rows stay zero (init_weights)
+                continue
             if tensor.shape != param.shape:
                 if not ignore_mismatched_sizes:
                     raise ValueError(
@@ -128,14 +133,28 @@ def from_pretrained(cls, path: str | Path, *, ignore_mismatched_sizes: bool = Fa
     return model.eval()
 
 
+def _is_vocab_padding(key: str, tensor: torch.Tensor, param: torch.Tensor, config) -> bool:
+    """True when ``param`` is ``tensor``'s vocabulary-sized parameter padded to ``config.padded_vocab_size``."""
+    return (
+        key.endswith(VOCAB_SIZED_KEYS)
+        and tensor.shape[1:] == param.shape[1:]
+        and (tensor.shape[0], param.shape[0]) == (config.vocab_size, config.padded_vocab_size)
+        and config.padded_vocab_size > config.vocab_size
+    )
+
+
 def save_pretrained(model, path: str | Path) -> Path:
     """Write `config.json` and `model.safetensors` (tied copies left out, as transformers does); returns path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(model.config, architectures=[type(model).__name__])
     config.to_json_file(path / "config.json")
+    vocab = model.config.vocab_size
     state = {
-        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in model.tied_weights
+        # the vocabulary rows only: an export is the same with or without pad_vocab_to_multiple_of
+        k: (v[:vocab] if k.endswith(VOCAB_SIZED_KEYS) else v).detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k not in model.tied_weights
     }
     tmp = path / f".{SAFE_WEIGHTS_NAME}.tmp"
     save_file(state, tmp, metadata={"format": "pt"})

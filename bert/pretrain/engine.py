@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ finally:
         del sys.modules["mlflow"]
 import torch.distributed as dist  # noqa: E402
 
+from bert.model.encoder import packing_inputs  # noqa: E402
+from bert.model.heads import find_mlm_positions  # noqa: E402
 from bert.pretrain.config import derive_seed  # noqa: E402
 from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
 from bert.pretrain.run import LATEST, newest_checkpoint  # noqa: E402
@@ -105,8 +108,42 @@ def broadcast_object(obj):
 # --- the engine -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class StepMetrics:
+    """A step's metrics as the step left them, on the device: ``fetch()`` sums them over the ranks and reads
+    them back, which waits for the device. Every rank must fetch the same steps (it is an all-reduce)."""
+
+    totals: torch.Tensor  # this rank's sums (``_batch_sums``)
+    num_micro: int  # micro batches over all ranks
+    grad_norm: torch.Tensor | float | None
+    lr: float
+
+    def fetch(self) -> dict[str, float]:
+        """Losses and accuracies averaged over all ranks, the gradient norm and the learning rate."""
+        totals = self.totals.to(comm_device())
+        dist.all_reduce(totals)
+        metrics = _metrics_from_sums(totals.cpu(), num_micro=self.num_micro)
+        metrics["grad_norm"] = float(self.grad_norm) if self.grad_norm is not None else float("nan")
+        metrics["lr"] = self.lr
+        return metrics
+
+
+def resolve_compile(compile: bool | None) -> bool:
+    """Whether to torch.compile: as asked, or (None) when CUDA is there; the CPU compiles for longer than it gains."""
+    return torch.cuda.is_available() if compile is None else bool(compile)
+
+
 class Engine:
-    """A DeepSpeed engine around a BertForPreTraining, with bertpipe's optimizer and LR schedule."""
+    """A DeepSpeed engine around a BertForPreTraining, with bertpipe's optimizer and LR schedule.
+
+    ``compile`` (``TrainConfig.compile``; None: on CUDA only): DeepSpeed's ``engine.compile()``, after
+    ``deepspeed.initialize``. It compiles the module in place (``nn.Module.compile``): parameter names,
+    checkpoints and exports stay those of the eager model (``torch.compile(model)`` before initialize
+    would hand DeepSpeed an ``OptimizedModule`` whose names all start with ``_orig_mod.``), and DeepSpeed
+    keeps the optimizer, ZeRO's partitioning and its hooks, which it keeps out of the graph itself.
+    """
+
+    compile_backend: str | None = None  # None: the accelerator's (inductor); tests use a cheaper one
 
     def __init__(
         self,
@@ -115,11 +152,17 @@ class Engine:
         ds_config: dict,
         lr_at: Callable[[int], float],
         seed: int,
+        compile: bool | None = None,
     ):
         self.base_optimizer = optimizer
         self.lr_at = lr_at
         self.seed = seed
+        model.bert.check_values = False  # the collator checks the ids on the host (no device read per step)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.compiled = resolve_compile(compile)
+        if self.compiled:
+            backend = {"backend": self.compile_backend} if self.compile_backend else {}
+            self.engine.compile(**backend)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = self.engine.zero_optimization_stage()
         self.precision = (
@@ -137,10 +180,22 @@ class Engine:
         return self.engine.module
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """The batch on the device, with its packing and MLM positions computed first, on the host.
 
-    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over this rank's micro batches; metrics averaged over all ranks."""
+        The model would otherwise find them with ``nonzero``/``tolist`` on the device: a sync per step, and
+        a graph break under torch.compile. A collator that already adds them (``packing_inputs``) is kept.
+        """
+        batch = dict(batch)
+        if "attention_mask" in batch and "unpad_indices" not in batch and not batch["attention_mask"].is_cuda:
+            batch.update(packing_inputs(batch["attention_mask"]))
+        if batch.get("labels") is not None and "mlm_positions" not in batch and not batch["labels"].is_cuda:
+            batch["mlm_positions"] = find_mlm_positions(batch["labels"])
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepMetrics:
+        """One optimizer step over this rank's micro batches; its metrics, still on the device (``fetch()``)."""
         step = self.global_step
         lr = self.lr_at(step)
         for group in self.base_optimizer.param_groups:
@@ -159,13 +214,8 @@ class Engine:
             self.engine.step()
             totals += _batch_sums(out, batch)
         assert self.global_step == step + 1, "DeepSpeed did not step at the accumulation boundary"
-        totals = totals.to(comm_device())
-        dist.all_reduce(totals)
-        metrics = _metrics_from_sums(totals.cpu(), num_micro=len(micro_batches) * self.world_size)
         norm = self.engine.get_global_grad_norm() if own_grad_norm is None else own_grad_norm
-        metrics["grad_norm"] = float(norm) if norm is not None else float("nan")
-        metrics["lr"] = lr
-        return metrics
+        return StepMetrics(totals, len(micro_batches) * self.world_size, norm, lr)
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -276,12 +326,11 @@ def checkpoint_state_dict(
     return {k: v.detach().float() for k, v in state.items()}
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor | float:
+    """The gradients' global L2 norm, left on the device (read back with the step's other metrics)."""
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
     return (
-        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        if grads
-        else 0.0
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from bert.optim import build_optimizer, lr_multiplier
 from bert.pretrain import engine as eng
 from bert.pretrain.checkpoint import export_hf, resume, save_checkpoint
 from bert.pretrain.config import TrainConfig
-from bert.pretrain.data import DataPosition, RankBatches
+from bert.pretrain.data import DataPosition, Prefetcher, RankBatches
 from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
 from bert.pretrain.run import (
     PARENT_HOST_ENV,
@@ -170,58 +171,101 @@ def open_data_log(out: Path, rank: int) -> TextIO:
     return open(out / "data_log" / f"rank{rank}.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
 
+STOP_CHECK_EVERY = 4  # steps between the ranks' stop agreements (an all-reduce the host must wait for)
+PREFETCH_DEPTH = 4  # global batches collated ahead of the step, on a background thread
+
+
+def train_record(step: int, epoch: int, metrics: dict, times: list[float], world_size: int) -> dict:
+    """A metrics.jsonl record: the step's metrics, and per step of those since the last record
+    (``times``: steps, their seconds, their seconds waiting for data) the time, the wait and throughput."""
+    steps, step_s, wait_s = times
+    mean_s = step_s / steps
+    return {
+        "step": step,
+        "epoch": epoch,
+        **metrics,
+        "step_time_s": mean_s,
+        "data_wait_s": wait_s / steps,
+        "data_wait_share": wait_s / step_s if step_s > 0 else 0.0,
+        "tokens_per_s": metrics["tokens"] / mean_s,
+        "tokens_per_s_per_rank": metrics["tokens"] / mean_s / world_size,
+        "samples_per_s": metrics["samples"] / mean_s,
+    }
+
+
 def fit(run: Run) -> PretrainResult:
-    """Train until max_steps, the time budget or SIGTERM; checkpoint, evaluate and export on the way."""
+    """Train until max_steps, the time budget or SIGTERM; checkpoint, evaluate and export on the way.
+
+    The batches are collated ahead on a background thread (``Prefetcher``); the step's metrics are read
+    back from the device on logged steps only, and the ranks agree on stopping every ``STOP_CHECK_EVERY``
+    steps (every step in a world of one, which needs no agreement), so most steps never wait for the device.
+    """
     config, engine = run.config, run.engine
     metrics_log = MetricsLog(run, engine.global_step)
     data_log = open_data_log(run.out, run.rank) if config.log_example_indices else None
     budget = config.time_budget_seconds
+    check_every = 1 if run.world_size == 1 else STOP_CHECK_EVERY
     started = time.monotonic()
-    last_step_s, record, eval_metrics, checkpoint, hf_dir = 0.0, {}, None, None, None
+    record, eval_metrics, checkpoint, hf_dir = {}, None, None, None
     saved_step = exported_step = None
+    pending = None  # (step, epoch, metrics, times) of the last step when it was not logged
+    window = [0, 0.0, 0.0]  # since the last record: steps, their seconds, their seconds waiting for data
+    since_check, steps_run = [0, 0.0], 0  # since the last stop agreement: steps, their seconds
+    collate = functools.partial(run.collator, run.train)
     with StopSignal() as stop:
-        while True:
-            if config.max_steps is not None and engine.global_step >= config.max_steps:
-                stop_reason = "max_steps"
-                break
-            out_of_time = budget is not None and time.monotonic() - started + last_step_s >= budget
-            code = eng.agree_stop(2 if stop.received else 1 if out_of_time else 0)
-            if code:
-                stop_reason = "sigterm" if code == 2 else "time_budget"
-                break
-            t0 = time.perf_counter()
-            epoch, micro_indices = run.batches.next()
-            micro_batches = [run.collator(run.train, indices, epoch) for indices in micro_indices]
-            metrics = engine.step(micro_batches)
-            last_step_s = time.perf_counter() - t0
-            step = engine.global_step
-            record = {"step": step, "epoch": epoch, **metrics}
-            record.update(
-                step_time_s=last_step_s,
-                tokens_per_s=metrics["tokens"] / last_step_s,
-                tokens_per_s_per_rank=metrics["tokens"] / last_step_s / run.world_size,
-                samples_per_s=metrics["samples"] / last_step_s,
-            )
-            if data_log is not None:
-                data_log.write(
-                    json.dumps(
-                        {"step": step, "epoch": epoch, "indices": [int(i) for b in micro_indices for i in b]}
+        with Prefetcher(run.batches, collate, PREFETCH_DEPTH) as prefetcher:
+            while True:
+                if config.max_steps is not None and engine.global_step >= config.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if steps_run % check_every == 0:
+                    # the next agreement comes check_every steps on: stop now if those would overrun the budget
+                    mean_step_s = since_check[1] / since_check[0] if since_check[0] else 0.0
+                    elapsed = time.monotonic() - started
+                    out_of_time = budget is not None and elapsed + check_every * mean_step_s >= budget
+                    code = 2 if stop.received else 1 if out_of_time else 0
+                    code = eng.agree_stop(code) if run.world_size > 1 else code
+                    since_check = [0, 0.0]
+                    if code:
+                        stop_reason = "sigterm" if code == 2 else "time_budget"
+                        break
+                t0 = time.perf_counter()
+                batch = prefetcher.next()
+                wait_s = time.perf_counter() - t0
+                metrics = engine.step(batch.micro_batches)
+                step, steps_run = engine.global_step, steps_run + 1
+                logged = step % config.log_every == 0
+                if logged:
+                    metrics = metrics.fetch()  # the one wait for the device (an all-reduce) in most steps
+                step_s = time.perf_counter() - t0
+                window = [window[0] + 1, window[1] + step_s, window[2] + wait_s]
+                since_check = [since_check[0] + 1, since_check[1] + step_s]
+                if data_log is not None:
+                    indices = [int(i) for b in batch.indices for i in b]
+                    data_log.write(
+                        json.dumps({"step": step, "epoch": batch.epoch, "indices": indices}) + "\n"
                     )
-                    + "\n"
-                )
-            if step % config.log_every == 0:
-                metrics_log.write(record)
-            if config.save_every and step % config.save_every == 0:
-                checkpoint, saved_step = save_checkpoint(run), step
-            if config.eval_every and step % config.eval_every == 0 and run.valid is not None:
-                eval_metrics = {"step": step, **engine.evaluate(evaluation_batches(run))}
-                metrics_log.write(
-                    {f"eval_{k}" if k != "step" else k: v for k, v in eval_metrics.items()}, "eval"
-                )
-            if config.export_every and step % config.export_every == 0:
-                if saved_step != step:
+                pending = None
+                if logged:
+                    record = train_record(step, batch.epoch, metrics, window, run.world_size)
+                    metrics_log.write(record)
+                    window = [0, 0.0, 0.0]
+                else:
+                    pending = (step, batch.epoch, metrics, list(window))
+                if config.save_every and step % config.save_every == 0:
                     checkpoint, saved_step = save_checkpoint(run), step
-                hf_dir, exported_step = export_hf(run, checkpoint), step
+                if config.eval_every and step % config.eval_every == 0 and run.valid is not None:
+                    eval_metrics = {"step": step, **engine.evaluate(evaluation_batches(run))}
+                    metrics_log.write(
+                        {f"eval_{k}" if k != "step" else k: v for k, v in eval_metrics.items()}, "eval"
+                    )
+                if config.export_every and step % config.export_every == 0:
+                    if saved_step != step:
+                        checkpoint, saved_step = save_checkpoint(run), step
+                    hf_dir, exported_step = export_hf(run, checkpoint), step
+        if pending is not None:  # the last step was not logged: its metrics are the result's all the same
+            step, epoch, metrics, times = pending
+            record = train_record(step, epoch, metrics.fetch(), times, run.world_size)
         step = engine.global_step
         if saved_step != step and step > 0:
             checkpoint = save_checkpoint(run)
@@ -272,7 +316,7 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
         return config.lr * schedule
 
     num_parameters = model.num_parameters()  # before ZeRO-3 partitions the tensors away
-    run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed)
+    run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed, compile=config.compile)
     position = resume(run) if config.resume else DataPosition()
     run.batches = RankBatches(run.train, config.seed, rank, world_size, run.batch.micro_batch_size,
                               run.batch.gradient_accumulation_steps, config.bucket_batches, position)  # fmt: skip
@@ -307,10 +351,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--resume", action="store_true", default=None)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--time-budget")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on CUDA only)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     values = json.loads(Path(args.config).read_text())
-    for key in ("resume", "max_steps", "time_budget"):
+    for key in ("resume", "max_steps", "time_budget", "compile"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return TrainConfig.from_dict(values), args

@@ -149,7 +149,9 @@ def load_run_inputs(config: TrainConfig, rank: int, world_size: int) -> Run:
             f"the examples in {config.examples} do not match the model and tokenizer; nothing was trained:\n  - "
             + "\n  - ".join(problems)
         )
-    collator = Collator(metadata, config.seed, config.pad_to_multiple_of, tokens)
+    collator = Collator(
+        metadata, config.seed, config.pad_to_multiple_of, tokens, model_config.type_vocab_size
+    )
     return Run(config, Path(config.out), rank, world_size, batch, model_config, metadata, vocab_dir, tokens,
                train, valid, collator)  # fmt: skip
 
