@@ -1,20 +1,28 @@
-"""Near-duplicate detection: rensa against datasketch on synthetic documents with planted near-duplicates.
+"""Near-duplicate detection: rensa against datasketch on synthetic documents with planted near-duplicates,
+the shard stage's own signing and on-disk pass, and the memory of that pass per document.
 
 Documents of 8 paragraphs (~300 words) are drawn from a Zipf-like 30k-word vocabulary; a share of them are
 edited copies of another document (a few words replaced, or one paragraph dropped). Each library runs in a
-fresh process (so peak RSS is its own) over the same documents, shingled the way the shard stage shingles
-(``data_prep.neardup.shingles``), and reports for:
+fresh process (so peak RSS is its own; rensa on one thread, ``RAYON_NUM_THREADS=1``) over the same documents,
+shingled as strings (``data_prep.neardup.shingles``, the set the stage's hashes stand for), and reports for:
 - ``signatures``: MinHash signatures of every document (128 permutations), documents/s;
 - ``library_lsh``: the library's own LSH index at the threshold (insert all, query all, keep candidates whose
   estimated Jaccard passes), documents/s;
-- ``stage_lsh``: the shard stage's global pass (``data_prep.neardup.find_near_duplicates``) over the
-  library's signatures, documents/s;
-with recall (planted copies found) and precision (dropped documents that are planted copies) of both LSH
-steps, and the process's peak RSS after generating the documents and at the end (the end includes every
-document's shingle strings, ~2.6 GB at 100k documents, which the benchmark keeps for both LSH steps; the
-stage shingles 1,024 documents at a time). Prints one JSON object.
+- ``stage_lsh``: the shard stage's in-memory reference pass (``data_prep.neardup.find_near_duplicates``) over
+  the library's signatures, documents/s;
+- ``stage``: what the shard stage runs: ``neardup.signatures`` on the sentence lists (shingling and hashing
+  together, documents per CPU second: per core) and ``neardup.find_near_duplicates_on_disk``;
+with recall (planted copies found) and precision (dropped documents that are planted copies) of each pass,
+and the process's peak RSS after generating the documents and at the end (the end includes every
+document's shingle strings, ~2.6 GB at 100k documents, which the benchmark keeps for the library passes;
+the stage hashes ~0.5 MB of text at a time). Prints one JSON object (``--out``: also writes it there).
 
     python benchmarks/near_dup.py [--num-docs 100000] [--planted 0.05] [--threshold 0.8] [--library both]
+
+``--memory N[,N...]`` measures the global pass alone, each run a fresh process over N synthetic signatures
+(5% planted near-copies): the in-memory reference (the signatures held in one array, as the stage did)
+against the on-disk pass (signatures streamed in batches): peak RSS, its growth over the process's RSS
+before the pass, bytes per document, seconds.
 
 ``--stage`` measures the shard stage itself instead: the same documents written as JSONL, then `bertpipe shard`
 with near-duplicate removal and without (each a fresh process: wall time, documents/s, peak RSS of the stage's
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -41,6 +50,9 @@ from data_prep import neardup  # noqa: E402
 
 LIBRARIES = ("rensa", "datasketch")
 BATCH = 1024
+IMPLEMENTATIONS = ("in_memory", "on_disk")  # of the global pass, for --memory
+SIGNATURE_BATCH = 1 << 16  # synthetic signatures per batch of --memory's stream
+ONE_THREAD = {**os.environ, "RAYON_NUM_THREADS": "1"}  # rensa's batch calls would use every core
 
 
 def peak_rss_mb() -> float:
@@ -190,6 +202,7 @@ def run_library(library: str, num_docs: int, planted: float, threshold: float, s
     dropped, partner, _ = neardup.find_near_duplicates(signatures, rank, threshold)
     stage_lsh_s = time.perf_counter() - start
 
+    stage = run_stage_pass(documents, originals, rank, threshold)
     sample = list(originals.items())[:500]
     planted_jaccard = [exact_jaccard(documents[c], documents[o]) for c, o in sample]
     return {
@@ -213,13 +226,98 @@ def run_library(library: str, num_docs: int, planted: float, threshold: float, s
             "docs_per_s": round(num_docs / stage_lsh_s),
             **score(dropped.tolist(), partner.tolist(), originals),
         },
+        "stage": stage,
         "peak_rss_mb": {"after_generation": round(after_generation), "end": round(peak_rss_mb())},
+    }
+
+
+def run_stage_pass(documents: list[list[str]], originals: dict[int, int], rank, threshold: float) -> dict:
+    """The stage's signing (CPU seconds: per core) and on-disk pass over the documents, with recall."""
+    import tempfile
+
+    start, start_cpu = time.perf_counter(), time.process_time()
+    signatures, signed = neardup.signatures(documents)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    digests = np.stack([np.zeros(len(signed), np.uint64), rank[signed].astype(np.uint64)], axis=1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="near-dup-") as tmp:
+        batches = ((digests[i : i + BATCH], signatures[i : i + BATCH]) for i in range(0, len(signed), BATCH))
+        dropped, kept, _ = neardup.find_near_duplicates_on_disk(batches, threshold, Path(tmp) / "work")
+    lsh_seconds = time.perf_counter() - start
+    row_of_rank = np.argsort(rank)
+    dropped, kept = row_of_rank[dropped[:, 1].astype(np.int64)], row_of_rank[kept[:, 1].astype(np.int64)]
+    return {
+        "method": neardup.method(),
+        "signatures": {
+            "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "docs_per_s": round(len(documents) / seconds),
+            "docs_per_cpu_s": round(len(documents) / cpu_seconds),
+        },
+        "on_disk_lsh": {
+            "seconds": round(lsh_seconds, 2),
+            "docs_per_s": round(len(documents) / lsh_seconds),
+            **score(dropped.tolist(), kept.tolist(), originals),
+        },
+    }
+
+
+def synthetic_signatures(num_docs: int, seed: int, batch: int = SIGNATURE_BATCH):
+    """(digests, signatures) batches of random signatures, 5% of them near-copies (~10% of values changed) of
+    a row of the same batch: a stream, so the generator itself holds one batch."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, num_docs, batch):
+        count = min(batch, num_docs - start)
+        signatures = rng.integers(0, 2**32, (count, neardup.NUM_PERM), dtype=np.uint32)
+        copies = np.flatnonzero(rng.random(count) < 0.05)
+        signatures[copies] = signatures[rng.integers(0, count, len(copies))]
+        changed = rng.random((len(copies), neardup.NUM_PERM)) < 0.1
+        signatures[copies] = np.where(
+            changed, rng.integers(0, 2**32, changed.shape, np.uint32), signatures[copies]
+        )
+        yield rng.integers(0, 2**63, (count, 2), dtype=np.uint64), signatures
+
+
+def current_rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_memory(num_docs: int, implementation: str, threshold: float, seed: int) -> dict:
+    """Peak RSS of one global pass over ``num_docs`` synthetic signatures, in this (fresh) process."""
+    import tempfile
+
+    before = current_rss_mb()
+    start = time.perf_counter()
+    if implementation == "in_memory":  # what the stage held: every signature, and a rank by digest
+        digests = np.empty((num_docs, 2), np.uint64)
+        signatures = np.empty((num_docs, neardup.NUM_PERM), np.uint32)
+        for start_row, (d, s) in zip(
+            range(0, num_docs, SIGNATURE_BATCH), synthetic_signatures(num_docs, seed), strict=True
+        ):
+            digests[start_row : start_row + len(d)], signatures[start_row : start_row + len(d)] = d, s
+        rank = np.empty(num_docs, np.int64)
+        rank[np.lexsort((digests[:, 1], digests[:, 0]))] = np.arange(num_docs)
+        dropped, _, _ = neardup.find_near_duplicates(signatures, rank, threshold)
+    else:
+        with tempfile.TemporaryDirectory(prefix="near-dup-memory-") as tmp:
+            dropped, _, _ = neardup.find_near_duplicates_on_disk(
+                synthetic_signatures(num_docs, seed), threshold, Path(tmp) / "work"
+            )
+    seconds = time.perf_counter() - start
+    peak = peak_rss_mb()
+    return {
+        "implementation": implementation,
+        "documents": num_docs,
+        "dropped": len(dropped),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak),
+        "rss_before_mb": round(before),
+        "bytes_per_document": round((peak - before) * 2**20 / num_docs),
     }
 
 
 def run_stage(args) -> dict:
     """`bertpipe shard` on the synthetic corpus with and without near-duplicate removal."""
-    import os
     import tempfile
 
     documents, originals = synthetic_corpus(args.num_docs, args.planted, args.seed)
@@ -267,13 +365,40 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", action="store_true", help="measure `bertpipe shard` itself (see above)")
     parser.add_argument("--workers", type=int, default=2, help="with --stage: the stage's --workers")
+    parser.add_argument(
+        "--memory", help="document counts, comma-separated: memory of the global pass (above)"
+    )
+    parser.add_argument("--implementation", choices=IMPLEMENTATIONS, help="with --memory: only this one")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    if args.stage:
-        print(json.dumps(run_stage(args), indent=2))
-        return
     if args.child:
-        print(json.dumps(run_library(args.library, args.num_docs, args.planted, args.threshold, args.seed)))
+        if args.memory:
+            result = run_memory(args.num_docs, args.implementation, args.threshold, args.seed)
+        else:
+            result = run_library(args.library, args.num_docs, args.planted, args.threshold, args.seed)
+        print(json.dumps(result))
         return
+    if args.stage:
+        report = run_stage(args)
+    elif args.memory:
+        report = {"threshold": args.threshold, "runs": []}
+        for num_docs in (int(n) for n in args.memory.split(",")):
+            for implementation in [args.implementation] if args.implementation else IMPLEMENTATIONS:
+                command = [sys.executable, __file__, "--child", "--memory", str(num_docs), "--num-docs",
+                           str(num_docs), "--implementation", implementation, "--threshold", str(args.threshold),
+                           "--seed", str(args.seed)]  # fmt: skip
+                done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=ONE_THREAD)
+                report["runs"].append(json.loads(done.stdout))
+    else:
+        report = {"threshold": args.threshold, "num_perm": neardup.NUM_PERM, "results": run_libraries(args)}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+def run_libraries(args) -> list[dict]:
+    """Each library's run (``run_library``) in a fresh process."""
     results = []
     for library in LIBRARIES if args.library == "both" else (args.library,):
         command = [
@@ -291,12 +416,9 @@ def main() -> None:
             "--seed",
             str(args.seed),
         ]
-        results.append(
-            json.loads(subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout)
-        )
-    print(
-        json.dumps({"threshold": args.threshold, "num_perm": neardup.NUM_PERM, "results": results}, indent=2)
-    )
+        done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=ONE_THREAD)
+        results.append(json.loads(done.stdout))
+    return results
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ Two passes, both with bounded memory and both resumable after a kill:
    in one shard and the output does not depend on ``--workers`` or on file order.
    With near-duplicate removal on, each task also writes every document's MinHash signature
    (``data_prep.neardup``); between the passes one global LSH pass over the signatures only (never the
-   text) picks the near-duplicates to drop, the survivor of each being the smallest content hash, and lists
-   them in ``near_duplicates.jsonl``.
+   text; on disk, one band at a time, so its memory does not grow with the corpus) picks the near-duplicates
+   to drop, the survivor of each being the smallest content hash, and lists them in ``near_duplicates.jsonl``.
 2. *write* (parallel over shards): each shard's spill is sorted by content hash (hence by ``doc_id``),
    exact duplicates and the chosen near-duplicates are dropped (of exact copies, the one with the smallest
    ``source`` is kept), and the rows go to
@@ -33,6 +33,7 @@ import logging
 import shutil
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -447,81 +448,77 @@ def _write_shards(stage_dir: Path, config: ShardConfig, map_jobs: Mapper) -> lis
     return [shard_stats[s] for s in range(config.num_shards)]
 
 
-_NO_KEYS = pa.table(
-    {
-        "high": pa.array([], pa.uint64()),
-        "low": pa.array([], pa.uint64()),
-        "source": pa.array([], pa.string()),
-        "file": pa.array([], pa.int32()),
-        "row": pa.array([], pa.int64()),
-    }
-)
+NEAR_DUPLICATE_WORK = "near-dup-lsh"  # in the spill: the on-disk LSH pass's files while it runs
+
+
+def _signature_batches(paths: list[Path]) -> Iterator[pa.RecordBatch]:
+    """The record batches of the tasks' signature files, one at a time: a task that read one 10 GB file
+    wrote GBs of signatures, but each batch holds one spill flush (~16 M characters of text)."""
+    for path in paths:
+        with pa.OSFile(str(path), "rb") as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def _digest_words(digests: pa.Array) -> np.ndarray:
+    """16-byte digests as ``(n, 2)`` uint64 (high, low word): ordered as the bytes are."""
+    words = np.frombuffer(digests.buffers()[1], ">u8").reshape(-1, 2)
+    return words[digests.offset : digests.offset + len(digests)].astype(np.uint64)  # the buffer may hold more
+
+
+def _digests_and_signatures(batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(digests ``(n, 2)`` uint64, signatures ``(n, NUM_PERM)`` uint32) of one batch of a signature file."""
+    signatures = batch.column("signature").flatten().to_numpy()
+    return _digest_words(batch.column("digest")), signatures.reshape(-1, neardup.NUM_PERM)
+
+
+def _smallest_sources(paths: list[Path], wanted: set[bytes]) -> dict[bytes, str]:
+    """{digest: its smallest source} for the ``wanted`` digests: the copy of an exact duplicate that
+    write_shard keeps."""
+    sources: dict[bytes, str] = {}
+    wanted_high = np.array(sorted({int.from_bytes(d[:8], "big") for d in wanted}), np.uint64)
+    for batch in _signature_batches(paths):
+        batch = batch.take(np.flatnonzero(np.isin(_digest_words(batch.column("digest"))[:, 0], wanted_high)))
+        for digest, source in zip(*(batch.column(c).to_pylist() for c in ("digest", "source")), strict=True):
+            if digest in wanted and (digest not in sources or source < sources[digest]):
+                sources[digest] = source
+    return sources
 
 
 def _drop_near_duplicates(stage_dir: Path, config: ShardConfig) -> int:
-    """The global pass between reading and writing: LSH over every distinct document's signature (read
-    tasks wrote them beside their spills), in digest order, so the survivor of a group is the document with
+    """The global pass between reading and writing: LSH over every document's signature (read tasks wrote
+    them beside their spills), ranked by content digest, so the survivor of a group is the document with
     the smallest content digest whatever the shard, task or worker each copy went through. Writes the
     stage's ``near_duplicates.jsonl`` and each shard's list of digests to drop; returns how many.
 
-    Memory: 512 bytes of signature per distinct document (NUM_PERM 32-bit values; 100k documents: 51 MB,
-    1M: 0.5 GB) plus ~60 bytes of digest, order and source per document read, plus one task's signature
-    file at a time; never the text.
+    Memory does not grow with the corpus (``neardup.find_near_duplicates_on_disk``: one band's keys at a time,
+    in parts, signatures read from disk as candidates need them) beyond ~100 bytes per near-duplicate found;
+    the signature files are read one batch at a time; never the text. Disk: ~670 bytes per document while it
+    runs, in the spill.
     """
     spill_root = stage_dir / SPILL_DIR
     paths = sorted(spill_root.glob(f"task-*[0-9]/{SIGNATURES}"))
-    keys = []
-    for number, path in enumerate(paths):  # first read: which row of which file is each distinct document
-        table = _read_stream(path, ["digest", "source"])
-        words = np.frombuffer(table.column("digest").combine_chunks().buffers()[1], ">u8").reshape(-1, 2)
-        words = words[: table.num_rows]  # a buffer may be longer than its rows
-        keys.append(
-            pa.table(
-                {
-                    "high": words[:, 0].astype(np.uint64),
-                    "low": words[:, 1].astype(np.uint64),
-                    "source": table.column("source"),
-                    "file": np.full(table.num_rows, number, np.int32),
-                    "row": np.arange(table.num_rows, dtype=np.int64),
-                }
-            )
-        )
-    # the copy of an exact duplicate that write_shard keeps: the smallest source
-    by_digest = [("high", "ascending"), ("low", "ascending"), ("source", "ascending")]
-    order = pa.concat_tables(keys).sort_by(by_digest) if keys else _NO_KEYS
-    high, low = order.column("high").to_numpy(), order.column("low").to_numpy()
-    first = np.ones(len(high), dtype=bool)
-    first[1:] = (high[1:] != high[:-1]) | (low[1:] != low[:-1])
-    order = order.filter(first)  # one row per distinct document, by digest: row r has rank r
-    high, low = order.column("high").to_numpy(), order.column("low").to_numpy()
-    file_of, row_of = order.column("file").to_numpy(), order.column("row").to_numpy()
-    signatures = np.empty((order.num_rows, neardup.NUM_PERM), dtype=np.uint32)
-    for number, path in enumerate(paths):  # second read: the signatures, one file at a time
-        flat = _read_stream(path, ["signature"]).column("signature").combine_chunks().flatten()
-        rows = np.flatnonzero(file_of == number)
-        signatures[rows] = flat.to_numpy().reshape(-1, neardup.NUM_PERM)[row_of[rows]]
-    dropped, kept, similarity = neardup.find_near_duplicates(
-        signatures, np.arange(order.num_rows), config.near_dup_threshold
+    work_dir = spill_root / NEAR_DUPLICATE_WORK
+    shutil.rmtree(work_dir, ignore_errors=True)  # left by a killed run
+    batches = map(_digests_and_signatures, _signature_batches(paths))
+    dropped, kept, similarity = neardup.find_near_duplicates_on_disk(
+        batches, config.near_dup_threshold, work_dir
     )
-    del signatures
-
-    def digest(row: int) -> bytes:
-        return int(high[row]).to_bytes(8, "big") + int(low[row]).to_bytes(8, "big")
-
-    sources = order.column("source")
+    dropped_digests = [d.astype(">u8").tobytes() for d in dropped]
+    kept_digests = [k.astype(">u8").tobytes() for k in kept]
+    sources = _smallest_sources(paths, {*dropped_digests, *kept_digests})
     drops: list[list[bytes]] = [[] for _ in range(config.num_shards)]
     with atomic_path(stage_dir / NEAR_DUPLICATES) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for d, k, s in zip(dropped.tolist(), kept.tolist(), similarity.tolist(), strict=True):
+        for d, k, s in zip(dropped_digests, kept_digests, similarity.tolist(), strict=True):
             record = {
-                "doc_id": doc_id_of(digest(d)),
-                "source": sources[d].as_py(),
-                "duplicate_of": doc_id_of(digest(k)),
-                "duplicate_of_source": sources[k].as_py(),
+                "doc_id": doc_id_of(d),
+                "source": sources[d],
+                "duplicate_of": doc_id_of(k),
+                "duplicate_of_source": sources[k],
                 "similarity": round(s, 4),  # estimated Jaccard: the share of equal signature values
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            shard, _ = placement(digest(d), config.seed, config.num_shards, config.valid_fraction)
-            drops[shard].append(digest(d))
+            shard, _ = placement(d, config.seed, config.num_shards, config.valid_fraction)
+            drops[shard].append(d)
     for shard, digests in enumerate(drops):
         with atomic_path(spill_root / NEAR_DUPLICATE_DROPS.format(shard=shard)) as tmp:
             tmp.write_bytes(b"".join(digests))

@@ -1,5 +1,6 @@
 """Near-duplicate removal in the shard stage: edited copies of real documents found and dropped, distinct
-documents kept, the survivor a function of content only, the list file, the off switch, Chinese text."""
+documents kept, the survivor a function of content only, the list file, the off switch, Chinese text; the
+on-disk pass against the in-memory reference, and signatures independent of batching and cutting."""
 
 from __future__ import annotations
 
@@ -159,3 +160,67 @@ def test_a_dropped_document_names_a_kept_one_and_the_rank_decides():
     assert (dropped.tolist(), kept.tolist()) == ([1], [0])  # b goes; c stays: its only match went
     dropped, kept, _ = neardup.find_near_duplicates(signatures, np.array([2, 1, 0]), 0.74)
     assert (dropped.tolist(), kept.tolist()) == ([1], [2])
+
+
+def planted_corpus(rng: np.random.Generator) -> list[list[str]]:
+    """Random documents, edited copies (some of copies, several of one original), exact copies, and a
+    templated family sharing its first 60 words: many pairs, chains and crowded LSH buckets."""
+    vocabulary = [f"w{i}" for i in range(3000)]
+    documents = [[" ".join(rng.choice(vocabulary, size=200))] for _ in range(400)]
+    for _ in range(150):
+        words = documents[rng.integers(len(documents))][0].split()
+        for position in rng.integers(0, len(words), size=rng.integers(1, 5)):
+            words[position] = "edited"
+        documents.append([" ".join(words)])
+    template = " ".join(rng.choice(vocabulary, size=60))
+    documents += [[template + " " + " ".join(rng.choice(vocabulary, size=15))] for _ in range(30)]
+    documents += [list(documents[i]) for i in rng.integers(0, len(documents), size=40)]
+    return documents
+
+
+def test_on_disk_pass_keeps_exactly_the_survivors_of_the_in_memory_pass(tmp_path, monkeypatch):
+    rng = np.random.default_rng(7)
+    documents = planted_corpus(rng)
+    signatures, signed = neardup.signatures(documents)
+    text_digests = {}  # exact copies share a digest, as the shard stage's content digest
+    digests = np.array(
+        [text_digests.setdefault(documents[i][0], rng.integers(0, 2**63, 2)) for i in signed], np.uint64
+    )
+    # the in-memory reference: distinct documents, ranked by digest
+    _, distinct = np.unique(digests, axis=0, return_index=True)  # sorted by (high, low)
+    dropped, kept, similarity = neardup.find_near_duplicates(
+        signatures[distinct], np.arange(len(distinct)), 0.8
+    )
+    assert len(dropped) > 100  # most edited copies, some chained
+
+    monkeypatch.setattr(neardup, "_PARTITION_ROWS", 97)  # many partitions, blocks and verify steps
+    monkeypatch.setattr(neardup, "_VERIFY_PAIRS", 13)
+    cuts = [0, 1, 250, 251, 600, len(signed)]
+    batches = [(digests[a:b], signatures[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    on_disk = neardup.find_near_duplicates_on_disk(batches, 0.8, tmp_path / "work")
+
+    expected = (digests[distinct][dropped], digests[distinct][kept], similarity)
+    assert all(np.array_equal(got, want) for got, want in zip(on_disk, expected, strict=True))
+    assert not (tmp_path / "work").exists()
+
+
+def test_signature_does_not_depend_on_the_batch_or_on_cutting_a_long_document(monkeypatch):
+    text = (Path(__file__).parent / "test_near_dup.py").read_text(encoding="utf-8")  # mixed punctuation
+    mixed = ["Ünïcode Straße, ΣΟΦΊΑ: 要有礼貌，请接受这一事实 — and_more 42!", *text.splitlines()]
+    alone, _ = neardup.signatures([mixed])
+    together, signed = neardup.signatures([["too short"], mixed, ["a b c d e f"]])
+    assert signed.tolist() == [1, 2] and np.array_equal(alone[0], together[0])
+
+    # every shingle of the string definition is hashed, distinct ones to distinct hashes
+    hashes, counts = neardup.shingle_hashes(neardup._pieces(neardup._unit_bytes(mixed)))
+    assert counts.tolist() == [len(neardup.shingles(mixed))]
+    assert len(set(hashes.tolist())) == len(set(neardup.shingles(mixed)))
+
+    monkeypatch.setattr(neardup, "_PIECE_BYTES", 300)  # now hashed in many overlapping pieces
+    assert len(neardup._pieces(neardup._unit_bytes(mixed))) > 10
+    cut, _ = neardup.signatures([mixed])
+    assert np.array_equal(cut, alone)
+    giant = ["x" * 1000 + " one two three four five six " + "y" * 700]  # units longer than a piece
+    pieces = neardup._pieces(neardup._unit_bytes(giant))  # ends: cutting does not stall on them
+    assert {unit for piece in pieces for unit in piece.decode().split()} == set(giant[0].split())
+    assert neardup.signatures([giant])[1].tolist() == [0]
