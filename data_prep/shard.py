@@ -532,8 +532,8 @@ def _stage_inputs(config: ShardConfig) -> tuple[list[InputUnit], dict[str, str]]
         log.info("skipping %d files with unknown suffixes (e.g. %s)", len(skipped), skipped[0])
     if not units:
         raise StageError(
-            f"no input files found in {', '.join(config.inputs)}: expected .txt, .gz, .jsonl, .json, "
-            ".parquet files or a saved Hugging Face dataset"
+            f"no input files found in {', '.join(config.inputs)}: expected .txt, .jsonl, .json or .parquet "
+            "files (text and JSONL also compressed: .gz, .zst, .xz, .bz2) or a saved Hugging Face dataset"
         )
     return units, {"raw": fingerprint([u.fingerprint() for u in units])}
 

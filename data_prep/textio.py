@@ -1,9 +1,13 @@
 """Reading raw corpora: finding input files, decoding bytes, and turning records into paragraphs.
 
-Inputs are *units*: a plain-text file (``.txt``, anything else, optionally ``.gz``), a JSONL file
-(``.jsonl``/``.json``, optionally ``.gz``) with a text field, a Parquet file with a text column, a
-Hugging Face dataset saved with ``save_to_disk``, or ``hf://NAME[:CONFIG][@SPLIT]`` read with
-``datasets.load_dataset(..., streaming=True)``.
+Inputs are *units*: a plain-text file (``.txt``, anything else), a JSONL file (``.jsonl``/``.json``/
+``.ndjson``) with a text field, each optionally compressed (``.gz``, ``.zst``/``.zstd``, ``.xz``, ``.bz2``),
+a Parquet file with a text column (a directory of them, e.g. a Spark or Hugging Face Parquet export, is one
+unit per file), a Hugging Face dataset saved with ``save_to_disk``, or ``hf://NAME[:CONFIG][@SPLIT]`` read
+with ``datasets.load_dataset(..., streaming=True)``. Every reader streams: a line, a record or a Parquet
+record batch at a time, never a whole file (except a ``--doc-boundary file`` document, which is the file).
+A truncated compressed file raises ``EOFError`` and a corrupt one ``OSError`` where the damage is met, so
+the shard stage keeps the documents read before it.
 
 Decoding: every line is tried as UTF-8; a line that is not valid UTF-8 is decoded as cp1252 (Windows
 Western, a superset of latin-1's printable range), with the five bytes cp1252 leaves undefined taken as
@@ -19,6 +23,7 @@ import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import re
 from collections import Counter
@@ -35,6 +40,8 @@ HF_SCHEME = "hf://"
 TEXT_SUFFIXES = {".txt", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd", ".xz", ".bz2"}  # streamed through a decompressor
+ZSTD_READ_BYTES = 1 << 20  # compressed bytes fed to the zstd decompressor at a time
 BINARY_SNIFF_BYTES = 64 * 1024
 MAX_CONTROL_BYTE_SHARE = 0.10  # more control bytes than this in the first 64 KiB: not text
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in b"\t\n\r\f\v\x1b")
@@ -82,12 +89,12 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def _file_kind(path: Path) -> str | None:
-    """The reader for a file by its suffix (``.gz`` looked through); None for unknown suffixes."""
+    """The reader for a file by its suffix (a compression suffix looked through); None for unknown suffixes."""
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
         suffixes = suffixes[:-1]
         if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
-            return None  # Parquet compresses its own pages; a gzipped Parquet file cannot be streamed
+            return None  # Parquet compresses its own pages; a compressed Parquet file cannot be streamed
         if not suffixes or suffixes[-1] not in JSONL_SUFFIXES:
             return "text"
     last = suffixes[-1] if suffixes else ""
@@ -145,9 +152,76 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+class _ZstdReader(io.RawIOBase):
+    """A zstd file's decompressed bytes, frame after frame; ``EOFError`` when the last frame is cut short.
+
+    (zstandard's own ``stream_reader`` ends quietly at a truncated frame: the loss would go unnoticed.)
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            import zstandard
+        except ImportError:
+            raise StageError(
+                f"{path} is zstd-compressed: install zstandard (pip install zstandard) to read it"
+            ) from None
+        self._error = zstandard.ZstdError
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+        self._fed = False  # the current frame has been given input
+        self._file = open(path, "rb")  # noqa: SIM115 (closed with this reader)
+        self._path = path
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        """Always: a reader."""
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        """Fill ``buffer`` with decompressed bytes; 0 at the end of the file."""
+        while not self._pending:
+            chunk = self._file.read(ZSTD_READ_BYTES)
+            if not chunk:
+                if self._fed and not self._frame.eof:
+                    raise EOFError(f"{self._path}: the zstd data ends inside a frame (a truncated file)")
+                return 0
+            self._pending = memoryview(self._decompress(chunk))
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        try:
+            while chunk:
+                if self._frame.eof:  # the next frame of a multi-frame file (pzstd, appended streams)
+                    self._frame = self._decompressor.decompressobj()
+                self._fed = True
+                out.append(self._frame.decompress(chunk))
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        except self._error as e:
+            raise OSError(f"{self._path}: damaged zstd data ({e})") from e
+        return b"".join(out)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+        super().close()
+
+
 def _open_binary(path: str) -> io.BufferedIOBase:
-    if path.lower().endswith(".gz"):
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gz":
         return gzip.open(path, "rb")
+    if suffix in (".zst", ".zstd"):
+        return io.BufferedReader(_ZstdReader(path), BINARY_SNIFF_BYTES)
+    if suffix == ".xz":
+        return lzma.open(path, "rb")
+    if suffix == ".bz2":
+        import bz2
+
+        return bz2.open(path, "rb")
     return open(path, "rb", buffering=BINARY_SNIFF_BYTES)  # noqa: SIM115
 
 
@@ -161,7 +235,7 @@ def sniff_binary(head: bytes) -> bool:
 
 
 def iter_lines(path: str, stats: Counter) -> Iterator[str]:
-    """Decoded lines of a (possibly gzipped) text file, without line ends; nothing for a binary file."""
+    """Decoded lines of a (possibly compressed) text file, without line ends; nothing for a binary file."""
     with _open_binary(path) as f:
         head = f.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES] if hasattr(f, "peek") else b""
         if sniff_binary(head):
@@ -174,11 +248,14 @@ def iter_lines(path: str, stats: Counter) -> Iterator[str]:
             return
         before = stats["decode_fallback_lines"]
         first = True
-        for raw in f:
-            if first:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-                first = False
-            yield decode_line(raw, stats).rstrip("\r\n")
+        try:
+            for raw in f:
+                if first:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                    first = False
+                yield decode_line(raw, stats).rstrip("\r\n")
+        except lzma.LZMAError as e:  # the one decompressor whose damage is not an OSError or EOFError
+            raise OSError(f"{path}: damaged xz data ({e})") from e
         if stats["decode_fallback_lines"] > before:
             stats["decode_fallback_files"] += 1
             log.info(

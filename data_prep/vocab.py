@@ -7,9 +7,18 @@ downstream stages record in their metadata.
 Training is a pure function of the corpus and the settings, byte for byte. tokenizers' WordPiece (BPE) trainer
 numbers the ``##`` forms of the alphabet in the iteration order of a hash map that is seeded anew for every
 run, and breaks ties between merges of equal count by those ids, so left alone the order of vocab.txt and
-even its token set change from run to run (``limit_alphabet`` ties too). ``train_tokenizer`` therefore counts
-the corpus' words first (tokenizers' own counting), chooses the alphabet and its ``##`` forms from the counts
-with ties broken by the character, and trains from those counts with these tokens registered in that order.
+even its token set change from run to run (``limit_alphabet`` ties too). ``train_tokenizer`` therefore
+chooses the alphabet and its ``##`` forms first, with ties broken by the character, and registers them in
+that order before the trainer numbers anything. They come from a character scan (``scan_characters``:
+numpy over the code points, a few percent of the training time): each distinct code point is passed once
+through the tokenizer's own normalizer and pre-tokenizer, which tells what it becomes and whether it can
+continue a word, so the scan's counts are exactly those of the trainer's words. The trainer then reads the
+text once (tokenizers' own normalizing, pre-tokenizing and counting, in Rust, as its own
+``train_from_iterator`` does): one pass over the text in Rust, not two.
+
+``sample_bytes`` trains on a deterministic sample of the train split's documents, chosen by content hash
+(``doc_id``, itself a hash of the text) as SentencePiece's ``input_sentence_size`` samples sentences: the
+same documents whatever the shard count, worker count or run.
 
 The alphabet covers every character of the train split by default (``character_coverage`` 1.0): BERT splits
 Chinese and Japanese ideographs into one word each, so a character left out is an [UNK] wherever it occurs,
@@ -18,14 +27,19 @@ and a fixed cap (tokenizers' ``limit_alphabet`` of 1,000) drops real characters 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import tokenizers
@@ -54,6 +68,8 @@ STAGE = "vocab"
 FORMAT_VERSION = 2  # 2: deterministic training (the ## forms sorted after the alphabet)
 MODEL_MAX_LENGTH = 512
 STATS_MAX_SENTENCES = 200_000  # UNK rate and tokens/word are measured on at most this many sentences
+SCAN_BLOCK_CHARS = 1 << 21  # the character scan works on ~2M code points (~30 MB of arrays) at a time
+NUM_CODE_POINTS = 0x110000
 TOKENIZER_FILES = (
     "vocab.txt",
     "tokenizer.json",
@@ -259,6 +275,10 @@ class VocabConfig:
     limit_alphabet: int | None = None
     """At most this many characters (the most frequent) become tokens, rarer ones map to [UNK]; None: no cap
     beyond ``character_coverage``."""
+    sample_bytes: int | None = None
+    """Train on about this many bytes of the train split's text: the documents whose content hash falls in
+    the first ``sample_bytes / train bytes`` of the hash range (deterministic; SentencePiece's
+    ``input_sentence_size``). None, or more than the split holds: every document."""
     from_path: str | None = None
     """Adopt this vocab.txt or tokenizer directory instead of training (lowercase then comes from it)."""
     force: bool = field(default=False, repr=False)
@@ -283,12 +303,19 @@ class VocabConfig:
             raise ValueError(
                 f"limit_alphabet must be at least 1 (or None: no cap), got {self.limit_alphabet}"
             )
+        if self.sample_bytes is not None and self.sample_bytes < 1:
+            raise ValueError(
+                f"sample_bytes must be at least 1 (or None: the whole train split), got {self.sample_bytes}: "
+                "e.g. --sample-bytes 2000000000 trains on ~2 GB of the text"
+            )
 
     def output_config(self) -> dict:
         """The settings that decide the output: the stage fingerprint's config."""
         values = asdict(self)
         for key in ("corpus", "out", "force", "from_path"):
             values.pop(key)
+        if values["sample_bytes"] is None:  # stages written before the option keep their fingerprint
+            values.pop("sample_bytes")
         if self.from_path is not None:  # an adopted vocabulary: only its content matters (in the inputs)
             values = {"from": True}
         return values
@@ -298,11 +325,28 @@ def _part_files(corpus: Path, manifest: dict, split: str) -> list[Path]:
     return [corpus / f["path"] for f in manifest["files"] if f["path"].startswith(f"{split}/")]
 
 
-def iter_sentence_batches(parts: list[Path]) -> Iterator[list[str]]:
-    """The sentences of Parquet corpus parts, one list per record batch (memory bounded by the batch)."""
+def iter_sentence_batches(parts: list[Path], keep_below: int | None = None) -> Iterator[list[str]]:
+    """The sentences of Parquet corpus parts, one list per record batch (memory bounded by the batch).
+
+    ``keep_below``: only the documents whose ``doc_id`` (a content hash) is below it (``sample_cutoff``).
+    """
+    columns = ["sentences"] if keep_below is None else ["doc_id", "sentences"]
     for part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=256, columns=["sentences"]):
-            yield pc.list_flatten(batch.column(0)).to_pylist()
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=256, columns=columns):
+            if keep_below is not None:
+                batch = batch.filter(pc.less(batch.column(0), keep_below))
+            yield pc.list_flatten(batch.column(batch.num_columns - 1)).to_pylist()
+
+
+def sample_cutoff(sample_bytes: int | None, split_bytes: int) -> int | None:
+    """The ``doc_id`` bound that keeps about ``sample_bytes`` of a split of ``split_bytes``; None: keep all.
+
+    ``doc_id`` is 63 bits of a content hash, uniform over documents, so a bound at fraction f of its range
+    keeps a share f of the documents, and of the bytes on average, whatever their order or shard.
+    """
+    if sample_bytes is None or sample_bytes >= split_bytes:
+        return None
+    return int(sample_bytes / split_bytes * 2**63)
 
 
 def corpus_word_counts(parts: list[Path], lowercase: bool) -> dict[str, int]:
@@ -317,21 +361,18 @@ def corpus_word_counts(parts: list[Path], lowercase: bool) -> dict[str, int]:
         raise StageError(f"this tokenizers {tokenizers.__version__} keeps no word counts in a trainer") from e
 
 
-def initial_tokens(
-    word_counts: dict[str, int], limit_alphabet: int | None = None, character_coverage: float = 1.0
+def choose_alphabet(
+    char_counts: dict[str, int],
+    inside: set[str],
+    limit_alphabet: int | None = None,
+    character_coverage: float = 1.0,
 ) -> tuple[list[str], list[str]]:
-    """(alphabet, its ``##`` forms): the tokens WordPiece training starts from, each sorted.
+    """(alphabet, its ``##`` forms) from the words' character counts and the characters seen inside a word.
 
     The alphabet is the fewest most frequent characters that cover ``character_coverage`` of all character
     occurrences (1.0: every character), at most ``limit_alphabet`` of them, ties broken by the character
-    (the trainer breaks them in hash order); a ``##`` form exists for each of them that occurs inside a word.
+    (the trainer breaks them in hash order); a ``##`` form exists for each of them in ``inside``.
     """
-    char_counts: Counter[str] = Counter()
-    inside: set[str] = set()
-    for word, count in word_counts.items():
-        for char in word:
-            char_counts[char] += count
-        inside.update(word[1:])
     by_frequency = sorted(char_counts, key=lambda char: (-char_counts[char], char))
     needed = character_coverage * sum(char_counts.values())
     covered = num_chars = 0
@@ -344,29 +385,132 @@ def initial_tokens(
     return alphabet, [f"##{char}" for char in alphabet if char in inside]
 
 
-def _repeated_words(word_counts: dict[str, int], batch_size: int = 1 << 16) -> Iterator[list[str]]:
-    """Each word as often as it occurs, in lists of at most ``batch_size``: the counts as a trainer's feed."""
-    batch: list[str] = []
+def initial_tokens(
+    word_counts: dict[str, int], limit_alphabet: int | None = None, character_coverage: float = 1.0
+) -> tuple[list[str], list[str]]:
+    """(alphabet, its ``##`` forms) of counted words: ``choose_alphabet`` over their characters, each sorted."""
+    char_counts: Counter[str] = Counter()
+    inside: set[str] = set()
     for word, count in word_counts.items():
-        while count:
-            take = min(count, batch_size - len(batch))
-            batch += [word] * take
-            count -= take
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+        for char in word:
+            char_counts[char] += count
+        inside.update(word[1:])
+    return choose_alphabet(char_counts, inside, limit_alphabet, character_coverage)
 
 
-def train_tokenizer(parts: list[Path], config: VocabConfig) -> tokenizers.Tokenizer:
-    """WordPiece trained on ``parts``, as a BERT tokenizer; the same on every run.
+_REMOVED, _SPACE, _ALONE, _WORD = range(4)  # what BERT's normalizer and pre-tokenizer make of a code point
+
+
+@dataclass
+class CharacterScan:
+    """The characters of a corpus' words, as the trainer will see them."""
+
+    char_counts: dict[str, int]  # occurrences of each character in the words
+    inside: set[str]  # characters that occur after the first character of a word (they need a ## form)
+
+
+class _CodePoints:
+    """What BERT's normalizer and pre-tokenizer make of each code point, asked of tokenizers once per point."""
+
+    def __init__(self, lowercase: bool) -> None:
+        words = _bert_words(models.WordLevel(unk_token="[UNK]"), lowercase)
+        self._normalizer, self._pre_tokenizer = words.normalizer, words.pre_tokenizer
+        self.kind = np.zeros(NUM_CODE_POINTS, np.uint8)  # _REMOVED until classified (known says whether)
+        self.known = np.zeros(NUM_CODE_POINTS, bool)
+        self.chars: dict[int, tuple[str, str]] = {}  # point -> (characters it leaves in words, first one)
+
+    def classify(self, points: np.ndarray) -> None:
+        """Learn the kind of each of ``points`` not seen before."""
+        for point in points[~self.known[points]].tolist():
+            normalized = self._normalizer.normalize_str(chr(point))
+            pieces = self._pre_tokenizer.pre_tokenize_str(normalized)
+            word_chars = "".join(piece for piece, _ in pieces)
+            if not normalized:
+                kind = _REMOVED
+            elif not pieces:
+                kind = _SPACE
+            elif len(self._pre_tokenizer.pre_tokenize_str(f"x{normalized}x")) == 1:
+                kind = _WORD  # it joins the letters around it into one word
+            else:
+                kind = _ALONE  # punctuation, CJK: a word of its own
+            self.kind[point], self.known[point] = kind, True
+            # characters after the first within its own pieces are inside a word wherever the point occurs
+            tail = "".join(piece[1:] for piece, _ in pieces)
+            self.chars[point] = (word_chars, tail)
+
+
+def scan_characters(batches: Iterator[list[str]], lowercase: bool) -> CharacterScan:
+    """Count the characters BERT's normalizer and pre-tokenizer leave in the words of ``batches`` (sentence
+    lists), and find those that occur inside a word, with numpy over the code points.
+
+    A character continues a word when it is a word character and the nearest code point before it that
+    the normalizer keeps is one too, within the sentence; normalizing is per code point (clean-up, NFD and
+    accent stripping, lowercasing, CJK padding), so this equals counting the trainer's words.
+    """
+    points = _CodePoints(lowercase)
+    counts = np.zeros(NUM_CODE_POINTS, np.int64)
+    continues = np.zeros(NUM_CODE_POINTS, bool)  # the point's first character follows a word character
+
+    def scan(block: list[str]) -> None:
+        codes = np.frombuffer("\n".join(block).encode("utf-32-le"), "<u4")
+        block_counts = np.bincount(codes, minlength=NUM_CODE_POINTS)
+        points.classify(np.flatnonzero(block_counts))
+        counts[:] += block_counts
+        kinds = points.kind[codes]
+        kept = kinds != _REMOVED  # "a\x00b" is one word: the normalizer drops the NUL
+        codes, kinds = codes[kept], kinds[kept]
+        after_word = (kinds[1:] == _WORD) & (kinds[:-1] == _WORD)
+        continues[codes[1:][after_word]] = True
+
+    block: list[str] = []
+    size = 0
+    for sentences in batches:
+        block += sentences
+        size += sum(map(len, sentences))
+        if size >= SCAN_BLOCK_CHARS:
+            scan(block)
+            block, size = [], 0
+    if block:
+        scan(block)
+    char_counts: Counter[str] = Counter()
+    inside: set[str] = set()
+    for point in np.flatnonzero(counts).tolist():
+        word_chars, tail = points.chars[point]
+        for char in word_chars:
+            char_counts[char] += int(counts[point])
+        inside.update(tail)
+        if continues[point] and word_chars:
+            inside.add(word_chars[0])
+    return CharacterScan(dict(char_counts), inside)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by Arrow's allocator and glibc's heap back to the system (best effort)."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def train_tokenizer(
+    parts: list[Path], config: VocabConfig, keep_below: int | None = None
+) -> tokenizers.Tokenizer:
+    """WordPiece trained on ``parts`` (the documents with ``doc_id`` below ``keep_below``), as a BERT
+    tokenizer; the same on every run.
 
     Ids: special tokens 0..4, the alphabet, its ``##`` forms, then the trainer's merges in merge order.
     """
-    word_counts = corpus_word_counts(parts, config.lowercase)
-    alphabet, continuing = initial_tokens(word_counts, config.limit_alphabet, config.character_coverage)
-    log.info("vocab: an alphabet of %d characters (%d ## forms)", len(alphabet), len(continuing))
+    started = time.perf_counter()
+    scan = scan_characters(iter_sentence_batches(parts, keep_below), config.lowercase)
+    alphabet, continuing = choose_alphabet(
+        scan.char_counts, scan.inside, config.limit_alphabet, config.character_coverage
+    )
+    log.info(
+        "vocab: an alphabet of %d characters (%d ## forms), scanned in %.1f s",
+        len(alphabet),
+        len(continuing),
+        time.perf_counter() - started,
+    )
+    _release_freed_memory()  # the trainer reads on its own threads: what the scan freed would stay mapped
     initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
     trainer = trainers.WordPieceTrainer(
         vocab_size=config.vocab_size,
@@ -377,10 +521,8 @@ def train_tokenizer(parts: list[Path], config: VocabConfig) -> tokenizers.Tokeni
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    # The trainer is fed the counted words, one per sequence with no normalizer or pre-tokenizer: the same
-    # counts as a second pass over the text, at a fraction of its cost (normalizing is most of the time).
-    trained = tokenizers.Tokenizer(_wordpiece())
-    trained.train_from_iterator(_repeated_words(word_counts), trainer)
+    trained = _bert_words(_wordpiece(), config.lowercase)  # the one pass over the text, in Rust
+    trained.train_from_iterator(iter_sentence_batches(parts, keep_below), trainer)
     size = trained.get_vocab_size()
     if size > config.vocab_size:
         raise StageError(
@@ -468,12 +610,18 @@ def train_vocab(config: VocabConfig) -> dict:
         log.info("vocab: %s is already complete for this configuration and corpus; nothing to do", config.out)
         return read_manifest(config.out)
 
+    keep_below = None
     if adopted is None:
         train_parts = _part_files(corpus, corpus_manifest, "train")
+        train_bytes = corpus_manifest["stats"]["splits"]["train"]["bytes"]
+        keep_below = sample_cutoff(config.sample_bytes, train_bytes)
         log.info(
-            "vocab: training WordPiece (%d tokens) on %d train shards", config.vocab_size, len(train_parts)
+            "vocab: training WordPiece (%d tokens) on %d train shards (%s)",
+            config.vocab_size,
+            len(train_parts),
+            "all documents" if keep_below is None else f"a {config.sample_bytes / train_bytes:.2%} sample",
         )
-        tokenizer = train_tokenizer(train_parts, config)
+        tokenizer = train_tokenizer(train_parts, config, keep_below)
         tokens = _tokens_of(tokenizer, corpus)
         assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:5]
         vocab = Vocab(
@@ -499,6 +647,7 @@ def train_vocab(config: VocabConfig) -> dict:
         "vocab_fingerprint": vocab.fingerprint,
         "alphabet_size": sum(1 for t in vocab.tokens if len(t) == 1),  # no merge makes a single character
         "source": config.from_path or "trained",
+        "train_sample_fraction": 1.0 if keep_below is None else keep_below / 2**63,
         "stats_split": stats_split,
         **vocab_stats(vocab, parts),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,105 @@ def test_alphabet_limit_ties_are_broken_by_the_character():
     for word_counts in (counts, dict(reversed(counts.items()))):
         assert initial_tokens(word_counts, limit_alphabet=3) == (["a", "b", "c"], ["##a", "##b"])
     assert initial_tokens({"xy": 1}, limit_alphabet=5) == (["x", "y"], ["##y"])
+
+
+# --- one pass over the text, and the deterministic sample --------------------------------------------------
+
+TRICKY = [
+    "Héllo WORLD, naïve café! İstanbul Σίσυφος ǅemal ﬁne",
+    "中文字符和English混合。 ©2024 ©x x© a\u00a0b",
+    "e\u0301t\u0301e combining ac\u0301cents, a\x00b c\x1cd \ufffd gone",
+    "tab\tsep — dash... “quotes” don't",
+]
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_character_scan_counts_what_the_trainer_counts(lowercase):
+    # The alphabet comes from a numpy scan of the code points, before the trainer's one pass; it must equal
+    # the characters of the words tokenizers itself makes (normalizer + pre-tokenizer), counts included.
+    from tokenizers import models
+
+    from data_prep.vocab import _bert_words, scan_characters
+
+    words = _bert_words(models.WordLevel(unk_token="[UNK]"), lowercase)
+    counts: Counter[str] = Counter()
+    inside: set[str] = set()
+    for sentence in TRICKY * 3:
+        for word, _ in words.pre_tokenizer.pre_tokenize_str(words.normalizer.normalize_str(sentence)):
+            counts.update(word)
+            inside.update(word[1:])
+    scan = scan_characters(iter([TRICKY[:2], TRICKY[2:], TRICKY * 2]), lowercase)
+    assert scan.char_counts == dict(counts)
+    assert scan.inside == inside
+    assert ("é" in counts) != lowercase and (
+        "\u0301" in counts
+    ) != lowercase  # accents: stripped when uncased
+    assert "\x00" not in counts and "\u00a0" not in counts and "©" in inside  # NUL dropped, NBSP a space
+
+
+def test_one_pass_training_equals_training_from_counted_words(inaugural_slice):
+    # The former two-pass trainer (count the words, then feed every occurrence back) as the reference.
+    import tokenizers
+    from tokenizers import trainers
+
+    from data_prep.manifest import read_manifest
+    from data_prep.schema import SPECIAL_TOKENS
+    from data_prep.vocab import (
+        VocabConfig,
+        _part_files,
+        _wordpiece,
+        corpus_word_counts,
+        initial_tokens,
+        train_tokenizer,
+    )
+
+    parts = _part_files(inaugural_slice, read_manifest(inaugural_slice), "train")
+    config = VocabConfig(corpus=str(inaugural_slice), out="-", vocab_size=1200, lowercase=False)
+    counts = corpus_word_counts(parts, lowercase=False)
+    alphabet, continuing = initial_tokens(counts)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=1200, min_frequency=2, special_tokens=[*SPECIAL_TOKENS, *alphabet, *continuing],
+        limit_alphabet=len(alphabet), initial_alphabet=alphabet, continuing_subword_prefix="##",
+        show_progress=False,
+    )  # fmt: skip
+    reference = tokenizers.Tokenizer(_wordpiece())
+    reference.train_from_iterator(([w] * c for w, c in counts.items()), trainer)
+    assert train_tokenizer(parts, config).get_vocab() == reference.get_vocab()
+
+
+def test_vocab_sample_is_chosen_by_content_hash_and_identical_run_to_run(inaugural_slice, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from data_prep.manifest import read_manifest
+    from data_prep.vocab import VocabConfig, _part_files, iter_sentence_batches, sample_cutoff, train_vocab
+
+    manifest = read_manifest(inaugural_slice)
+    train_bytes = manifest["stats"]["splits"]["train"]["bytes"]
+    parts = _part_files(inaugural_slice, manifest, "train")
+    cutoff = sample_cutoff(train_bytes // 2, train_bytes)
+    assert cutoff == int(train_bytes // 2 / train_bytes * 2**63)
+    assert sample_cutoff(train_bytes, train_bytes) is None and sample_cutoff(None, train_bytes) is None
+    tables = [pq.read_table(p) for p in parts]
+    chosen = [
+        s
+        for t in tables
+        for s in pc.list_flatten(t.filter(pc.less(t["doc_id"], cutoff))["sentences"]).to_pylist()
+    ]
+    assert 0 < len(chosen) < sum(len(pc.list_flatten(t["sentences"])) for t in tables)
+    assert [s for batch in iter_sentence_batches(parts, cutoff) for s in batch] == chosen
+
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"sample{run}"
+        stage = train_vocab(
+            VocabConfig(
+                corpus=str(inaugural_slice), out=str(out), vocab_size=600, sample_bytes=train_bytes // 2
+            )
+        )
+        outputs.append(tuple((out / name).read_bytes() for name in ("vocab.txt", "tokenizer.json")))
+        assert stage["stats"]["train_sample_fraction"] == pytest.approx((train_bytes // 2) / train_bytes)
+        assert stage["config"]["sample_bytes"] == train_bytes // 2
+    assert outputs[1] == outputs[0]
+    with pytest.raises(ValueError, match="sample_bytes"):
+        VocabConfig(corpus=str(inaugural_slice), out=str(tmp_path / "v"), sample_bytes=0)
