@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from tqdm import tqdm
@@ -26,6 +27,34 @@ Mapper = Callable[[Callable[..., Any], list[tuple], str], list]
 """``map_jobs(fn, jobs, desc) -> [fn(*job) for job in jobs]``; ``desc`` names the work for progress/logs."""
 
 START_METHODS = ("fork", "forkserver", "spawn")
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died (killed, out of memory, its process exiting) while it ran one of a stage's jobs."""
+
+
+def lost_worker_message(desc: str, cause: BaseException | str) -> str:
+    """One line for a lost worker: which work, what was seen, and that running the command again resumes."""
+    seen = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return (f"{desc}: a worker process was lost (killed or exited) while running its jobs ({seen}); "
+            "nothing of the unfinished work passes for complete: run the same command again to resume")  # fmt: skip
+
+
+def find_worker_lost(error: BaseException) -> WorkerLost | None:
+    """The ``WorkerLost`` in ``error``'s chain (``error`` itself, or one it was raised from), else None."""
+    from data_prep.manifest import error_chain
+
+    return next((e for e in error_chain(error) if isinstance(e, WorkerLost)), None)
+
+
+def is_lost_worker(error: BaseException) -> bool:
+    """Whether ``error`` says a worker process died rather than a job failed: a broken local process pool, or a
+    Dask task whose workers all died (``distributed.scheduler.KilledWorker``)."""
+    from data_prep.manifest import error_chain
+
+    return any(
+        isinstance(e, BrokenProcessPool) or type(e).__name__ == "KilledWorker" for e in error_chain(error)
+    )
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -49,9 +78,12 @@ def _gather(futures: list[cf.Future], desc: str) -> list:
             for future in cf.as_completed(futures):
                 future.result()
                 progress.update()
-    except BaseException:
+    except BaseException as e:
         for future in futures:
             future.cancel()
+        # A worker died: say so in one line, not "terminated abruptly" and a traceback.
+        if isinstance(e, BrokenProcessPool):
+            raise WorkerLost(lost_worker_message(desc, e)) from e
         raise
     return [future.result() for future in futures]
 

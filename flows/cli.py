@@ -59,14 +59,18 @@ def disk_full_message(error: BaseException, *places: str | Path | None) -> str:
 @contextlib.contextmanager
 def stage_errors(out: str | Path, *also_writes: str | Path | None):
     """A stage command's failure as one line and exit 2 when it is the user's to fix: a full disk while writing
-    ``out`` (or ``also_writes``: a cache), or a mistake in the inputs or settings (ValueError, StageError).
-    Anything else keeps its traceback. The stages commit atomically, so what a failure leaves behind never
-    passes for a complete stage."""
+    ``out`` (or ``also_writes``: a cache), a mistake in the inputs or settings (ValueError, StageError), or a
+    worker process that died (``WorkerLost``: re-running resumes). Anything else keeps its traceback. The stages
+    commit atomically, so what a failure leaves behind never passes for a complete stage."""
+    from data_prep.parallel import find_worker_lost
+
     try:
         yield
     except Exception as e:
         if is_disk_full(e):
             fail(disk_full_message(e, out, *also_writes))
+        if (lost := find_worker_lost(e)) is not None:
+            fail(str(lost))
         if isinstance(e, ValueError):  # data_prep.manifest.StageError included
             fail(str(e))
         raise
@@ -186,6 +190,9 @@ def vocab(
         None, "--character-coverage", help="Share of character occurrences the alphabet covers (1: all)."
     ),
     from_path: str | None = typer.Option(None, "--from", help="Adopt this vocab.txt or tokenizer dir."),
+    sample_bytes: int | None = typer.Option(
+        None, "--sample-bytes", help="Train on ~this many bytes (documents by content hash)."
+    ),
     force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """WordPiece vocabulary trained on the corpus's train split (or adopted with --from)."""
@@ -195,7 +202,8 @@ def vocab(
         config = VocabConfig(
             corpus=str(corpus), out=str(out),
             **given(vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency,
-                    character_coverage=character_coverage, from_path=from_path, force=force),
+                    character_coverage=character_coverage, from_path=from_path, sample_bytes=sample_bytes,
+                    force=force),
         )  # fmt: skip
         manifest = train_vocab(config)
     stats = manifest["stats"]
@@ -388,6 +396,7 @@ def finetune(
         "bert.pretrain.config:TrainConfig",
         accumulation="gradient_accumulation_steps",
         progress="progress_bar",
+        compile_="compile",
     )
 )
 def pretrain(
@@ -443,6 +452,9 @@ def pretrain(
         None, "--log-example-indices", help="OUT/data_log/rank<R>.jsonl."
     ),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar on rank 0."),
+    compile_: bool = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA only)."
+    ),
 ) -> None:
     """Pretrain (MLM + NSP) with DeepSpeed on every rank → OUT/checkpoints, OUT/hf, OUT/metrics.jsonl."""
     import json
@@ -458,7 +470,7 @@ def pretrain(
         gradient_accumulation_steps=accumulation, optimizer=optimizer, lr=lr, warmup_steps=warmup_steps,
         decay=decay, schedule_steps=schedule_steps, precision=precision, seed=seed, save_every=save_every,
         keep_last=keep_last, eval_every=eval_every, export_every=export_every,
-        log_example_indices=log_example_indices, progress_bar=progress,
+        log_example_indices=log_example_indices, progress_bar=progress, compile=compile_,
     )  # fmt: skip
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     values["resume"] = resume or values.get("resume", False)
@@ -612,6 +624,7 @@ def run(
     import json as _json
 
     prefect_defaults()
+    from data_prep.parallel import find_worker_lost
     from flows.config import PipelineConfigError
     from flows.pipeline import bert_pipeline, prepare
 
@@ -630,6 +643,8 @@ def run(
         error = state.result(raise_on_failure=False)
         if isinstance(error, BaseException) and is_disk_full(error):
             fail(disk_full_message(error, out))
+        if isinstance(error, BaseException) and (lost := find_worker_lost(error)) is not None:
+            fail(str(lost))  # one line, exit 2: the stages kept what was complete, a re-run resumes
         message = str(error).splitlines()[0] if isinstance(error, BaseException) else state.message
         typer.secho(f"error: the pipeline run ended {state.name}: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)

@@ -48,6 +48,9 @@ class StageConfigs:
     examples: Any  # data_prep.examples_stage.ExamplesConfig
     pretrain: Any | None  # bert.pretrain.config.TrainConfig, None when the preset does not pretrain
     finetune: list = field(default_factory=list)  # bert.finetune.FinetuneConfig, one per task
+    baselines: dict = field(
+        default_factory=dict
+    )  # task -> baselines fine-tuned beside it (finetune.baselines)
     num_gpus: int | None = None
     hostfile: str | None = None
 
@@ -293,7 +296,7 @@ def build_stage_configs(config: PipelineConfig, shared_data: str | Path, out: st
         if num_gpus is not None and launch.get("hostfile"):
             raise PipelineConfigError('section "pretrain": give num_gpus or hostfile, not both')
     model = paths["pretrain"] / "hf"
-    finetune = []
+    finetune, baselines = [], {}
     for i, task in enumerate(config.finetune):
         settings = dict(task)
         for key in ("train", "eval"):
@@ -304,6 +307,8 @@ def build_stage_configs(config: PipelineConfig, shared_data: str | Path, out: st
         if isinstance(settings.get("text_columns"), list):
             settings["text_columns"] = tuple(settings["text_columns"])
         where = f'section "finetune[{i}]" ({task["task"]})'
+        if "baselines" in settings:
+            baselines[task["task"]] = _baselines(settings.pop("baselines"), shared_data, where)
         if config.pretrain and "model" in settings:
             raise PipelineConfigError(f'{where}: "model" is the pretrain stage\'s export here; remove it')
         if not config.pretrain and "model" not in settings:
@@ -314,7 +319,19 @@ def build_stage_configs(config: PipelineConfig, shared_data: str | Path, out: st
         owned = {"model": model_dir, "out": str(paths[f"finetune-{task['task']}"])}
         finetune.append(_build(f"finetune[{i}]", FinetuneConfig, settings, owned))
     return StageConfigs(shard=shard, vocab=vocab, examples=examples, pretrain=pretrain, finetune=finetune,
-                        num_gpus=launch.get("num_gpus"), hostfile=launch.get("hostfile"))  # fmt: skip
+                        baselines=baselines, num_gpus=launch.get("num_gpus"),
+                        hostfile=launch.get("hostfile"))  # fmt: skip
+
+
+def _baselines(value: Any, shared_data: Path, where: str) -> list[str]:
+    """A task's ``baselines``: "random-init" and model directories (relative ones read from the shared data)."""
+    from bert.finetune.baselines import RANDOM_INIT, check_baselines
+
+    try:
+        names = check_baselines(value)
+    except ValueError as e:
+        raise PipelineConfigError(f"{where}: {e}") from None
+    return [b if b == RANDOM_INIT else resolve_input(b, shared_data) for b in names]
 
 
 def check_before_work(
@@ -347,6 +364,12 @@ def check_before_work(
                 path = getattr(task, key)
                 if path is not None and not Path(path).exists():
                     raise PipelineConfigError(f"{where}: {key} file {path} does not exist")
+            for baseline in configs.baselines.get(task.task, []):
+                if baseline != "random-init" and not (Path(baseline) / "config.json").is_file():
+                    raise PipelineConfigError(
+                        f"{where}: the baseline {baseline} is not a Hugging Face directory (no config.json): "
+                        'fix "baselines" (a model directory, or "random-init")'
+                    )
             if not pretrained_here and not (Path(task.model) / "config.json").is_file():
                 raise PipelineConfigError(
                     f"{where}: the model {task.model} is not a Hugging Face directory (no config.json): "

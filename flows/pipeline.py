@@ -17,6 +17,7 @@ markdown report, a table of evaluation results and, during pretraining, a progre
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -28,11 +29,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.exceptions import CancelledRun, CrashedRun
+from prefect.states import Cancelled, Completed, State
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from data_prep.manifest import StageError, complete_manifest, invalidate
+from data_prep.manifest import StageError, complete_manifest, invalidate, write_json_atomic
 from flows.config import (
     STAGES,
     PipelineConfig,
@@ -46,6 +48,8 @@ from flows.config import (
 )
 
 PROGRESS_EVERY_S = 5.0
+CANCEL_POLL_S = 2.0  # how often pretraining looks for a cancel of its flow run
+READ_TIMEOUT_S = 10.0  # one read of the run's state; a hung server must not stall the watch
 
 
 # --- retries: an I/O hiccup or a lost Dask worker is worth a retry, a user mistake is not ------------------
@@ -75,13 +79,34 @@ def stage_part(fn: Callable, job: tuple, desc: str, index: int) -> Any:
     return fn(*job)
 
 
+def task_results(futures: list, what: str) -> list:
+    """The futures' results in order. A task that crashed because its process was exiting (a Dask worker going
+    away: SystemExit, which crashed the whole run "aborted by Python system exit call") or whose Dask workers all
+    died raises one ``WorkerLost`` naming ``what`` (the stage and its work), the original error as its cause."""
+    from data_prep.parallel import WorkerLost, is_lost_worker, lost_worker_message
+
+    results = []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except SystemExit as e:  # raised in the task's process, not here: the flow would crash with it
+            seen = f"a task was aborted by its process exiting: {e!r}"
+            raise WorkerLost(lost_worker_message(what, seen)) from e
+        except Exception as e:
+            if is_lost_worker(e) or isinstance(e, CrashedRun):
+                raise WorkerLost(lost_worker_message(what, e)) from e
+            raise
+    return results
+
+
 class PrefectMapper:
     """A ``data_prep.parallel`` mapper that runs each job as a ``stage-part`` task, locally or on Dask."""
 
-    def __init__(self, dask_address: str | None = None):
-        self.dask_address = dask_address
+    def __init__(self, dask_address: str | None = None, stage: str | None = None):
+        self.dask_address, self.stage = dask_address, stage
 
     def __call__(self, fn: Callable, jobs: list[tuple], desc: str) -> list:
+        what = f"{self.stage} ({desc})" if self.stage and self.stage not in desc else desc
         desc = re.sub(r"[^a-z0-9-]+", "-", desc.lower()).strip("-") or "part"
         if not jobs:
             return []
@@ -93,12 +118,12 @@ class PrefectMapper:
             futures = [
                 stage_part.submit(**{**p, "fn": quote(p["fn"]), "job": quote(p["job"])}) for p in parameters
             ]
-            return [f.result() for f in futures]
+            return task_results(futures, what)
         from prefect_dask import DaskTaskRunner
 
         with DaskTaskRunner(address=self.dask_address) as runner:
             futures = [runner.submit(stage_part, p) for p in parameters]
-            return [f.result() for f in futures]
+            return task_results(futures, what)
 
 
 # --- the cache check ----------------------------------------------------------------------------------------
@@ -151,7 +176,7 @@ def shard_task(config, dask_address: str | None = None) -> str:
     from data_prep import shard
 
     return _run_stage(Path(config.out), "shard", lambda: shard.expected_fingerprint(config),
-                      lambda: shard.shard_corpus(config, map_jobs=PrefectMapper(dask_address)))  # fmt: skip
+                      lambda: shard.shard_corpus(config, map_jobs=PrefectMapper(dask_address, "shard")))  # fmt: skip
 
 
 @task(name="vocab", task_run_name="vocab", **RETRIES)
@@ -169,7 +194,7 @@ def examples_task(config, dask_address: str | None = None) -> str:
     from data_prep import examples_stage
 
     return _run_stage(Path(config.out), "examples", lambda: examples_stage.expected_fingerprint(config),
-                      lambda: examples_stage.generate_examples(config, map_jobs=PrefectMapper(dask_address)))  # fmt: skip
+                      lambda: examples_stage.generate_examples(config, map_jobs=PrefectMapper(dask_address, "examples")))  # fmt: skip
 
 
 class _Progress:
@@ -202,6 +227,74 @@ class _Progress:
     def __exit__(self, *exc):
         self.done.set()
         self.thread.join(timeout=10)
+
+
+class CancelWatch:
+    """Polls the flow run's state while the ranks train and sets ``stop`` once the run is Cancelling.
+
+    Prefect's own watch (the worker's cancellation observer) gives up for good after three failed polls, 20-30 s
+    without the server ("Flow run cancellation disabled"), and a `bertpipe run` has no worker at all. This one
+    retries through any outage, so a cancel sent once the server is back still stops the ranks.
+    """
+
+    def __init__(self, read_state: Callable[[], Any], stop: threading.Event, logger: Any,
+                 every_s: float = CANCEL_POLL_S):  # fmt: skip
+        self.read_state, self.stop, self.logger, self.every_s = read_state, stop, logger, every_s
+        self.seen = threading.Event()  # a cancel was seen (and ``stop`` set)
+        self.done = threading.Event()
+        # In a copy of this context: Prefect's settings (the API URL) live in context variables.
+        context = contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self._poll,), name="pretrain-cancel-watch",
+                                       daemon=True)  # fmt: skip
+
+    def _poll(self) -> None:
+        unreachable = False
+        while not self.done.wait(self.every_s):
+            try:
+                state = self.read_state()
+            except Exception as e:  # the server is down or restarting: keep asking
+                if not unreachable:
+                    self.logger.warning("cannot read this run's state (%s); a cancel is still looked for every "
+                                        "%g s", str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                        self.every_s)  # fmt: skip
+                unreachable = True
+                continue
+            if unreachable:
+                self.logger.info("the Prefect API answers again; this run can be cancelled")
+                unreachable = False
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                self.logger.info("cancel requested (%s): stopping pretraining, checkpoint first", state.name)
+                self.seen.set()
+                self.stop.set()
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(timeout=10)
+
+
+def flow_run_state_reader() -> Callable[[], Any] | None:
+    """A function that reads the current flow run's state from the Prefect API; None outside a flow run."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None
+    flow_run_id = context.flow_run.id
+
+    def read() -> Any:
+        from prefect.client.orchestration import get_client
+
+        # A client of its own (other httpx settings): the run's shared client retries a refused connection with
+        # backoff, so one read would sleep through the outage and see a cancel up to ~30 s late.
+        with get_client(sync_client=True, httpx_settings={"timeout": READ_TIMEOUT_S}) as client:
+            return client.read_flow_run(flow_run_id).state
+
+    return read
 
 
 def _last_step(metrics_file: Path) -> int | None:
@@ -241,7 +334,10 @@ def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = No
     # The launcher runs in a thread so that this (main) thread keeps Prefect's SIGTERM bridge: a cancel raises
     # TerminationSignal here, the ranks checkpoint (stop_event) and Prefect records the run as Cancelled.
     # Event.wait, not Thread.join: a join interrupted by a signal marks a live thread stopped (CPython 3.11).
-    with _Progress(out / "metrics.jsonl", config.max_steps):
+    # A cancel can also arrive by the run's state alone (CancelWatch): the ranks checkpoint, the run ends Cancelled.
+    read_state = flow_run_state_reader()
+    watch = CancelWatch(read_state, stop, logger, CANCEL_POLL_S) if read_state is not None else None
+    with _Progress(out / "metrics.jsonl", config.max_steps), watch or contextlib.nullcontext():
         threading.Thread(target=train, name="pretrain-launch", daemon=True).start()
         try:
             while not done.wait(0.2):
@@ -255,6 +351,10 @@ def pretrain_task(config, num_gpus: int | None = None, hostfile: str | None = No
     if "error" in outcome:
         raise outcome["error"]
     manifest, result = outcome["value"]
+    if watch is not None and watch.seen.is_set():
+        step = result.step if result is not None else "its end"
+        return Cancelled(message=f"pretraining was cancelled at step {step}; its checkpoint is in {out}/checkpoints: "
+                                 "run the pipeline again to resume")  # fmt: skip
     if manifest is None:
         raise RuntimeError(
             f"pretraining stopped at step {result.step} ({result.stop_reason}) before it was complete; "
@@ -277,6 +377,36 @@ def finetune_task(config) -> dict:
     ) is not None:
         return state
     return finetune_stage.main(config)
+
+
+BASELINES_CACHE = (
+    ".bertpipe-baselines"  # beside the run directories: runs share the baselines they have alike
+)
+BASELINES_FILE = "baselines.json"  # in a run: task -> baseline label -> its fine-tuning directory
+
+
+def baselines_cache(run_dir: Path) -> Path:
+    """Where a run's baselines are kept, by fingerprint: beside the run, so later runs reuse them."""
+    return Path(run_dir).absolute().parent / BASELINES_CACHE
+
+
+@task(name="baseline", task_run_name="baseline-{config.task}-{label}", **RETRIES)
+def baseline_task(config, baseline: str, cache: str, label: str) -> dict:
+    """``config``'s fine-tuning started from a baseline instead (``bert.finetune.baselines``), cached by its
+    fingerprint under ``cache``; ``{"dir", "metrics"}``."""
+    from bert.finetune import stage as finetune_stage
+    from bert.finetune.baselines import baseline_config
+
+    resolved = baseline_config(config, baseline, cache)
+    out = Path(resolved.out)
+    result = lambda: {"dir": str(out), "metrics": json.loads((out / "metrics.json").read_text())}  # noqa: E731
+    if (
+        state := cached_state(
+            out, "finetune", lambda: finetune_stage.expected_fingerprint(resolved), data=result
+        )
+    ) is not None:
+        return state
+    return {"dir": str(out), "metrics": finetune_stage.main(resolved)}
 
 
 # --- the report -----------------------------------------------------------------------------------------------
@@ -316,6 +446,10 @@ def report_task(stage_dirs: dict[str, str], slug: str) -> str:
     rows = report.evaluation_rows(dirs)
     if rows:
         create_table_artifact(rows, key=f"{slug}-evaluation", description="fine-tuning results per seed")
+    comparison = report.baseline_rows(dirs)
+    if comparison:
+        create_table_artifact(comparison, key=f"{slug}-baselines",
+                              description="the pretrained model beside each baseline: medians, lift, verdict")  # fmt: skip
     create_table_artifact([{"figure": k, "value": v} for k, v in figures.items()], key=f"{slug}-figures",
                           description="headline figures of this run (the next run compares against them)")  # fmt: skip
     return markdown
@@ -384,13 +518,28 @@ def bert_pipeline(
     if "examples" in stages:
         timed("examples", lambda: examples_task(configs.examples, dask_address))
     if "pretrain" in stages and configs.pretrain is not None:
-        timed("pretrain", lambda: pretrain_task(configs.pretrain, configs.num_gpus, configs.hostfile,
-                                                pretrain_timeout_s))  # fmt: skip
-    finetune = []
+        try:
+            timed("pretrain", lambda: pretrain_task(configs.pretrain, configs.num_gpus, configs.hostfile,
+                                                    pretrain_timeout_s))  # fmt: skip
+        except CancelledRun as cancelled:  # pretraining's CancelWatch saw a cancel: the ranks checkpointed
+            return Cancelled(message=str(cancelled))
+    from bert.finetune.baselines import baseline_label
+    from flows.report import baseline_rows
+
+    finetune, baselines = [], {}
     if "finetune" in stages:
         for ft in configs.finetune:
             finetune.append(timed(f"finetune-{ft.task}", lambda ft=ft: finetune_task(ft)))
+            for spec in configs.baselines.get(ft.task, []):
+                label = baseline_label(spec)
+                result = timed(f"baseline-{ft.task}-{label}", lambda ft=ft, spec=spec, label=label:
+                               baseline_task(ft, spec, str(baselines_cache(root)), label))  # fmt: skip
+                baselines.setdefault(ft.task, {})[label] = result["dir"]
+        if baselines:
+            write_json_atomic(root / BASELINES_FILE, baselines)
     existing = {name: str(path) for name, path in paths.items() if path.exists()}
+    if (root / BASELINES_FILE).is_file():
+        existing["baselines"] = str(root / BASELINES_FILE)
     report_task(existing, artifact_slug(pipeline.name))
     summary = {
         "out": str(root),
@@ -399,9 +548,8 @@ def bert_pipeline(
         "stages": existing,
         "finetune": [{"task": s.get("task"), "metric": s.get("metric"), "median": s.get("median"),
                       "degenerate_seeds": s.get("degenerate_seeds")} for s in finetune],
+        "baselines": baseline_rows({k: Path(v) for k, v in existing.items()}),
     }  # fmt: skip
-    from data_prep.manifest import write_json_atomic
-
     write_json_atomic(root / "pipeline_summary.json", summary)
     logger.info("pipeline done: %s", json.dumps({"timings_s": timings, "cached": cached}))
     return summary

@@ -111,6 +111,11 @@ STAGE_STATS = {
 FINETUNE_PREFIX = "finetune-"
 TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
 NO_FIGURE = "—"
+BASELINE_RULE = (
+    "Lift: the pretrained model's median minus the baseline's, over the same seeds and settings (degenerate "
+    "seeds left out). Noise: two standard errors of that difference from the pooled seed standard deviation "
+    "s, 2·s·√(1/n₁ + 1/n₂). The lift is *better* or *worse* only beyond it; each side needs 2 scored seeds."
+)
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -217,6 +222,9 @@ def collect_figures(stage_dirs: dict[str, Path]) -> dict:
             for name, value in values.items():
                 if summary == "median" or name == metric:  # mean/std of the task metric only
                     _put(figures, f"finetune.{task}.{name}.{summary}", value)
+    if _baseline_dirs(stage_dirs):
+        for row in baseline_rows(stage_dirs):
+            _put(figures, f"finetune.{row['task']}.{row['metric']}.lift.{row['baseline']}", row["lift"])
     return figures
 
 
@@ -274,6 +282,41 @@ def evaluation_rows(stage_dirs: dict[str, Path]) -> list[dict]:
             rows.append(_row(task, metric, result.get("seed"), value, degenerate))
         median = data.get("median") if isinstance(data.get("median"), dict) else {}
         rows.append(_row(task, metric, "median", median.get(metric), degenerate=scored == 0))
+    return rows
+
+
+def _baseline_dirs(stage_dirs: dict[str, Path]) -> dict[str, dict[str, Path]]:
+    """task -> baseline label -> its fine-tuning directory, from the run's baselines.json; {} without one."""
+    path = _dir(stage_dirs, "baselines")
+    data = _read_json(path) if path is not None else None
+    if not isinstance(data, dict):
+        return {}
+    return {
+        task: {label: Path(d) for label, d in entries.items() if isinstance(d, str)}
+        for task, entries in data.items()
+        if isinstance(entries, dict)
+    }
+
+
+def baseline_rows(stage_dirs: dict[str, Path]) -> list[dict]:
+    """One row per (task, baseline): the pretrained model's and the baseline's medians over their scored seeds,
+    the lift, the noise it is held against and the verdict (``bert.finetune.metrics.lift``)."""
+    from bert.finetune.metrics import lift, scored_values
+
+    pretrained = {task: _finetune_metrics(directory) for task, directory in _finetune_dirs(stage_dirs)}
+    rows = []
+    for task, entries in sorted(_baseline_dirs(stage_dirs).items()):
+        ours = pretrained.get(task)
+        metric = (ours or {}).get("metric")
+        for label, directory in entries.items():
+            theirs = _finetune_metrics(directory)
+            metric = metric or (theirs or {}).get("metric")
+            a, b = scored_values(ours, metric), scored_values(theirs, metric)
+            verdict = lift(a, b)
+            rows.append({"task": task, "metric": metric, "baseline": label,
+                         "pretrained_median": verdict["pretrained"], "baseline_median": verdict["baseline"],
+                         "lift": verdict["lift"], "noise": verdict["noise"], "verdict": verdict["verdict"],
+                         "pretrained_seeds": len(a), "baseline_seeds": len(b)})  # fmt: skip
     return rows
 
 
@@ -461,6 +504,24 @@ def _finetune_section(stage_dirs: dict[str, Path], previous: dict | None) -> lis
     return lines
 
 
+def _baseline_section(stage_dirs: dict[str, Path]) -> list[str]:
+    rows = baseline_rows(stage_dirs)
+    if not rows:
+        return []
+    header = ["task", "metric", "baseline", "pretrained median", "baseline median", "lift", "noise",
+              "verdict"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * 4 + "---|"]
+    for row in rows:
+        lift = row["lift"]
+        cells = [row["task"], row["metric"], row["baseline"], format_value(row["pretrained_median"], "score"),
+                 format_value(row["baseline_median"], "score"),
+                 NO_FIGURE if lift is None else f"{lift:+.4f}",
+                 NO_FIGURE if row["noise"] is None else f"±{row['noise']:.4f}",
+                 f"{row['verdict']} ({row['pretrained_seeds']} vs {row['baseline_seeds']} seeds)"]  # fmt: skip
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return [*lines, "", BASELINE_RULE]
+
+
 def _degenerate_reasons(stage_dirs: dict[str, Path]) -> list[tuple[str, Any, str]]:
     reasons = []
     for task, directory in _finetune_dirs(stage_dirs):
@@ -493,6 +554,9 @@ def render_markdown(
         encoded = base64.b64encode(png).decode("ascii")
         lines += [f"![training curves](data:image/png;base64,{encoded})", ""]
     lines += ["## Fine-tuning", "", *_finetune_section(stage_dirs, previous), ""]
+    comparison = _baseline_section(stage_dirs)
+    if comparison:
+        lines += ["## Pretrained against baselines", "", *comparison, ""]
     for note in notes:
         if note:
             lines += [note.strip(), ""]

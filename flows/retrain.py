@@ -57,6 +57,7 @@ from data_prep.manifest import (
 from flows.config import build_stage_configs, default_shared
 from flows.pipeline import (
     artifact_slug,
+    baseline_task,
     examples_task,
     finetune_task,
     pretrain_task,
@@ -79,6 +80,7 @@ from flows.retrain_plan import (
     gate_decision,
     heldout_figures,
     known_batches,
+    lift_key,
     lineage,
     load_retrain_config,
     new_files,
@@ -124,8 +126,11 @@ def heldout_task(who: str, model_dir: str, out: str, heldout: str, num_examples:
 
 
 def evaluate(who: str, model_dir: Path, evals_root: Path, heldout: Path, num_examples: int,
-             finetune: list) -> dict[str, float]:  # fmt: skip
-    """Held-out figures and each task's median (``<task>_<metric>``; absent when every seed is degenerate)."""
+             finetune: list, lift_tasks: tuple[str, ...] = ()) -> dict[str, float]:  # fmt: skip
+    """Held-out figures and each task's median (``<task>_<metric>``; absent when every seed is degenerate);
+    for ``lift_tasks`` also the median's lift over random initialisation (``<task>_<metric>_lift``)."""
+    from bert.finetune.baselines import RANDOM_INIT
+
     directory = eval_dir(evals_root, model_dir)
     metrics = heldout_task(who, str(model_dir), str(directory), str(heldout), num_examples)
     for ft in finetune:
@@ -134,6 +139,14 @@ def evaluate(who: str, model_dir: Path, evals_root: Path, heldout: Path, num_exa
         value = (summary.get("median") or {}).get(summary.get("metric"))
         if isinstance(value, int | float):
             metrics[f"{ft.task}_{summary['metric']}"] = float(value)
+        if ft.task in lift_tasks and isinstance(value, int | float):
+            # one fingerprint for every model of this architecture and vocabulary: fine-tuned once per root
+            baseline = task_value(
+                baseline_task(config, RANDOM_INIT, str(evals_root / "baselines"), RANDOM_INIT)
+            )
+            base = (baseline["metrics"].get("median") or {}).get(summary["metric"])
+            if isinstance(base, int | float):
+                metrics[lift_key(ft.task, summary["metric"])] = float(value) - float(base)
     return metrics
 
 
@@ -284,7 +297,8 @@ def _retrain(settings: RetrainConfig, shared_data: Path, root: Path, pretrain_ti
 
     # 6. evaluate both on the same held-out set and tasks, decide, register, promote
     evals, n, tasks = root / "evals", settings.retrain.heldout_examples, template.finetune
-    challenger = evaluate("challenger", hf_dir, evals, heldout, n, tasks)
+    lift_tasks = tuple(settings.gate.finetune) if settings.gate.min_lift is not None else ()
+    challenger = evaluate("challenger", hf_dir, evals, heldout, n, tasks, lift_tasks)
     incumbent = evaluate("champion", champion.hf_dir, evals, heldout, n, tasks) if champion else None
     decision = gate_decision(settings.gate, incumbent, challenger)
     parent = champion.version if champion else None

@@ -84,10 +84,21 @@ class GateRule:
     """Task → metric whose median over seeds may not drop, e.g. {"cola": "mcc"}."""
     finetune_tolerance: float = 0.0
     """How far (absolute) a fine-tuning median may fall below the champion's and still pass."""
+    min_lift: float | None = None
+    """Each ``finetune`` task's median must beat the same fine-tuning from random initialisation by at least
+    this (absolute, e.g. 0.02): a model whose pretraining learned nothing is never promoted, the first one
+    included. None: not checked (and no random-init baseline is fine-tuned)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.finetune, dict) or not all(isinstance(v, str) for v in self.finetune.values()):
             raise ValueError('gate.finetune maps a task to its metric, e.g. {"cola": "mcc"}')
+        if self.min_lift is not None:
+            if isinstance(self.min_lift, bool) or not isinstance(self.min_lift, int | float):
+                raise ValueError(f"gate.min_lift must be a number (e.g. 0.02) or null, got {self.min_lift!r}")
+            if not self.finetune:
+                raise ValueError(
+                    'gate.min_lift needs gate.finetune to name the tasks it applies to, e.g. {"sst2": "accuracy"}'
+                )
         if self.mlm_loss_tolerance <= -1:
             raise ValueError(f"gate.mlm_loss_tolerance must be above -1, got {self.mlm_loss_tolerance}")
 
@@ -316,10 +327,15 @@ def heldout_figures(model_dir: str, out: str, heldout: str, num_examples: int) -
 def gate_decision(rule: GateRule, champion: dict[str, float] | None, challenger: dict[str, float]) -> dict:
     """``{"promote", "checks", "reason"}``: each check with both figures, its threshold and whether it held.
 
-    ``champion`` None: there is none yet, and the first model is promoted.
+    ``champion`` None: there is none yet, and the first model is promoted if it keeps ``min_lift``.
     """
     if champion is None:
-        return {"promote": True, "checks": [], "reason": "first model: nothing to compare against"}
+        checks = lift_checks(rule, challenger)
+        failed = [c for c in checks if not c["passed"]]
+        if failed:
+            return {"promote": False, "checks": checks, "reason": f"not promoted: {_failures(failed)}"}
+        return {"promote": True, "checks": checks, "reason": "first model: nothing to compare against"
+                + (", and it keeps its lift over random initialisation" if checks else "")}  # fmt: skip
     checks = []
     loss_old, loss_new = champion.get("heldout_mlm_loss"), challenger.get("heldout_mlm_loss")
     limit = None if loss_old is None else loss_old * (1 + rule.mlm_loss_tolerance)
@@ -336,12 +352,42 @@ def gate_decision(rule: GateRule, champion: dict[str, float] | None, challenger:
         )
         checks.append({"metric": key, "champion": old, "challenger": new, "threshold": threshold,
                        "rule": f"≥ champion − {rule.finetune_tolerance:g}", "passed": passed})  # fmt: skip
+    checks += lift_checks(rule, challenger)
     failed = [c for c in checks if not c["passed"]]
     if failed:
-        reason = "; ".join(f"{c['metric']} {_fmt(c['challenger'])} vs champion {_fmt(c['champion'])} "
-                           f"(needs {c['rule']})" for c in failed)  # fmt: skip
-        return {"promote": False, "checks": checks, "reason": f"kept the champion: {reason}"}
+        return {"promote": False, "checks": checks, "reason": f"kept the champion: {_failures(failed)}"}
     return {"promote": True, "checks": checks, "reason": "every gate check held"}
+
+
+def lift_key(task_name: str, metric: str) -> str:
+    """The evaluation key of a task's lift over random initialisation: its median minus the baseline's."""
+    return f"{task_name}_{metric}_lift"
+
+
+def lift_checks(rule: GateRule, challenger: dict[str, float]) -> list[dict]:
+    """One check per gate task when ``min_lift`` is set: the challenger's lift over random initialisation.
+
+    A lift that could not be measured (every seed of either side degenerate) fails: nothing shows that the
+    pretraining taught the model anything."""
+    if rule.min_lift is None:
+        return []
+    checks = []
+    for task_name, metric in sorted(rule.finetune.items()):
+        key = lift_key(task_name, metric)
+        value = challenger.get(key)
+        checks.append({"metric": key, "champion": None, "challenger": value, "threshold": rule.min_lift,
+                       "rule": f"≥ {rule.min_lift:g} over random init",
+                       "passed": value is not None and value >= rule.min_lift})  # fmt: skip
+    return checks
+
+
+def _failures(failed: list[dict]) -> str:
+    return "; ".join(
+        f"{c['metric']} {_fmt(c['challenger'])}"
+        + ("" if c["metric"].endswith("_lift") else f" vs champion {_fmt(c['champion'])}")
+        + f" (needs {c['rule']})"
+        for c in failed
+    )
 
 
 def _fmt(value: float | None) -> str:

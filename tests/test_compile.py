@@ -59,7 +59,9 @@ def test_compiled_engine_trains_as_eager_and_keeps_names(monkeypatch):
         model = BertForPreTraining(BertConfig(**TINIEST))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine = eng.Engine(model, optimizer, dict(ds_config), lambda step: 1e-2, seed=0, compile=compile)
-        return [engine.step([batch(1)]).fetch()["loss"]], engine  # one step: eager's costs 1 s, compiling 10 s
+        return [
+            engine.step([batch(1)]).fetch()["loss"]
+        ], engine  # one step: eager's costs 1 s, compiling 10 s
 
     torch._dynamo.reset()
     eager_losses, eager = train(compile=False)

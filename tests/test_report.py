@@ -335,3 +335,31 @@ def test_a_seed_listed_as_degenerate_is_not_scored_even_with_a_score(run_dirs):
     assert [r["value"] for r in rows] == [None, None, None]
     assert all(r["degenerate"] for r in rows)
     assert "| cola | mcc | degenerate, not scored |" in render_markdown(collect_figures(run_dirs), run_dirs)
+
+
+def test_the_report_puts_the_pretrained_model_beside_each_baseline(run_dirs, tmp_path):
+    from flows.report import baseline_rows
+
+    baselines = {
+        "random-init": write_finetune(tmp_path / "b-random", "sst2", {0: {"accuracy": 0.70}, 1: {"accuracy": 0.71},
+                                                                      2: {"accuracy": 0.69}}),
+        "bert-base": write_finetune(tmp_path / "b-base", "sst2", {0: {"accuracy": 0.91}, 1: {"accuracy": 0.92}}),
+    }  # fmt: skip
+    (tmp_path / "baselines.json").write_text(json.dumps({"sst2": {k: str(v) for k, v in baselines.items()}}))
+    dirs = {**run_dirs, "baselines": tmp_path / "baselines.json"}
+    rows = {r["baseline"]: r for r in baseline_rows(dirs)}
+    # the pretrained side: seeds 0 and 2 scored (0.80, 0.84), seed 1 degenerate and left out
+    assert rows["random-init"]["pretrained_median"] == pytest.approx(0.82)
+    assert rows["random-init"]["baseline_median"] == pytest.approx(0.70)
+    assert rows["random-init"]["lift"] == pytest.approx(0.12) and rows["random-init"]["verdict"] == "better"
+    assert rows["bert-base"]["verdict"] == "worse" and rows["bert-base"]["pretrained_seeds"] == 2
+    figures = collect_figures(dirs)
+    assert figures["finetune.sst2.accuracy.lift.random-init"] == pytest.approx(0.12)
+    markdown = render_markdown(figures, dirs)
+    assert "## Pretrained against baselines" in markdown
+    # noise: pooled std of (0.80, 0.84) and (0.70, 0.71, 0.69) is sqrt(0.001 / 3); 2·s·sqrt(1/2 + 1/3) = 0.0333
+    assert (
+        "| sst2 | accuracy | random-init | 0.8200 | 0.7000 | +0.1200 | ±0.0333 | better (2 vs 3 seeds) |"
+        in markdown
+    )
+    assert "## Pretrained against baselines" not in render_markdown(collect_figures(run_dirs), run_dirs)

@@ -174,3 +174,28 @@ def test_prefect_yaml_schedules_are_ones_prefect_deploy_accepts():
         RawScheduleConfig.model_validate(schedule)  # unknown keys are refused
         created = DeploymentScheduleCreate(**_schedule_config_to_deployment_schedule(schedule))
         assert created.active is False and created.slug and created.schedule.cron
+
+
+def test_gate_min_lift_keeps_out_a_model_that_learned_nothing():
+    from flows.retrain_plan import GateRule, gate_decision
+
+    rule = GateRule(
+        finetune={"sst2": "accuracy"}, min_lift=0.02, mlm_loss_tolerance=10, finetune_tolerance=10
+    )
+    champion = {"heldout_mlm_loss": 4.0, "sst2_accuracy": 0.70}
+    kept = {"heldout_mlm_loss": 4.0, "sst2_accuracy": 0.75, "sst2_accuracy_lift": 0.05}
+    assert gate_decision(rule, champion, kept)["promote"]
+    lost = gate_decision(rule, champion, {**kept, "sst2_accuracy_lift": 0.01})
+    assert (
+        not lost["promote"] and "sst2_accuracy_lift 0.0100 (needs ≥ 0.02 over random init)" in lost["reason"]
+    )
+    # the first model too, and a lift that could not be measured fails
+    assert not gate_decision(rule, None, {**kept, "sst2_accuracy_lift": -0.03})["promote"]
+    assert not gate_decision(rule, None, {"heldout_mlm_loss": 4.0, "sst2_accuracy": 0.75})["promote"]
+    first = gate_decision(rule, None, kept)
+    assert first["promote"] and [c["metric"] for c in first["checks"]] == ["sst2_accuracy_lift"]
+    assert gate_decision(GateRule(finetune={"sst2": "accuracy"}), None, {})[
+        "promote"
+    ]  # no min_lift: as before
+    with pytest.raises(ValueError, match="gate.finetune"):
+        GateRule(min_lift=0.02)

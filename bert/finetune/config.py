@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+INITS = ("pretrained", "random")
+
 
 @dataclass
 class FinetuneConfig:
@@ -60,6 +62,9 @@ class FinetuneConfig:
     progress: bool = True
     """tqdm progress bars on stderr."""
     save_model: bool = True
+    init: str = "pretrained"
+    """"pretrained": start from the model's weights; "random": the same architecture and tokenizer at BERT's
+    random initialisation (drawn from each seed), the baseline that shows what pretraining bought."""
 
     def __post_init__(self) -> None:
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -79,6 +84,8 @@ class FinetuneConfig:
             raise ValueError("weight_decay and max_grad_norm must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_seq_length is not None and self.max_seq_length < 8:

@@ -46,8 +46,13 @@ def _model_class(task: Task):
     }[task.kind]
 
 
-def build_model(task: Task, labels: list[str] | None, model_dir: str | Path) -> torch.nn.Module:
-    """The task model from ``model_dir``; heads the checkpoint lacks (or sizes differently) are new."""
+def build_model(
+    task: Task, labels: list[str] | None, model_dir: str | Path, init: str = "pretrained"
+) -> torch.nn.Module:
+    """The task model from ``model_dir``; heads the checkpoint lacks (or sizes differently) are new.
+
+    ``init="random"`` builds the same architecture from ``model_dir``'s config.json at BERT's initialisation
+    (from the global RNG, which the caller seeds) and never reads its weights."""
     overrides: dict[str, Any]
     if task.kind == "regression":
         overrides = {"num_labels": 1, "id2label": {0: "score"}, "problem_type": "regression"}
@@ -58,7 +63,10 @@ def build_model(task: Task, labels: list[str] | None, model_dir: str | Path) -> 
         if task.kind == "classification":
             overrides["problem_type"] = "single_label_classification"
     overrides["label2id"] = {v: k for k, v in overrides["id2label"].items()}  # else the checkpoint's stays
-    return _model_class(task).from_pretrained(model_dir, ignore_mismatched_sizes=True, **overrides)
+    cls = _model_class(task)
+    if init == "random":
+        return cls(cls.config_class.from_json_file(Path(model_dir), **overrides)).eval()
+    return cls.from_pretrained(model_dir, ignore_mismatched_sizes=True, **overrides)
 
 
 def make_optimizer(
@@ -262,7 +270,7 @@ def train_seed(
     gpus = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=gpus):  # the global RNG (init, dropout) is seeded, then restored
         torch.manual_seed(seed)
-        model = build_model(task, labels, config.model).to(device)
+        model = build_model(task, labels, config.model, config.init).to(device)
         optimizer, scheduler = make_optimizer(model, hp["lr"], config.weight_decay, total_steps, warmup_steps)
         order_rng = torch.Generator().manual_seed(seed)
         for epoch in range(1, epochs + 1):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import collections
 import math
 import re
+import statistics
 import string
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 # ------------------------------------------------------------------------------------ classification
 
@@ -202,3 +204,55 @@ def squad_scores(predictions: dict[str, str], references: dict[str, Sequence[str
         exact += max(squad_exact(prediction, g) for g in golds)
         f1 += max(squad_f1(prediction, g) for g in golds)
     return {"exact_match": 100.0 * exact / len(references), "f1": 100.0 * f1 / len(references)}
+
+
+# --------------------------------------------------------------------------- lift over a baseline
+
+NOISE_STANDARD_ERRORS = 2.0
+"""A lift beyond this many standard errors of the difference counts as more than seed noise (about 95%)."""
+
+
+def lift(pretrained: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
+    """The pretrained model's seeds against a baseline's: medians, lift and whether it beats the seed noise.
+
+    lift = median(pretrained) − median(baseline). The noise is NOISE_STANDARD_ERRORS standard errors of that
+    difference, from the pooled seed standard deviation s: noise = 2·s·√(1/n₁ + 1/n₂). The verdict is
+    "better" (lift > noise), "worse" (lift < −noise) or "within noise"; "too few seeds" when either side has
+    fewer than 2 scored seeds (no estimate of the noise), "not scored" when either has none.
+    """
+    a, b = [float(x) for x in pretrained], [float(x) for x in baseline]
+    result: dict[str, Any] = {"pretrained": None, "baseline": None, "lift": None, "noise": None,
+                              "pooled_std": None, "verdict": "not scored"}  # fmt: skip
+    if not a or not b:
+        return result
+    result["pretrained"], result["baseline"] = statistics.median(a), statistics.median(b)
+    result["lift"] = result["pretrained"] - result["baseline"]
+    if len(a) < 2 or len(b) < 2:
+        result["verdict"] = "too few seeds"
+        return result
+    pooled_var = ((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / (
+        len(a) + len(b) - 2
+    )
+    result["pooled_std"] = pooled_var**0.5
+    result["noise"] = NOISE_STANDARD_ERRORS * result["pooled_std"] * (1 / len(a) + 1 / len(b)) ** 0.5
+    if result["lift"] > result["noise"]:
+        result["verdict"] = "better"
+    elif result["lift"] < -result["noise"]:
+        result["verdict"] = "worse"
+    else:
+        result["verdict"] = "within noise"
+    return result
+
+
+def scored_values(summary: dict[str, Any] | None, metric: str | None = None) -> list[float]:
+    """The task metric of each scored (non-degenerate) seed of a metrics.json summary."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("results"), list):
+        return []
+    metric = metric or summary.get("metric")
+    values = []
+    for result in summary["results"]:
+        if isinstance(result, dict) and not result.get("degenerate"):
+            value = result.get(metric)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values.append(float(value))
+    return values

@@ -178,19 +178,25 @@ def _content_fingerprint(path: str | Path | None) -> str | None:
 def stage_config(config: FinetuneConfig) -> dict:
     """The fingerprint's settings: every hyperparameter and task option, no paths."""
     values = dataclasses.asdict(config)
+    if values["init"] == "pretrained":  # absent: fingerprints from before the setting existed still match
+        del values["init"]
     return {
         k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if k not in NOT_IN_FINGERPRINT
     }
 
 
 def stage_inputs(config: FinetuneConfig) -> dict:
-    """The model's weights, config and tokenizer files, and the train and eval data, by content."""
+    """The model's weights, config and tokenizer files, and the train and eval data, by content.
+
+    A random initialisation reads no weights, so they are left out: the baseline of every run whose model has
+    the same architecture and tokenizer has one fingerprint, and is computed once."""
     from data_prep.manifest import fingerprint, sha256_file
 
     model = Path(config.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
-    files = {name: sha256_file(model / name) for name in MODEL_FILES if (model / name).exists()}
+    names = MODEL_FILES if config.init == "pretrained" else ("config.json", *TOKENIZER_FILES)
+    files = {name: sha256_file(model / name) for name in names if (model / name).exists()}
     return {"model": fingerprint(files), "train": _content_fingerprint(config.train),
             "eval": _content_fingerprint(config.eval)}  # fmt: skip
 
