@@ -1,4 +1,5 @@
-"""The real thing: a Prefect server, `bertpipe deploy`, a process worker and runs of `bert-pipeline/tiny`.
+"""The real thing: a Prefect server (the session's test server, the API app `prefect server start` serves),
+`bertpipe deploy`, a process worker and runs of `bert-pipeline/tiny`.
 
 A run cancelled during pretraining leaves no launcher or rank behind and keeps its checkpoint; the next run on
 the same trajectory resumes from that checkpoint with the data stages Cached and completes with its artifacts
@@ -12,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -80,12 +80,6 @@ class Stack:
         return f"\n--- worker log (tail) ---\n{worker}\n--- flow run log ---\n{run}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
@@ -124,30 +118,21 @@ def run_processes(root: Path) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, shared_data) -> Stack:
+def stack(prefect_harness, tmp_path_factory, shared_data) -> Stack:
+    """The session's Prefect test server (the API app `prefect server start` serves, started once for every
+    flow test), `bertpipe deploy --name tiny` and a process worker polling its pool."""
+    from prefect.settings import PREFECT_API_URL
+
     root = tmp_path_factory.mktemp("deployment")
     home = root / "prefect-home"
     home.mkdir()
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    api = f"http://127.0.0.1:{port}/api"
-    server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                   env, root / "server.log")  # fmt: skip
+    api = PREFECT_API_URL.value()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": api, "BERTPIPE_SHARED": str(shared_data.parent), "OMP_NUM_THREADS": "1",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # fmt: skip
     worker = None
     try:
-        give_up = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{api}/health", timeout=5).json() is True:
-                    break
-            assert server.poll() is None, (root / "server.log").read_text()[-4000:]
-            assert time.monotonic() < give_up, (
-                "server not healthy after 90 s\n" + (root / "server.log").read_text()
-            )
-            time.sleep(1)
-        env = {**env, "PREFECT_API_URL": api, "BERTPIPE_SHARED": str(shared_data.parent),
-               "OMP_NUM_THREADS": "1", "PREFECT_WORKER_QUERY_SECONDS": "2"}  # fmt: skip
+        assert httpx.get(f"{api}/health", timeout=30).json() is True
         deployed = subprocess.run([str(BIN / "bertpipe"), "deploy", "--name", "tiny"], env=env, cwd=REPO,
                                   capture_output=True, text=True, timeout=300)  # fmt: skip
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
@@ -162,7 +147,6 @@ def stack(tmp_path_factory, shared_data) -> Stack:
     finally:
         if worker is not None:
             stop(worker)
-        stop(server)
         leftovers = run_processes(root)
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
