@@ -197,8 +197,31 @@ def examples_task(config, dask_address: str | None = None) -> str:
                       lambda: examples_stage.generate_examples(config, map_jobs=PrefectMapper(dask_address, "examples")))  # fmt: skip
 
 
-class _Progress:
-    """A progress artifact updated from metrics.jsonl while the ranks train (a small polling thread)."""
+class _Poller:
+    """Runs ``_poll`` on a daemon thread from ``with`` entry until exit (``done`` is set then), in a copy of the
+    caller's context: Prefect's settings (the API URL) live in context variables."""
+
+    thread_name = "poller"
+
+    def __enter__(self):
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self._poll,),
+                                       name=self.thread_name, daemon=True)  # fmt: skip
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(timeout=10)
+
+    def _poll(self) -> None:
+        raise NotImplementedError
+
+
+class _Progress(_Poller):
+    """A progress artifact updated from metrics.jsonl while the ranks train."""
+
+    thread_name = "pretrain-progress"
 
     def __init__(self, metrics_file: Path, max_steps: int | None):
         from prefect.artifacts import create_progress_artifact
@@ -206,8 +229,6 @@ class _Progress:
         self.metrics_file, self.max_steps = metrics_file, max_steps
         self.artifact_id = create_progress_artifact(0.0, key="pretraining-progress",
                                                     description="pretraining: share of max_steps done")  # fmt: skip
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._poll, name="pretrain-progress", daemon=True)
 
     def _poll(self) -> None:
         from prefect.artifacts import update_progress_artifact
@@ -220,16 +241,8 @@ class _Progress:
                 with contextlib.suppress(Exception):  # a missed progress update must not fail training
                     update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / self.max_steps))
 
-    def __enter__(self):
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join(timeout=10)
-
-
-class CancelWatch:
+class CancelWatch(_Poller):
     """Polls the flow run's state while the ranks train and sets ``stop`` once the run is Cancelling.
 
     Prefect's own watch (the worker's cancellation observer) gives up for good after three failed polls, 20-30 s
@@ -237,15 +250,12 @@ class CancelWatch:
     retries through any outage, so a cancel sent once the server is back still stops the ranks.
     """
 
+    thread_name = "pretrain-cancel-watch"
+
     def __init__(self, read_state: Callable[[], Any], stop: threading.Event, logger: Any,
                  every_s: float = CANCEL_POLL_S):  # fmt: skip
         self.read_state, self.stop, self.logger, self.every_s = read_state, stop, logger, every_s
         self.seen = threading.Event()  # a cancel was seen (and ``stop`` set)
-        self.done = threading.Event()
-        # In a copy of this context: Prefect's settings (the API URL) live in context variables.
-        context = contextvars.copy_context()
-        self.thread = threading.Thread(target=context.run, args=(self._poll,), name="pretrain-cancel-watch",
-                                       daemon=True)  # fmt: skip
 
     def _poll(self) -> None:
         unreachable = False
@@ -267,14 +277,6 @@ class CancelWatch:
                 self.seen.set()
                 self.stop.set()
                 return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join(timeout=10)
 
 
 def flow_run_state_reader() -> Callable[[], Any] | None:
