@@ -1,7 +1,9 @@
 """Reading raw corpora: finding input files, decoding bytes, and turning records into paragraphs.
 
 Inputs are *units*: a plain-text file (``.txt``, anything else), a JSONL file (``.jsonl``/``.json``/
-``.ndjson``) with a text field, each optionally compressed (``.gz``, ``.zst``/``.zstd``, ``.xz``, ``.bz2``),
+``.ndjson``) with a text field, a tab-separated table (``.tsv``: the first line names the columns, each row
+is a document, e.g. a GLUE task's unlabelled sentences for task-adaptive pretraining), each optionally
+compressed (``.gz``, ``.zst``/``.zstd``, ``.xz``, ``.bz2``),
 a Parquet file with a text column (a directory of them, e.g. a Spark or Hugging Face Parquet export, is one
 unit per file), a Hugging Face dataset saved with ``save_to_disk``, or ``hf://NAME[:CONFIG][@SPLIT]`` read
 with ``datasets.load_dataset(..., streaming=True)``. Every reader streams: a line, a record or a Parquet
@@ -40,6 +42,7 @@ HF_SCHEME = "hf://"
 TEXT_SUFFIXES = {".txt", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+TSV_SUFFIXES = {".tsv"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd", ".xz", ".bz2"}  # streamed through a decompressor
 ZSTD_READ_BYTES = 1 << 20  # compressed bytes fed to the zstd decompressor at a time
 BINARY_SNIFF_BYTES = 64 * 1024
@@ -68,7 +71,7 @@ def decode_line(raw: bytes, stats: Counter) -> str:
 class InputUnit:
     """One thing to read: a file, a saved dataset directory, or an ``hf://`` dataset."""
 
-    kind: str  # "text" | "jsonl" | "parquet" | "hf_disk" | "hf_hub"
+    kind: str  # "text" | "jsonl" | "tsv" | "parquet" | "hf_disk" | "hf_hub"
     location: str  # a path, or the hf:// spec as given
     size: int  # bytes on disk (0 when unknown), used to balance work
 
@@ -95,11 +98,13 @@ def _file_kind(path: Path) -> str | None:
         suffixes = suffixes[:-1]
         if suffixes and suffixes[-1] in PARQUET_SUFFIXES:
             return None  # Parquet compresses its own pages; a compressed Parquet file cannot be streamed
-        if not suffixes or suffixes[-1] not in JSONL_SUFFIXES:
+        if not suffixes or suffixes[-1] not in JSONL_SUFFIXES | TSV_SUFFIXES:
             return "text"
     last = suffixes[-1] if suffixes else ""
     if last in JSONL_SUFFIXES:
         return "jsonl"
+    if last in TSV_SUFFIXES:
+        return "tsv"
     if last in PARQUET_SUFFIXES:
         return "parquet"
     if last in TEXT_SUFFIXES:
@@ -320,6 +325,28 @@ def iter_jsonl_documents(path: str, text_field: str, stats: Counter) -> Iterator
         yield f"{path}#{record}", paragraphs_of(text)
 
 
+def iter_tsv_documents(path: str, text_field: str, stats: Counter) -> Iterator[tuple[str, list[str]]]:
+    """(source "file#row", paragraphs) of column ``text_field`` of each row of a table whose first line is a
+    header; fields split on tabs only, no quoting (GLUE's sentences may start with a quote character)."""
+    lines = iter_lines(path, stats)
+    header = next(lines, None)
+    if header is None:
+        return
+    names = [name.strip() for name in header.split("\t")]
+    _check_column(names, text_field, path)
+    column = names.index(text_field)
+    for row, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) <= column:
+            stats["bad_records"] += 1
+            if stats["bad_records"] <= 3:
+                log.warning("%s#%d has %d fields, no column %r; skipped", path, row, len(fields), text_field)
+            continue
+        yield f"{path}#{row}", paragraphs_of(fields[column])
+
+
 def _numbered(batches: Iterator[list]) -> Iterator[tuple[int, object]]:
     """(row number, value) over a stream of column batches."""
     index = 0
@@ -404,6 +431,8 @@ def iter_unit_documents(
         return iter_text_documents(unit.location, doc_boundary, stats)
     if unit.kind == "jsonl":
         return iter_jsonl_documents(unit.location, text_field, stats)
+    if unit.kind == "tsv":
+        return iter_tsv_documents(unit.location, text_field, stats)
     if unit.kind == "parquet":
         return iter_parquet_documents(unit.location, text_field, stats)
     if unit.kind == "hf_disk":

@@ -148,7 +148,7 @@ def shard(
         None, "--workers", help="Processes; the output does not depend on it."
     ),
     text_field: str | None = typer.Option(
-        None, "--text-field", help="Text field of JSONL/Parquet/HF inputs."
+        None, "--text-field", help="Text field of JSONL/Parquet/HF inputs, column of .tsv tables."
     ),
     language: str | None = typer.Option(None, "--language", help="Sentence splitter language code."),
     near_dup_threshold: float | None = typer.Option(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import gzip
 import json
 import lzma
 import sys
@@ -23,6 +24,10 @@ zstandard = pytest.importorskip("zstandard")
 
 def documents(unit: textio.InputUnit, stats: Counter | None = None) -> list[tuple[str, list[str]]]:
     return list(iter_unit_documents(unit, "blank-line", "text", Counter() if stats is None else stats))
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
 
 
 def jsonl(texts: list[str]) -> bytes:
@@ -153,3 +158,33 @@ def test_zst_without_zstandard_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard raises ImportError
     with pytest.raises(StageError, match="pip install zstandard"):
         documents(discover_inputs([str(path)])[0][0])
+
+
+def test_tsv_rows_of_a_named_column_are_documents(tmp_path):
+    """A GLUE-style table (byte-order mark, a quote-led sentence, a short row) read as its text column."""
+    path = tmp_path / "in" / "train.tsv"
+    path.parent.mkdir()
+    rows = ["sentence\tlabel", '"quoted" start , fine \t1', "", "no label column", "second row .\t0"]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n")
+    gz = tmp_path / "in" / "more.tsv.gz"
+    gz.write_bytes(gzip_bytes(b"sentence\tlabel\nzipped row\t1\n"))
+    units, skipped = discover_inputs([str(path.parent)])
+    assert [(u.kind, Path(u.location).name) for u in units] == [("tsv", "more.tsv.gz"), ("tsv", "train.tsv")]
+    assert not skipped
+    stats = Counter()
+    assert list(iter_unit_documents(units[1], "blank-line", "sentence", stats)) == [
+        (f"{path}#1", ['"quoted" start , fine']),
+        (f"{path}#3", ["no label column"]),  # one field: column 0 is there
+        (f"{path}#4", ["second row ."]),
+    ]
+    assert list(iter_unit_documents(units[0], "blank-line", "sentence", stats)) == [
+        (f"{gz}#1", ["zipped row"])
+    ]
+    with pytest.raises(StageError, match=r"no column 'text' \(columns: sentence, label\)"):
+        list(iter_unit_documents(units[1], "blank-line", "text", Counter()))
+    labels_first = tmp_path / "labels_first.tsv"
+    labels_first.write_text("label\tsentence\n1\tkept .\n0\n")
+    assert list(
+        iter_unit_documents(discover_inputs([str(labels_first)])[0][0], "file", "sentence", stats)
+    ) == [(f"{labels_first}#1", ["kept ."])]
+    assert stats["bad_records"] == 1  # the row without its second field
