@@ -299,8 +299,9 @@ def _baseline_dirs(stage_dirs: dict[str, Path]) -> dict[str, dict[str, Path]]:
 
 
 def baseline_rows(stage_dirs: dict[str, Path]) -> list[dict]:
-    """One row per (task, baseline): the pretrained model's and the baseline's medians over their scored seeds,
-    the lift, the noise it is held against and the verdict (``bert.finetune.metrics.lift``)."""
+    """One row per (task, baseline): the pretrained model's and the baseline's medians over their seeds, the
+    lift, the noise it is held against and the verdict (``bert.finetune.metrics.lift``). A seed that predicted
+    one class counts at the value it measured (a random init that learned nothing is a result, not a gap)."""
     from bert.finetune.metrics import lift, scored_values
 
     pretrained = {task: _finetune_metrics(directory) for task, directory in _finetune_dirs(stage_dirs)}
@@ -311,7 +312,8 @@ def baseline_rows(stage_dirs: dict[str, Path]) -> list[dict]:
         for label, directory in entries.items():
             theirs = _finetune_metrics(directory)
             metric = metric or (theirs or {}).get("metric")
-            a, b = scored_values(ours, metric), scored_values(theirs, metric)
+            a = scored_values(ours, metric, degenerate=True)
+            b = scored_values(theirs, metric, degenerate=True)
             verdict = lift(a, b)
             rows.append({"task": task, "metric": metric, "baseline": label,
                          "pretrained_median": verdict["pretrained"], "baseline_median": verdict["baseline"],

@@ -90,6 +90,11 @@ def test_lift_without_a_noise_estimate_gives_no_verdict():
         "results": [{"seed": 0, "mcc": 0.2}, {"seed": 1, "mcc": None, "degenerate": True}],
     }
     assert scored_values(summary) == [0.2]
+    assert scored_values(summary, degenerate=True) == [0.2]  # a degenerate seed without a value stays out
+    one_class = {"metric": "accuracy", "results": [{"seed": 0, "accuracy": None, "degenerate": True,
+                                                    "measured": {"accuracy": 0.51}},
+                                                   {"seed": 1, "accuracy": 0.47}]}  # fmt: skip
+    assert scored_values(one_class) == [0.47] and scored_values(one_class, degenerate=True) == [0.51, 0.47]
 
 
 # --- random initialisation -------------------------------------------------------------------------------

@@ -124,12 +124,20 @@ def write_pretrain(directory: Path, last_step: int = NUM_STEPS) -> Path:
     return directory
 
 
-def write_finetune(directory: Path, task_name: str, seed_scores: dict[int, dict | None]) -> Path:
-    """metrics.json through bert.finetune.summarise; a None score marks a single-class (degenerate) seed."""
+def write_finetune(
+    directory: Path,
+    task_name: str,
+    seed_scores: dict[int, dict | None],
+    degenerate_seeds: tuple[int, ...] = (),
+) -> Path:
+    """metrics.json through bert.finetune.summarise; a None score marks a single-class (degenerate) seed whose
+    measured scores are not known (as in summaries written before `measured`), a seed in ``degenerate_seeds``
+    one that measured the scores given."""
     task = get_task(task_name)
     runs = []
     for seed, scores in seed_scores.items():
-        degenerate = "predicted the class '1' for all 1043 examples" if scores is None else None
+        single_class = scores is None or seed in degenerate_seeds
+        degenerate = "predicted the class '1' for all 1043 examples" if single_class else None
         scores = scores or dict.fromkeys(task.metrics, 0.0)
         runs.append(
             SeedRun(
@@ -141,8 +149,12 @@ def write_finetune(directory: Path, task_name: str, seed_scores: dict[int, dict 
                 model_dir=None,
             )
         )
+    summary = summarise(task, runs)
+    for result in summary["results"]:
+        if seed_scores[result["seed"]] is None:
+            result.pop("measured")
     directory.mkdir(parents=True)
-    (directory / "metrics.json").write_text(json.dumps(summarise(task, runs)))
+    (directory / "metrics.json").write_text(json.dumps(summary))
     return directory
 
 
@@ -348,7 +360,8 @@ def test_the_report_puts_the_pretrained_model_beside_each_baseline(run_dirs, tmp
     (tmp_path / "baselines.json").write_text(json.dumps({"sst2": {k: str(v) for k, v in baselines.items()}}))
     dirs = {**run_dirs, "baselines": tmp_path / "baselines.json"}
     rows = {r["baseline"]: r for r in baseline_rows(dirs)}
-    # the pretrained side: seeds 0 and 2 scored (0.80, 0.84), seed 1 degenerate and left out
+    # the pretrained side: seeds 0 and 2 scored (0.80, 0.84), seed 1 degenerate: summarised before the value
+    # it measured was kept (`measured`), so left out
     assert rows["random-init"]["pretrained_median"] == pytest.approx(0.82)
     assert rows["random-init"]["baseline_median"] == pytest.approx(0.70)
     assert rows["random-init"]["lift"] == pytest.approx(0.12) and rows["random-init"]["verdict"] == "better"
@@ -362,4 +375,12 @@ def test_the_report_puts_the_pretrained_model_beside_each_baseline(run_dirs, tmp
         "| sst2 | accuracy | random-init | 0.8200 | 0.7000 | +0.1200 | ±0.0333 | better (2 vs 3 seeds) |"
         in markdown
     )
+    # a baseline seed that predicted one class counts at what it measured: a random init that learned nothing
+    # is a result, not a gap (else "too few seeds")
+    chance = write_finetune(tmp_path / "b-chance", "sst2", {0: {"accuracy": 0.51}, 1: {"accuracy": 0.49},
+                                                            2: {"accuracy": 0.55}}, degenerate_seeds=(0, 1))  # fmt: skip
+    (tmp_path / "baselines.json").write_text(json.dumps({"sst2": {"random-init": str(chance)}}))
+    (row,) = baseline_rows(dirs)
+    assert row["baseline_seeds"] == 3 and row["baseline_median"] == pytest.approx(0.51)
+    assert row["lift"] == pytest.approx(0.31) and row["verdict"] == "better"
     assert "## Pretrained against baselines" not in render_markdown(collect_figures(run_dirs), run_dirs)

@@ -244,15 +244,21 @@ def lift(pretrained: Sequence[float], baseline: Sequence[float]) -> dict[str, An
     return result
 
 
-def scored_values(summary: dict[str, Any] | None, metric: str | None = None) -> list[float]:
-    """The task metric of each scored (non-degenerate) seed of a metrics.json summary."""
+def scored_values(
+    summary: dict[str, Any] | None, metric: str | None = None, *, degenerate: bool = False
+) -> list[float]:
+    """The task metric of each scored (non-degenerate) seed of a metrics.json summary; with ``degenerate``
+    also the seeds that predicted one class, at the value they measured (``measured``; older summaries lack it)."""
     if not isinstance(summary, dict) or not isinstance(summary.get("results"), list):
         return []
     metric = metric or summary.get("metric")
     values = []
     for result in summary["results"]:
-        if isinstance(result, dict) and not result.get("degenerate"):
-            value = result.get(metric)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                values.append(float(value))
+        if not isinstance(result, dict) or (result.get("degenerate") and not degenerate):
+            continue
+        value = result.get(metric)
+        if result.get("degenerate") and isinstance(result.get("measured"), dict):
+            value = result["measured"].get(metric)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            values.append(float(value))
     return values

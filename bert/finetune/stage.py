@@ -93,7 +93,10 @@ def summarise(task: Task, runs: list[SeedRun]) -> dict[str, Any]:
         entry: dict[str, Any] = {"seed": run.seed}
         if run.evaluation.degenerate:
             entry.update({m: None for m in task.metrics})
-            entry.update(degenerate=True, reason=run.evaluation.degenerate)
+            # what it measured anyway: a baseline comparison counts a seed that learned nothing at that value
+            entry.update(
+                degenerate=True, reason=run.evaluation.degenerate, measured=dict(run.evaluation.scores)
+            )
         else:
             entry.update(run.evaluation.scores)
             scored.append(run.evaluation.scores)
