@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -195,7 +196,33 @@ def load_pipeline_config(preset: str | Path, overrides: list[str] | tuple[str, .
     """A preset (name or file) with overrides applied, checked at the top level."""
     path = preset_path(preset)
     base = PipelineConfig.from_json_file(path).to_dict()
-    return PipelineConfig.from_dict(apply_overrides(base, overrides), where=f"{path} with overrides")
+    values = resolve_package_paths(apply_overrides(base, overrides))
+    return PipelineConfig.from_dict(values, where=f"{path} with overrides")
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_package_paths(values: Any) -> Any:
+    """``values`` with every string ``package:NAME/PATH`` replaced by PATH inside the installed Python package
+    NAME (e.g. a checkpoint shipped as a package), so a preset need not know where site-packages is."""
+    if isinstance(values, dict):
+        return {key: resolve_package_paths(value) for key, value in values.items()}
+    if isinstance(values, list):
+        return [resolve_package_paths(value) for value in values]
+    if not isinstance(values, str) or not values.startswith(PACKAGE_PREFIX):
+        return values
+    name, _, inside = values[len(PACKAGE_PREFIX) :].partition("/")
+    try:  # find_spec locates the package without running its __init__ (a dotted name imports its parents)
+        spec = importlib.util.find_spec(name) if name else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineConfigError(
+            f"{values!r}: no installed Python package {name!r}; install it into this environment or give the "
+            "directory's path instead (package:NAME/PATH names PATH inside package NAME)"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / inside)
 
 
 def default_shared() -> Path:
