@@ -180,6 +180,9 @@ def train_record(step: int, epoch: int, metrics: dict, times: list[float], world
     (``times``: steps, their seconds, their seconds waiting for data) the time, the wait and throughput."""
     steps, step_s, wait_s = times
     mean_s = step_s / steps
+    peak = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a host-side counter: no device sync
+        peak = {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
     return {
         "step": step,
         "epoch": epoch,
@@ -190,6 +193,7 @@ def train_record(step: int, epoch: int, metrics: dict, times: list[float], world
         "tokens_per_s": metrics["tokens"] / mean_s,
         "tokens_per_s_per_rank": metrics["tokens"] / mean_s / world_size,
         "samples_per_s": metrics["samples"] / mean_s,
+        **peak,
     }
 
 
