@@ -12,9 +12,9 @@ The pieces benchmarks/gpu.py runs as its e2e parts (``base-128/ours``, ``base-12
   attention, stock dropout), fused AdamW, bf16 autocast, gradient clipping at 1.0, over the batches
   bertpipe's own RankBatches + Collator give for the same examples, seed and global batch; they are collated
   (and pinned) before the timed loop, so the baseline never waits for data;
-- peak memory of a rank: bertpipe's rank records none, so a ``sitecustomize`` put first on the ranks'
-  PYTHONPATH (``PEAK_HOOK``) writes ``torch.cuda.max_memory_allocated`` at exit (it runs any sitecustomize it
-  shadows).
+- peak memory of a rank: a ``sitecustomize`` put first on the ranks' PYTHONPATH (``PEAK_HOOK``) writes
+  ``torch.cuda.max_memory_allocated`` and the host's max RSS at exit (it runs any sitecustomize it shadows);
+  the rank's metrics.jsonl also logs ``peak_memory_gib`` on CUDA, the same counter, as the run goes.
 
 Both sides are timed alike: per step, from asking for the batch to the step's loss read back on the host
 (bertpipe fetches its metrics every step at ``log_every`` 1); the first ``warmup`` steps (compilation) are
