@@ -128,8 +128,9 @@ def heldout_task(who: str, model_dir: str, out: str, heldout: str, num_examples:
 def evaluate(who: str, model_dir: Path, evals_root: Path, heldout: Path, num_examples: int,
              finetune: list, lift_tasks: tuple[str, ...] = ()) -> dict[str, float]:  # fmt: skip
     """Held-out figures and each task's median (``<task>_<metric>``; absent when every seed is degenerate);
-    for ``lift_tasks`` also the median's lift over random initialisation (``<task>_<metric>_lift``)."""
+    for ``lift_tasks`` also the lift over random initialisation (``<task>_<metric>_lift``, as the report's)."""
     from bert.finetune.baselines import RANDOM_INIT
+    from bert.finetune.metrics import lift, scored_values
 
     directory = eval_dir(evals_root, model_dir)
     metrics = heldout_task(who, str(model_dir), str(directory), str(heldout), num_examples)
@@ -139,14 +140,16 @@ def evaluate(who: str, model_dir: Path, evals_root: Path, heldout: Path, num_exa
         value = (summary.get("median") or {}).get(summary.get("metric"))
         if isinstance(value, int | float):
             metrics[f"{ft.task}_{summary['metric']}"] = float(value)
-        if ft.task in lift_tasks and isinstance(value, int | float):
+        if ft.task in lift_tasks:
             # one fingerprint for every model of this architecture and vocabulary: fine-tuned once per root
             baseline = task_value(
                 baseline_task(config, RANDOM_INIT, str(evals_root / "baselines"), RANDOM_INIT)
             )
-            base = (baseline["metrics"].get("median") or {}).get(summary["metric"])
-            if isinstance(base, int | float):
-                metrics[lift_key(ft.task, summary["metric"])] = float(value) - float(base)
+            # the report's lift: seeds that predicted one class count at what they measured
+            measured = lift(scored_values(summary, degenerate=True),
+                            scored_values(baseline["metrics"], degenerate=True))["lift"]  # fmt: skip
+            if isinstance(measured, float):
+                metrics[lift_key(ft.task, summary["metric"])] = measured
     return metrics
 
 
