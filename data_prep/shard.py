@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -85,6 +86,8 @@ SPILL_FLUSH_CHARS = 16 << 20  # a reading task buffers at most ~16 M characters 
 TASK_MIN_BYTES, TASK_MAX_BYTES = 1 << 20, 256 << 20
 ROW_GROUP_DOCUMENTS = 1024  # at most this many documents per Parquet row group ...
 ROW_GROUP_BYTES = 16 << 20  # ... and at most ~16 MB of sentence text (a one-document group may exceed it)
+WRITE_RANGE_BYTES = 16 << 20  # a shard write sorts ~this much spill at a time (a worker's peak: ~+150 MB) ...
+WRITE_MAX_RANGES = 256  # ... in at most this many ranges (open files): a shard over ~4 GB of spill sorts more
 
 
 @dataclass
@@ -359,54 +362,160 @@ def _read_stream(path: Path, columns: list[str] | None = None) -> pa.Table:
     return table if columns is None else table.select(columns)
 
 
+def _stream_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow stream file, one at a time."""
+    with pa.OSFile(str(path), "rb") as source:
+        yield from pa.ipc.open_stream(source)
+
+
+def _digest_prefixes(digests: pa.Array) -> np.ndarray:
+    """The first 4 bytes of each 16-byte digest, big-endian, as uint64: ordered as the digests are."""
+    offsets = np.frombuffer(digests.buffers()[1], np.int32)[digests.offset : digests.offset + len(digests)]
+    data = np.frombuffer(digests.buffers()[2], np.uint8)
+    head = data[offsets[:, None] + np.arange(4)].astype(np.uint64)
+    return (head[:, 0] << 24) | (head[:, 1] << 16) | (head[:, 2] << 8) | head[:, 3]
+
+
+def _digest_ranges(spills: list[Path], work_dir: Path) -> Iterator[pa.Table]:
+    """A shard's spilled rows as tables of consecutive digest ranges, lowest first, each holding every row of
+    its range (so every copy of a document) and about ``WRITE_RANGE_BYTES`` of spill.
+
+    The spill is cut by the digest's first 32 bits into files in ``work_dir`` (one batch in memory at a
+    time), then read back a range at a time: a shard's memory is bounded by the range, not the shard.
+    """
+    size = sum(p.stat().st_size for p in spills)
+    num_ranges = min(max(1, -(-size // WRITE_RANGE_BYTES)), WRITE_MAX_RANGES)
+    if num_ranges == 1:  # small enough to sort at once: no second copy on disk
+        tables = [_read_stream(spill) for spill in spills]
+        yield pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
+        return
+    shutil.rmtree(work_dir, ignore_errors=True)  # left by a killed run
+    work_dir.mkdir(parents=True)
+    paths = [work_dir / f"range-{r:05d}.arrow" for r in range(num_ranges)]
+    try:
+        with contextlib.ExitStack() as stack:
+            writers: dict[int, pa.RecordBatchStreamWriter] = {}
+            for spill in spills:
+                for batch in _stream_batches(spill):
+                    # monotonic in the digest: range r holds prefixes in [r, r + 1) * 2^32 / num_ranges
+                    ranges = (_digest_prefixes(batch.column("digest")) * np.uint64(num_ranges)) >> np.uint64(
+                        32
+                    )
+                    order = np.argsort(ranges, kind="stable")
+                    bounds = np.searchsorted(ranges[order], np.arange(num_ranges + 1))
+                    batch = batch.take(pa.array(order))
+                    for r in np.flatnonzero(np.diff(bounds)).tolist():
+                        if r not in writers:
+                            sink = stack.enter_context(pa.OSFile(str(paths[r]), "wb"))
+                            writers[r] = stack.enter_context(pa.ipc.new_stream(sink, SPILL_SCHEMA))
+                        writers[r].write_batch(batch.slice(bounds[r], bounds[r + 1] - bounds[r]))
+        for path in paths:
+            if path.exists():
+                table = _read_stream(path)
+                path.unlink()
+                yield table
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+class _PartWriter:
+    """One part file written as rows arrive in digest order, cut into exactly the row groups that
+    ``row_group_bounds`` gives for the whole part: every group but the last is final once its rows are in."""
+
+    def __init__(self, path: Path) -> None:
+        self.writer = pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd")
+        self.pending = CORPUS_SCHEMA.empty_table()  # the rows of the last, still open, row group
+        self.written = 0
+        self.stats = _split_stats(self.pending)
+        self.stats["short_documents"] = 0
+
+    def add(self, rows: pa.Table) -> None:
+        """Append ``rows`` (the next in the part's order) and write the row groups they complete."""
+        if not rows.num_rows:
+            return
+        for key, value in _split_stats(rows).items():
+            self.stats[key] += value
+        self.stats["short_documents"] += _short_documents(rows)
+        self._write(pa.concat_tables([self.pending, rows]), final=False)
+
+    def _write(self, rows: pa.Table, final: bool) -> None:
+        groups = row_group_bounds(rows, ROW_GROUP_DOCUMENTS, ROW_GROUP_BYTES)
+        if not final:
+            groups = groups[:-1]  # more rows may still join the last group
+        for start, stop in groups:
+            self.writer.write_table(
+                rows.slice(start, stop - start).combine_chunks(), row_group_size=stop - start
+            )
+        done = groups[-1][1] if groups else 0
+        self.written += done
+        self.pending = rows.slice(done).combine_chunks()  # a copy: the range it came from can be freed
+
+    def close(self) -> dict:
+        """Write the last row group (an empty part: one empty row group) and close; the part's stats."""
+        self._write(self.pending, final=True)
+        if not self.written:
+            self.writer.write_table(self.pending, row_group_size=1)
+        self.writer.close()
+        return self.stats
+
+
+def _short_documents(table: pa.Table) -> int:
+    return int(pc.sum(pc.less(pc.list_value_length(table.column("sentences")), 2)).as_py() or 0)
+
+
 def write_shard(stage_dir: str, shard: int, config: ShardConfig) -> dict:
     """Pass 2 for one shard: sort by content hash, drop exact duplicates and the near-duplicates the global
-    pass chose, split, write both parts."""
+    pass chose, split, write both parts.
+
+    The shard is sorted a digest range at a time (``_digest_ranges``) and its parts written as it goes, so a
+    worker holds ~``WRITE_RANGE_BYTES`` of spill and its copies, however large the shard (up to
+    ``WRITE_MAX_RANGES`` ranges).
+    """
     stage_dir = Path(stage_dir)
     spill_root = stage_dir / SPILL_DIR
     spills = sorted(spill_root.glob(f"task-*[0-9]/shard-{shard:05d}.arrow"))
-    tables = [_read_stream(spill) for spill in spills]
-    table = pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
-    # digest then source: the kept copy of a duplicate does not depend on file order or workers
-    table = table.sort_by([("digest", "ascending"), ("source", "ascending")])
-    digests = table.column("digest").to_pylist()
     near_duplicates = set()
     if config.near_dup_threshold > 0:
         drops = (spill_root / NEAR_DUPLICATE_DROPS.format(shard=shard)).read_bytes()
         near_duplicates = {drops[i : i + 16] for i in range(0, len(drops), 16)}
-    keep = [
-        (i == 0 or digests[i] != digests[i - 1]) and digests[i] not in near_duplicates
-        for i in range(len(digests))
-    ]
-    table = table.filter(pa.array(keep, pa.bool_()))
-    num_exact = len(keep) - sum(keep) - len(near_duplicates)
-    digests = [d for d, k in zip(digests, keep, strict=True) if k]
-    is_valid = [placement(d, config.seed, config.num_shards, config.valid_fraction)[1] for d in digests]
-    corpus = pa.table(
-        [
-            pa.array([doc_id_of(d) for d in digests], pa.int64()),
-            table.column("source"),
-            table.column("sentences"),
-        ],
-        schema=CORPUS_SCHEMA,
-    )
-    valid_mask = pa.array(is_valid, pa.bool_())
-    result = {"duplicates": num_exact, "near_duplicates": len(near_duplicates)}
-    for split, part in (
-        ("train", corpus.filter(pc.invert(valid_mask))),
-        ("valid", corpus.filter(valid_mask)),
-    ):
-        with (
-            atomic_path(stage_dir / part_path(split, shard)) as tmp,
-            pq.ParquetWriter(tmp, CORPUS_SCHEMA, compression="zstd") as writer,
-        ):
-            groups = row_group_bounds(part, ROW_GROUP_DOCUMENTS, ROW_GROUP_BYTES) or [(0, 0)]
-            for start, stop in groups:  # an empty part: one empty row group, as before
-                writer.write_table(part.slice(start, stop - start), row_group_size=max(stop - start, 1))
-        result[split] = _split_stats(part)
-        result[split]["short_documents"] = int(
-            pc.sum(pc.less(pc.list_value_length(part.column("sentences")), 2)).as_py() or 0
-        )
+    num_rows = num_kept = 0
+    with contextlib.ExitStack() as stack:
+        parts = {
+            split: _PartWriter(stack.enter_context(atomic_path(stage_dir / part_path(split, shard))))
+            for split in SPLITS
+        }
+        for table in _digest_ranges(spills, spill_root / f"shard-{shard:05d}.ranges"):
+            # digest then source: the kept copy of a duplicate does not depend on file order or workers
+            table = table.sort_by([("digest", "ascending"), ("source", "ascending")])
+            digests = table.column("digest").to_pylist()
+            keep = [
+                (i == 0 or digests[i] != digests[i - 1]) and digests[i] not in near_duplicates
+                for i in range(len(digests))
+            ]
+            num_rows, num_kept = num_rows + len(keep), num_kept + sum(keep)
+            table = table.filter(pa.array(keep, pa.bool_()))
+            digests = [d for d, k in zip(digests, keep, strict=True) if k]
+            is_valid = [
+                placement(d, config.seed, config.num_shards, config.valid_fraction)[1] for d in digests
+            ]
+            corpus = pa.table(
+                [
+                    pa.array([doc_id_of(d) for d in digests], pa.int64()),
+                    table.column("source"),
+                    table.column("sentences"),
+                ],
+                schema=CORPUS_SCHEMA,
+            )
+            valid_mask = pa.array(is_valid, pa.bool_())
+            parts["train"].add(corpus.filter(pc.invert(valid_mask)))
+            parts["valid"].add(corpus.filter(valid_mask))
+            del table, corpus  # the next range is read while these would still be held
+        result = {
+            "duplicates": num_rows - num_kept - len(near_duplicates),
+            "near_duplicates": len(near_duplicates),
+        }
+        for split, part in parts.items():
+            result[split] = part.close()
     write_json_atomic(spill_root / f"shard-{shard:05d}.json", result)
     return result
 
@@ -560,7 +669,9 @@ def shard_corpus(config: ShardConfig, map_jobs: Mapper | None = None) -> dict:
 
     mapper = _local_mapper(config.workers) if map_jobs is None else contextlib.nullcontext(map_jobs)
     with mapper as map_jobs:
+        started = time.perf_counter()
         read = _read_inputs(units, config, spill_root, map_jobs)
+        log.info("shard: read %d documents in %.1f s", read["documents_read"], time.perf_counter() - started)
         if read["documents_read"] == 0:
             raise StageError(
                 f"empty corpus: {read['input_units']} inputs under {', '.join(config.inputs)} hold no text "
@@ -568,8 +679,13 @@ def shard_corpus(config: ShardConfig, map_jobs: Mapper | None = None) -> dict:
                 f"records without a {config.text_field!r} text field)"
             )
         if config.near_dup_threshold > 0:
-            _drop_near_duplicates(stage.directory, config)
+            started = time.perf_counter()
+            dropped = _drop_near_duplicates(stage.directory, config)
+            # the one serial step between the parallel passes: its time is what more workers cannot cut
+            log.info("shard: near-duplicate pass: %d to drop, %.1f s", dropped, time.perf_counter() - started)
+        started = time.perf_counter()
         shard_stats = _write_shards(stage.directory, config, map_jobs)
+        log.info("shard: wrote %d shards in %.1f s", config.num_shards, time.perf_counter() - started)
 
     stats = _stage_stats(read, shard_stats)
     files = [
