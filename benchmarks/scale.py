@@ -18,13 +18,18 @@ line and copy group, which the runner matches against the shard stage's ``near_d
 
 The runner calls each stage in a fresh process (``python -m flows.cli shard|vocab|examples``, as the CLI
 does) and reports per stage: wall time, MB/s of raw input, peak RSS of the whole process tree (the stage and
-its workers, sampled with psutil every 0.2 s), bytes written, and for shard the near-duplicate recall and
-precision on the planted copies and the exact duplicates dropped. ``--compare-tokenizers`` also trains
+its workers, sampled with psutil every 0.2 s; also its PSS sum, the peaks of the parent and of each other
+process, a timeline, and the CPU seconds used, which other jobs' load does not inflate), bytes written, and
+for shard the near-duplicate recall and precision on the planted copies and the exact duplicates dropped. ``--compare-tokenizers`` also trains
 tokenizers' own ``BertWordPieceTokenizer.train_from_iterator`` on the same sentences as the vocab stage
 (the corpus' train split), and ours, each in a fresh process, median of 2 runs each (``--compare-sample-bytes``:
-ours on a sample too). Prints one JSON object.
+ours on a sample too). ``--dask`` then runs the same stages through ``bertpipe run --dask-address`` on a
+``LocalCluster`` of ``--workers`` processes (one thread each), measures them with the Dask workers and this
+process (the scheduler) counted in, and compares every output file with the local run's. Prints one JSON
+object.
 
     python benchmarks/scale.py --gb 0.1 --workers 2 [--out DIR] [--format jsonl.gz|txt] [--keep]
+    python benchmarks/scale.py --raw DIR/raw --out DIR2 --dask   # reuse a corpus; also on a Dask LocalCluster
     python benchmarks/scale.py --gb 0.1 --compare-tokenizers --compare-sample-bytes 25000000
     python benchmarks/scale.py --generate-only --gb 0.01 --out DIR
     python benchmarks/scale.py --compare-only DIR/corpus [--compare-sample-bytes N]
@@ -33,7 +38,9 @@ ours on a sample too). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -289,6 +297,12 @@ def generate(
     }
 
 
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a generated file (raw bytes, as the generator counted them)."""
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as lines:  # noqa: SIM115
+        yield from lines
+
+
 def planted_sources(raw: Path, fmt: str) -> dict[str, int]:
     """{the shard stage's "source" of a document: its index in planted.npz}."""
     planted = np.load(raw.parent / "planted.npz")
@@ -338,35 +352,90 @@ def near_duplicate_quality(corpus: Path, raw: Path, fmt: str) -> dict:
 
 
 class TreePeak:
-    """Peak RSS of a process and all its descendants, sampled every ``interval`` seconds on a thread."""
+    """Peak memory of a process and all its descendants (and of ``extra`` processes, e.g. Dask workers that
+    are not its children), sampled every ``interval`` seconds on a thread.
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
+    Per sample: the RSS summed over the processes (a page shared by a fork server and the workers it forked
+    counts once per process) and, every ``pss_every`` samples, the PSS sum (shared pages split between their
+    sharers: the tree's real footprint). Also the peak of each process, by role (the root, the largest other),
+    a coarse timeline of the summed RSS, and the CPU seconds the processes used while sampled (unlike the wall
+    time, not inflated by other jobs' load).
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        interval: float = 0.2,
+        extra: Callable[[], list[int]] | None = None,
+        pss_every: int = 5,
+    ) -> None:
         self.root = psutil.Process(pid)
-        self.interval, self.peak = interval, 0
+        self.interval, self.peak, self.pss_peak = interval, 0, 0
+        self.extra, self.pss_every = extra, pss_every
+        self.process_peaks: dict[int, tuple[int, str]] = {}  # pid: (peak RSS, command line's last words)
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, summed RSS)
+        self.cpu_seconds: dict[
+            int, tuple[float, float]
+        ] = {}  # pid: its CPU seconds at the first and last sample
+        self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> int:
-        total = 0
-        try:
-            for process in [self.root, *self.root.children(recursive=True)]:
-                with_rss = process.memory_info().rss
-                total += with_rss
-        except psutil.Error:  # a worker came or went between the listing and the reading
-            pass
-        return total
+    def _processes(self) -> list[psutil.Process]:
+        processes = [self.root]
+        with contextlib.suppress(psutil.Error):
+            processes += self.root.children(recursive=True)
+        for pid in self.extra() if self.extra else []:
+            with contextlib.suppress(psutil.Error):
+                processes.append(psutil.Process(pid))
+        return processes
+
+    def _sample(self, pss: bool) -> tuple[int, int]:
+        total = total_pss = 0
+        for process in self._processes():
+            try:  # a worker may come or go between the listing and the reading
+                info = process.memory_full_info() if pss else process.memory_info()
+                times = process.cpu_times()
+                first = self.cpu_seconds.get(process.pid, (times.user + times.system,))[0]
+                self.cpu_seconds[process.pid] = (first, times.user + times.system)
+                if process.pid not in self.process_peaks or info.rss > self.process_peaks[process.pid][0]:
+                    name = " ".join(process.cmdline()[-3:])[-80:]
+                    self.process_peaks[process.pid] = (info.rss, name)
+            except psutil.Error:
+                continue
+            total += info.rss
+            total_pss += info.pss if pss else 0
+        return total, total_pss
 
     def _run(self) -> None:
+        count = 0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            total, total_pss = self._sample(pss=count % self.pss_every == 0)
+            self.peak, self.pss_peak = max(self.peak, total), max(self.pss_peak, total_pss)
+            if count % 25 == 0:  # every ~5 s
+                self.timeline.append((round(time.perf_counter() - self._started, 1), round(total / 1e6)))
+            count += 1
             self._stop.wait(self.interval)
 
-    def stop(self) -> float:
-        """Stop sampling; the peak in MB."""
+    def stop(self) -> dict:
+        """Stop sampling; the peaks in MB: whole tree (RSS and PSS sums), the root, the largest other process."""
         self._stop.set()
         self._thread.join()
-        return round(self.peak / 1e6, 1)
+        root = self.process_peaks.get(self.root.pid, (0, ""))[0]
+        others = sorted(
+            ((rss, name) for pid, (rss, name) in self.process_peaks.items() if pid != self.root.pid),
+            reverse=True,
+        )
+        return {
+            "peak_rss_mb": round(self.peak / 1e6, 1),
+            "peak_pss_mb": round(self.pss_peak / 1e6, 1),
+            "cpu_seconds": round(sum(last - first for first, last in self.cpu_seconds.values()), 1),
+            "root_peak_rss_mb": round(root / 1e6, 1),
+            "largest_other_peak_rss_mb": round(others[0][0] / 1e6, 1) if others else 0.0,
+            "processes": [{"peak_rss_mb": round(rss / 1e6, 1), "command": name} for rss, name in others[:6]],
+            "rss_timeline_mb": self.timeline,
+        }
 
 
 def disk_bytes(*paths: Path) -> int:
@@ -374,18 +443,24 @@ def disk_bytes(*paths: Path) -> int:
     return sum(f.stat().st_size for p in paths if p.exists() for f in p.rglob("*") if f.is_file())
 
 
-def run_measured(command: list[str], log: Path) -> dict:
-    """Run ``command`` in a fresh process: wall seconds, peak RSS of its process tree, its exit status."""
+def run_measured(
+    command: list[str], log: Path, extra: Callable[[], list[int]] | None = None, env: dict | None = None
+) -> dict:
+    """Run ``command`` in a fresh process: wall seconds, peak memory of its process tree (and of the ``extra``
+    processes), its exit status."""
     started = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        sampler = TreePeak(process.pid)
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        sampler = TreePeak(process.pid, extra=extra)
         code = process.wait()
-    peak = sampler.stop()
+    memory = sampler.stop()
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({code}); see {log}:\n{log.read_text()[-2000:]}")
-    measured = {"seconds": round(time.perf_counter() - started, 2), "peak_rss_mb": peak}
-    print(f"{log.stem}: {json.dumps(measured)}", file=sys.stderr, flush=True)  # progress of a long run
+    measured = {"seconds": round(time.perf_counter() - started, 2), **memory}
+    brief = {k: v for k, v in measured.items() if k not in ("processes", "rss_timeline_mb")}
+    print(f"{log.stem}: {json.dumps(brief)}", file=sys.stderr, flush=True)  # progress of a long run
     return measured
 
 
@@ -430,6 +505,70 @@ def run_pipeline(work: Path, raw: Path, raw_bytes: int, fmt: str, args: argparse
     stages["vocab"].update({k: vocab_stats[k] for k in ("vocab_size", "unk_rate", "tokens_per_word")})
     examples_stats = json.loads((examples / "manifest.json").read_text())["stats"]
     stages["examples"].update({k: examples_stats[k] for k in ("examples", "tokens")})
+    return stages
+
+
+def output_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` (the manifest without its timing fields: created_at, seconds)."""
+    result = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "manifest.json":
+            manifest = json.loads(data)
+            manifest.pop("created_at", None)
+            manifest["stats"].pop("seconds", None)
+            manifest.pop("inputs", None)  # the inputs' paths: the run directories differ
+            data = json.dumps(manifest, sort_keys=True).encode()
+        result[str(path.relative_to(directory))] = hashlib.sha256(data).hexdigest()
+    return result
+
+
+def dask_preset(raw: Path, args: argparse.Namespace) -> dict:
+    """The pipeline preset that runs shard -> vocab -> examples with the settings ``run_pipeline`` passes to
+    the stage commands (the rest are both paths' defaults)."""
+    vocab = {
+        "vocab_size": args.vocab_size,
+        **({"sample_bytes": args.sample_bytes} if args.sample_bytes else {}),
+    }
+    return {
+        "name": "scale-dask",
+        "corpus": [str(raw)],
+        "shard": {"num_shards": args.num_shards, "workers": args.workers},
+        "vocab": vocab,
+        "examples": {"max_seq_length": 128, "workers": args.workers},
+    }
+
+
+def run_on_dask(work: Path, raw: Path, raw_bytes: int, args: argparse.Namespace) -> dict:
+    """The same stages as ``run_pipeline`` through ``bertpipe run --dask-address`` on a ``LocalCluster`` of
+    ``--workers`` worker processes (one thread each), a stage per command; memory sampled over the command's
+    tree, the Dask worker processes and this process (which holds the cluster's scheduler)."""
+    import distributed
+
+    run_dir = work / "dask"
+    preset = work / "dask-preset.json"
+    preset.write_text(json.dumps(dask_preset(raw, args), indent=1))
+    stages = {}
+    with (
+        distributed.LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        worker_pids = sorted(client.run(os.getpid).values())
+
+        def extra() -> list[int]:
+            return [os.getpid(), *worker_pids]
+
+        for stage in ("shard", "vocab", "examples"):
+            command = cli("run", "--config", str(preset), "--out", str(run_dir), "--shared", str(args.shared))
+            command += ["--stages", stage, "--dask-address", cluster.scheduler_address]
+            stages[stage] = run_measured(command, work / f"dask-{stage}.log", extra=extra)
+            stages[stage]["mb_per_s"] = round(raw_bytes / 1e6 / stages[stage]["seconds"], 2)
     return stages
 
 
@@ -530,6 +669,17 @@ def main() -> None:
         help="also ours with this --sample-bytes, side by side",
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer (median)")
+    parser.add_argument(
+        "--raw", type=Path, default=None, help="reuse a generated corpus (DIR/raw of an earlier --keep run)"
+    )
+    parser.add_argument(
+        "--dask",
+        action="store_true",
+        help="also run the stages on a Dask LocalCluster of --workers processes; compare the outputs",
+    )
+    parser.add_argument(
+        "--shared", type=Path, default=REPO.parent / "shared", help="bertpipe run's --shared (needs data/)"
+    )
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument(
         "--compare-only", type=Path, default=None, help="only the side-by-side, on this finished shard stage"
@@ -548,9 +698,14 @@ def main() -> None:
     if args.gb <= 0:
         raise SystemExit("--gb must be positive, e.g. --gb 0.1")
     work = (args.out or Path(tempfile.mkdtemp(prefix="bertpipe-scale-"))).resolve()
-    raw = work / "raw"
-    if raw.exists():
-        raise SystemExit(f"{raw} exists: give an empty --out directory")
+    work.mkdir(parents=True, exist_ok=True)
+    raw = args.raw.resolve() if args.raw else work / "raw"
+    if args.raw is None and raw.exists():
+        raise SystemExit(f"{raw} exists: give an empty --out directory, or reuse it with --raw {raw}")
+    if args.raw is not None and not (raw.parent / "planted.npz").exists():
+        raise SystemExit(
+            f"--raw {raw}: no planted.npz beside it; give the raw/ directory of a generated corpus"
+        )
     rates = (args.exact_rate, args.near_rate, args.odd_rate)
     result = {
         "gb": args.gb,
@@ -560,7 +715,11 @@ def main() -> None:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     try:
-        result["generate"] = generate(raw, args.gb, args.format, args.seed, rates, args.shard_mb)
+        if args.raw is None:
+            result["generate"] = generate(raw, args.gb, args.format, args.seed, rates, args.shard_mb)
+        else:
+            raw_bytes = sum(len(line) for f in sorted(raw.glob("part-*")) for line in _raw_lines(f))
+            result["generate"] = {"reused": str(raw), "raw_bytes": raw_bytes}
         if not args.generate_only:
             raw_bytes = result["generate"]["raw_bytes"]
             result["stages"] = run_pipeline(work, raw, raw_bytes, args.format, args)
@@ -569,6 +728,14 @@ def main() -> None:
                 name: round(s["seconds"] / (raw_bytes / 1e9), 1) for name, s in result["stages"].items()
             }
             result["seconds_per_gb"]["total"] = round(total / (raw_bytes / 1e9), 1)
+            if args.dask:
+                result["dask"] = run_on_dask(work, raw, raw_bytes, args)
+                local = {name: output_hashes(work / name) for name in ("corpus", "vocab", "examples")}
+                on_dask = {
+                    name: output_hashes(work / "dask" / name) for name in ("corpus", "vocab", "examples")
+                }
+                result["dask"]["identical_to_local"] = {name: local[name] == on_dask[name] for name in local}
+                result["dask"]["files_compared"] = {name: len(local[name]) for name in local}
             if args.compare_tokenizers:
                 result["vocab_side_by_side"] = vocab_side_by_side(
                     work / "corpus", args.vocab_size, args.repeats, args.compare_sample_bytes, work
