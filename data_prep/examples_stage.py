@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -30,6 +31,7 @@ from data_prep import tokcache, zh_words
 from data_prep.cjk import decode_wordpieces
 from data_prep.manifest import (
     StageError,
+    atomic_path,
     begin_stage,
     directory_mode,
     file_entry,
@@ -162,6 +164,9 @@ def plan_parts(block_tokens: list[int], part_tokens: int | None = None) -> list[
     return ranges
 
 
+CONTEXT_FILE = ".part-context.pkl"  # in the stage directory while its parts are written, then removed
+
+
 @dataclass
 class _Context:
     """What every part job needs besides its _Part, built once in the parent and passed with each job."""
@@ -241,8 +246,35 @@ def _mapper(config: ExamplesConfig, map_jobs: Mapper | None) -> contextlib.Abstr
     )
 
 
-def _generate_part(part: _Part, context: _Context) -> dict:
+@dataclass(frozen=True)
+class _ContextFile:
+    """A _Context pickled once into the stage directory, handed to jobs by path: a job sent to another
+    process (a Dask worker) carries a path, not megabytes of negative pools each, and each process unpickles
+    the context once (the Dask run of a 1 GB corpus held ~9.5 GB of copies in its workers and scheduler)."""
+
+    path: str
+    size: int  # with the path: a new run's file is never mistaken for the one a process already loaded
+
+    @classmethod
+    def write(cls, context: _Context, path: Path) -> _ContextFile:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
+        return cls(str(path), path.stat().st_size)
+
+    def load(self) -> _Context:
+        key = (self.path, self.size)
+        if _LOADED_CONTEXT.get("key") != key:
+            _LOADED_CONTEXT.update(key=key, context=pickle.loads(Path(self.path).read_bytes()))
+        return _LOADED_CONTEXT["context"]
+
+
+_LOADED_CONTEXT: dict = {}  # this process's last loaded _ContextFile: one context per stage run
+
+
+def _generate_part(part: _Part, context: _Context | _ContextFile) -> dict:
     """Write the examples of one part (all dupe rounds) and its stats sidecar; returns its stats."""
+    if isinstance(context, _ContextFile):
+        context = context.load()
     config, metadata = context.config, context.metadata
     schema = example_schema(metadata)
     pool = context.pools[part.split]
@@ -538,8 +570,14 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
     if len(todo) < len(parts):
         log.info("reusing %d example files of an interrupted run", len(parts) - len(todo))
     todo.sort(key=lambda p: -p.tokens)
-    with _mapper(config, map_jobs) as run_jobs:
-        results = run_jobs(_generate_part, [(part, context) for part in todo], "examples")
+    context_file = stage.path(CONTEXT_FILE)
+    try:
+        with _mapper(config, map_jobs) as run_jobs:
+            # forked local workers inherit the context; any other mapper's jobs may be pickled one by one
+            shared = context if map_jobs is None else _ContextFile.write(context, context_file)
+            results = run_jobs(_generate_part, [(part, shared) for part in todo], "examples")
+    finally:
+        context_file.unlink(missing_ok=True)
     part_stats.update(zip((p.out_file for p in todo), results, strict=True))
 
     files, ordered = [], []

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from data_prep import shard as shard_mod
-from data_prep.examples_stage import ExamplesConfig, generate_examples
+from data_prep.examples_stage import CONTEXT_FILE, ExamplesConfig, generate_examples
 from data_prep.manifest import MANIFEST, sha256_file
 from data_prep.parallel import local_mapper, map_inline
 from data_prep.shard import ShardConfig, shard_corpus
@@ -109,11 +109,17 @@ def test_jobs_in_spawned_processes_match_the_default_path(reference, tmp_path):
 
         def map_spawned(fn, jobs, desc):
             calls.append((fn.__name__, len(jobs)))
+            sizes[fn.__name__] = max(len(pickle.dumps(job)) for job in jobs)
             return [f.result() for f in [pool.submit(fn, *job) for job in jobs]]
 
+        sizes = {}
         _run_mapped(reference, tmp_path, map_spawned)
     assert calls == _expected_calls(reference)  # every job went through the mapper
     assert all(count >= 2 for _, count in calls)
+    # a part job carries the path of the shared context (negative pools, vocabulary), not a copy of it;
+    # the file is gone once the stage is done
+    assert sizes["_generate_part"] < 4096, sizes
+    assert not (tmp_path / "mapped-examples" / CONTEXT_FILE).exists()
 
 
 @pytest.mark.slow
