@@ -13,6 +13,7 @@ so the output does not depend on --workers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -253,22 +254,24 @@ class _ContextFile:
     the context once (the Dask run of a 1 GB corpus held ~9.5 GB of copies in its workers and scheduler)."""
 
     path: str
-    size: int  # with the path: a new run's file is never mistaken for the one a process already loaded
+    sha256: str  # of the pickle: a later run's context at the same path is never taken for an earlier one
 
     @classmethod
     def write(cls, context: _Context, path: Path) -> _ContextFile:
+        data = pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL)
         with atomic_path(path) as tmp:
-            tmp.write_bytes(pickle.dumps(context, protocol=pickle.HIGHEST_PROTOCOL))
-        return cls(str(path), path.stat().st_size)
+            tmp.write_bytes(data)
+        return cls(str(path), hashlib.sha256(data).hexdigest())
 
     def load(self) -> _Context:
-        key = (self.path, self.size)
-        if _LOADED_CONTEXT.get("key") != key:
-            _LOADED_CONTEXT.update(key=key, context=pickle.loads(Path(self.path).read_bytes()))
-        return _LOADED_CONTEXT["context"]
+        loaded = _LOADED_CONTEXT.get("entry")
+        if loaded is None or loaded[0] != self:
+            loaded = (self, pickle.loads(Path(self.path).read_bytes()))
+            _LOADED_CONTEXT["entry"] = loaded  # one assignment: threads of one process may share it
+        return loaded[1]
 
 
-_LOADED_CONTEXT: dict = {}  # this process's last loaded _ContextFile: one context per stage run
+_LOADED_CONTEXT: dict = {}  # this process's last loaded _ContextFile and its _Context
 
 
 def _generate_part(part: _Part, context: _Context | _ContextFile) -> dict:

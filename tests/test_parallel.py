@@ -204,3 +204,18 @@ def test_workers_die_when_the_parent_is_killed(start_method):
         parent.wait()
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, [p.pid for p in alive]
+
+
+def test_a_part_context_rewritten_at_the_same_path_is_loaded_anew(tmp_path):
+    """A process that ran an earlier examples stage (the flow's own, run again with another masking rate)
+    must not keep that stage's context because the new pickle has the same path and size."""
+    from data_prep.examples_stage import _ContextFile
+
+    path = tmp_path / CONTEXT_FILE
+    first = _ContextFile.write({"masked_lm_prob": 0.15}, path)
+    assert first.load() == {"masked_lm_prob": 0.15}
+    second = _ContextFile.write({"masked_lm_prob": 0.25}, path)
+    assert path.stat().st_size == len(
+        pickle.dumps({"masked_lm_prob": 0.15}, protocol=pickle.HIGHEST_PROTOCOL)
+    )
+    assert second.load() == {"masked_lm_prob": 0.25}
