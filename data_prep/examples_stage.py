@@ -581,6 +581,7 @@ def generate_examples(config: ExamplesConfig, map_jobs: Mapper | None = None) ->
             results = run_jobs(_generate_part, [(part, shared) for part in todo], "examples")
     finally:
         context_file.unlink(missing_ok=True)
+        _LOADED_CONTEXT.clear()  # this process (a flow's, a worker's) need not keep the pools past its stage
     part_stats.update(zip((p.out_file for p in todo), results, strict=True))
 
     files, ordered = [], []
