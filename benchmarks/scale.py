@@ -480,6 +480,8 @@ def run_pipeline(work: Path, raw: Path, raw_bytes: int, fmt: str, args: argparse
     vocab_args = ["--corpus", str(corpus), "--out", str(vocab), "--vocab-size", str(args.vocab_size)]
     if args.sample_bytes:
         vocab_args += ["--sample-bytes", str(args.sample_bytes)]
+    if args.max_words:
+        vocab_args += ["--max-words", str(args.max_words)]
     stages["vocab"] = run_measured(cli("vocab", *vocab_args), work / "vocab.log")
     examples_args = ["--corpus", str(corpus), "--vocab", str(vocab), "--out", str(examples)]
     examples_args += ["--max-seq-length", "128", "--workers", str(args.workers), "--cache-dir", str(cache)]
@@ -529,6 +531,7 @@ def dask_preset(raw: Path, args: argparse.Namespace) -> dict:
     vocab = {
         "vocab_size": args.vocab_size,
         **({"sample_bytes": args.sample_bytes} if args.sample_bytes else {}),
+        **({"max_words": args.max_words} if args.max_words else {}),
     }
     return {
         "name": "scale-dask",
@@ -661,6 +664,7 @@ def main() -> None:
     parser.add_argument("--num-shards", type=int, default=8, help="the shard stage's --num-shards")
     parser.add_argument("--vocab-size", type=int, default=30522)
     parser.add_argument("--sample-bytes", type=int, default=None, help="the vocab stage's --sample-bytes")
+    parser.add_argument("--max-words", type=int, default=None, help="the vocab stage's --max-words")
     parser.add_argument("--compare-tokenizers", action="store_true", help="ours vs tokenizers' trainer")
     parser.add_argument(
         "--compare-sample-bytes",

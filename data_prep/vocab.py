@@ -279,6 +279,12 @@ class VocabConfig:
     """Train on about this many bytes of the train split's text: the documents whose content hash falls in
     the first ``sample_bytes / train bytes`` of the hash range (deterministic; SentencePiece's
     ``input_sentence_size``). None, or more than the split holds: every document."""
+    max_words: int | None = None
+    """Train on at most this many distinct words: the trainer's memory grows with the distinct words it
+    holds (about a kilobyte each), and a large corpus has millions that occur once or twice. The words are
+    counted first (in Rust), the rarest count classes dropped whole until at most this many remain (so no tie
+    is broken arbitrarily), and the trainer is fed the kept words' counts; the alphabet still comes from every
+    word. None: every word, read in one pass."""
     from_path: str | None = None
     """Adopt this vocab.txt or tokenizer directory instead of training (lowercase then comes from it)."""
     force: bool = field(default=False, repr=False)
@@ -303,6 +309,11 @@ class VocabConfig:
             raise ValueError(
                 f"limit_alphabet must be at least 1 (or None: no cap), got {self.limit_alphabet}"
             )
+        if self.max_words is not None and self.max_words < 1:
+            raise ValueError(
+                f"max_words must be at least 1 (or None: every word), got {self.max_words}: "
+                "e.g. --max-words 1000000 keeps the million most frequent words"
+            )
         if self.sample_bytes is not None and self.sample_bytes < 1:
             raise ValueError(
                 f"sample_bytes must be at least 1 (or None: the whole train split), got {self.sample_bytes}: "
@@ -314,8 +325,9 @@ class VocabConfig:
         values = asdict(self)
         for key in ("corpus", "out", "force", "from_path"):
             values.pop(key)
-        if values["sample_bytes"] is None:  # stages written before the option keep their fingerprint
-            values.pop("sample_bytes")
+        for key in ("sample_bytes", "max_words"):
+            if values[key] is None:  # stages written before the option keep their fingerprint
+                values.pop(key)
         if self.from_path is not None:  # an adopted vocabulary: only its content matters (in the inputs)
             values = {"from": True}
         return values
@@ -349,16 +361,34 @@ def sample_cutoff(sample_bytes: int | None, split_bytes: int) -> int | None:
     return int(sample_bytes / split_bytes * 2**63)
 
 
-def corpus_word_counts(parts: list[Path], lowercase: bool) -> dict[str, int]:
-    """How often each word (BERT-normalized and pre-tokenized) occurs in ``parts``, counted by tokenizers."""
+def corpus_word_counts(parts: list[Path], lowercase: bool, keep_below: int | None = None) -> dict[str, int]:
+    """How often each word (BERT-normalized and pre-tokenized) occurs in ``parts`` (the documents with
+    ``doc_id`` below ``keep_below``), counted by tokenizers."""
     tokenizer = _bert_words(models.WordLevel(unk_token="[UNK]"), lowercase)
     trainer = trainers.WordLevelTrainer(vocab_size=1, show_progress=False)  # wanted: its counts, not a model
-    tokenizer.train_from_iterator(iter_sentence_batches(parts), trainer)
+    tokenizer.train_from_iterator(iter_sentence_batches(parts, keep_below), trainer)
     state = json.loads(trainer.__getstate__())
+    del trainer, tokenizer
     try:
         return state["WordLevelTrainer"]["words"]
     except KeyError as e:  # the state is tokenizers' serde layout, not a documented API
         raise StageError(f"this tokenizers {tokenizers.__version__} keeps no word counts in a trainer") from e
+
+
+def most_frequent_words(word_counts: dict[str, int], max_words: int) -> dict[str, int]:
+    """The words of the count classes above the rarest ones dropped whole, so that at most ``max_words``
+    remain (every word if they already fit): no tie between equally frequent words decides what stays."""
+    if len(word_counts) <= max_words:
+        return word_counts
+    words_per_count = Counter(word_counts.values())
+    kept = 0
+    threshold = max(words_per_count) + 1
+    for count in sorted(words_per_count, reverse=True):
+        if kept + words_per_count[count] > max_words:
+            break
+        kept += words_per_count[count]
+        threshold = count
+    return {word: count for word, count in word_counts.items() if count >= threshold}
 
 
 def choose_alphabet(
@@ -500,6 +530,8 @@ def train_tokenizer(
     Ids: special tokens 0..4, the alphabet, its ``##`` forms, then the trainer's merges in merge order.
     """
     started = time.perf_counter()
+    if config.max_words is not None:
+        return _train_on_counted_words(parts, config, keep_below)
     scan = scan_characters(iter_sentence_batches(parts, keep_below), config.lowercase)
     alphabet, continuing = choose_alphabet(
         scan.char_counts, scan.inside, config.limit_alphabet, config.character_coverage
@@ -512,17 +544,54 @@ def train_tokenizer(
     )
     _release_freed_memory()  # the trainer reads on its own threads: what the scan freed would stay mapped
     initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
-    trainer = trainers.WordPieceTrainer(
+    trained = _bert_words(_wordpiece(), config.lowercase)  # the one pass over the text, in Rust
+    trained.train_from_iterator(
+        iter_sentence_batches(parts, keep_below), _wordpiece_trainer(alphabet, continuing, config)
+    )
+    return _finish_training(trained, initial, config, parts)
+
+
+def _wordpiece_trainer(alphabet: list[str], continuing: list[str], config: VocabConfig) -> trainers.Trainer:
+    return trainers.WordPieceTrainer(
         vocab_size=config.vocab_size,
         min_frequency=config.min_frequency,
-        special_tokens=initial,  # registered first, in this order: ids no longer follow hash-map order
+        special_tokens=[*SPECIAL_TOKENS, *alphabet, *continuing],  # registered first, in this order: ids
+        # no longer follow hash-map order
         limit_alphabet=len(alphabet),  # initial_alphabet always survives the limit: exactly this alphabet
         initial_alphabet=alphabet,
         continuing_subword_prefix="##",
         show_progress=False,
     )
-    trained = _bert_words(_wordpiece(), config.lowercase)  # the one pass over the text, in Rust
-    trained.train_from_iterator(iter_sentence_batches(parts, keep_below), trainer)
+
+
+def _train_on_counted_words(
+    parts: list[Path], config: VocabConfig, keep_below: int | None
+) -> tokenizers.Tokenizer:
+    """``train_tokenizer`` with ``max_words``: count the words (one pass over the text, in Rust), choose the
+    alphabet from all of them, then feed the trainer only the most frequent words, each as often as it
+    occurs. With every word kept this trains exactly what the one-pass path trains (tested)."""
+    started = time.perf_counter()
+    counts = corpus_word_counts(parts, config.lowercase, keep_below)
+    alphabet, continuing = initial_tokens(counts, config.limit_alphabet, config.character_coverage)
+    kept = most_frequent_words(counts, config.max_words)
+    log.info(
+        "vocab: %d distinct words, %d kept (max_words %d), an alphabet of %d characters, counted in %.1f s",
+        len(counts), len(kept), config.max_words, len(alphabet), time.perf_counter() - started,
+    )  # fmt: skip
+    del counts
+    _release_freed_memory()
+    initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
+    trained = tokenizers.Tokenizer(_wordpiece())  # no normalizer or pre-tokenizer: each string is one word
+    trained.train_from_iterator(
+        ([word] * count for word, count in kept.items()), _wordpiece_trainer(alphabet, continuing, config)
+    )
+    return _finish_training(trained, initial, config, parts)
+
+
+def _finish_training(
+    trained: tokenizers.Tokenizer, initial: list[str], config: VocabConfig, parts: list[Path]
+) -> tokenizers.Tokenizer:
+    """The trained vocabulary checked (size, the initial tokens first) and rebuilt as a BERT tokenizer."""
     size = trained.get_vocab_size()
     if size > config.vocab_size:
         raise StageError(

@@ -193,6 +193,9 @@ def vocab(
     sample_bytes: int | None = typer.Option(
         None, "--sample-bytes", help="Train on ~this many bytes (documents by content hash)."
     ),
+    max_words: int | None = typer.Option(
+        None, "--max-words", help="Train on at most this many distinct words (the most frequent; bounds memory)."
+    ),
     force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:
     """WordPiece vocabulary trained on the corpus's train split (or adopted with --from)."""
@@ -203,7 +206,7 @@ def vocab(
             corpus=str(corpus), out=str(out),
             **given(vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency,
                     character_coverage=character_coverage, from_path=from_path, sample_bytes=sample_bytes,
-                    force=force),
+                    max_words=max_words, force=force),
         )  # fmt: skip
         manifest = train_vocab(config)
     stats = manifest["stats"]

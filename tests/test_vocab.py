@@ -351,6 +351,50 @@ def test_one_pass_training_equals_training_from_counted_words(inaugural_slice):
     assert train_tokenizer(parts, config).get_vocab() == reference.get_vocab()
 
 
+def test_max_words_drops_whole_count_classes():
+    from data_prep.vocab import most_frequent_words
+
+    counts = {"the": 9, "a": 9, "cat": 4, "dog": 4, "sat": 2, "mat": 1, "hat": 1}
+    assert most_frequent_words(counts, 7) == counts  # all fit: the same dict
+    assert most_frequent_words(counts, 5) == {"the": 9, "a": 9, "cat": 4, "dog": 4, "sat": 2}
+    assert most_frequent_words(counts, 4) == {"the": 9, "a": 9, "cat": 4, "dog": 4}
+    assert most_frequent_words(counts, 3) == {"the": 9, "a": 9}  # "cat" and "dog" tie: both go
+    assert most_frequent_words(counts, 1) == {}  # even the top class does not fit
+
+
+def test_max_words_trains_from_counts_exactly_as_the_one_pass_path(inaugural_slice, tmp_path):
+    # With every word kept, counting first and feeding the counts trains the one-pass vocabulary; with a
+    # small cap the rarest words are left out of training but their characters stay in the alphabet.
+    from data_prep.manifest import read_manifest
+    from data_prep.vocab import (
+        VocabConfig,
+        _part_files,
+        corpus_word_counts,
+        expected_fingerprint,
+        train_tokenizer,
+        train_vocab,
+    )
+
+    parts = _part_files(inaugural_slice, read_manifest(inaugural_slice), "train")
+    config = dict(corpus=str(inaugural_slice), out="-", vocab_size=1200, lowercase=False)
+    one_pass = train_tokenizer(parts, VocabConfig(**config)).get_vocab()
+    assert train_tokenizer(parts, VocabConfig(**config, max_words=10**9)).get_vocab() == one_pass
+
+    counts = corpus_word_counts(parts, lowercase=False)
+    capped = train_tokenizer(parts, VocabConfig(**config, max_words=len(counts) // 4)).get_vocab()
+    assert capped != one_pass
+    alphabet = {token for token in one_pass if len(token) == 1}
+    assert alphabet <= set(capped) and len(alphabet) > 40
+    # a stage with the cap is another stage (fingerprint), byte-identical run to run
+    outputs = []
+    for run in ("a", "b"):
+        train_vocab(VocabConfig(**{**config, "out": str(tmp_path / run)}, max_words=len(counts) // 4))
+        outputs.append((tmp_path / run / "vocab.txt").read_bytes())
+    assert outputs[0] == outputs[1]
+    uncapped = expected_fingerprint(VocabConfig(**{**config, "out": str(tmp_path / "a")}))
+    assert read_manifest(tmp_path / "a")["fingerprint"] != uncapped
+
+
 def test_vocab_sample_is_chosen_by_content_hash_and_identical_run_to_run(inaugural_slice, tmp_path):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
