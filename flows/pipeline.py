@@ -20,7 +20,9 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -76,7 +78,24 @@ RETRIES = dict(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor
 @task(name="stage-part", task_run_name="{desc}-{index}", **RETRIES)
 def stage_part(fn: Callable, job: tuple, desc: str, index: int) -> Any:
     """One per-shard job of a data stage (``fn(*job)``), on the flow's task runner or a Dask worker."""
+    limit_dask_worker_threads()
     return fn(*job)
+
+
+def limit_dask_worker_threads() -> None:
+    """On a Dask worker, size tokenizers' (rayon) thread pool to the worker's threads, as the local workers
+    are sized to their share of the cores: otherwise every worker process starts one thread per core of the
+    machine (two 1-thread workers on 2 cores ran 4 tokenising threads). The pool starts lazily, so setting the
+    variable before the first job's tokenising is enough; a value the user set is kept."""
+    if "RAYON_NUM_THREADS" in os.environ or "distributed" not in sys.modules:
+        return
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a Dask worker
+        return
+    os.environ["RAYON_NUM_THREADS"] = str(max(1, int(getattr(worker, "nthreads", 1) or 1)))
 
 
 def task_results(futures: list, what: str) -> list:

