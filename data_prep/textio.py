@@ -23,6 +23,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import itertools
 import json
 import logging
 import lzma
@@ -283,10 +284,20 @@ def iter_text_documents(path: str, doc_boundary: str, stats: Counter) -> Iterato
     ``blank-line``: every blank-line separated block is a document (one paragraph).
     ``file``: the whole file is one document; blank lines separate its paragraphs.
     """
+    numbered = enumerate(iter_lines(path, stats), start=1)
+    head = []
+    for number, line in numbered:
+        head.append((number, line))
+        if line.strip():
+            break
+    numbered = itertools.chain(head, numbered)
+    if head and head[-1][1].startswith(CONLL_DOCUMENT_START):
+        yield from iter_conll_documents(path, numbered)
+        return
     paragraphs: list[str] = []
     lines: list[str] = []
     start = 1
-    for number, line in enumerate(iter_lines(path, stats), start=1):
+    for number, line in numbered:
         if line.strip():
             if not lines and not paragraphs:
                 start = number
@@ -302,6 +313,35 @@ def iter_text_documents(path: str, doc_boundary: str, stats: Counter) -> Iterato
         paragraphs.append(join_lines(lines))
     if paragraphs:
         yield f"{path}:{start}", paragraphs
+
+
+CONLL_DOCUMENT_START = "-DOCSTART-"
+
+
+def iter_conll_documents(path: str, numbered: Iterator[tuple[int, str]]) -> Iterator[tuple[str, list[str]]]:
+    """(source "file:line", sentences) of a CoNLL column file (one token a line, its first column the word;
+    a blank line ends a sentence, a ``-DOCSTART-`` line a document), as CoNLL-2003's files are: the words
+    become text, the tags are dropped. A plain-text file whose first line is ``-DOCSTART-`` is read so."""
+    sentences: list[str] = []
+    words: list[str] = []
+    start = 1
+    for number, line in numbered:
+        fields = line.split()
+        if fields and fields[0] != CONLL_DOCUMENT_START:
+            if not words and not sentences:
+                start = number
+            words.append(fields[0])
+            continue
+        if words:
+            sentences.append(" ".join(words))
+            words = []
+        if fields and sentences:  # -DOCSTART-: the document so far is complete
+            yield f"{path}:{start}", sentences
+            sentences = []
+    if words:
+        sentences.append(" ".join(words))
+    if sentences:
+        yield f"{path}:{start}", sentences
 
 
 def iter_jsonl_documents(path: str, text_field: str, stats: Counter) -> Iterator[tuple[str, list[str]]]:

@@ -160,6 +160,36 @@ def test_zst_without_zstandard_says_what_to_install(tmp_path, monkeypatch):
         documents(discover_inputs([str(path)])[0][0])
 
 
+def test_conll_column_file_is_read_as_its_words(tmp_path):
+    """A CoNLL-2003 file (first line -DOCSTART-): each document its sentences, the words of the first column."""
+    text = (
+        "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n. . O O\n\nPeter NNP B-NP B-PER\n"
+        "Blackburn NNP I-NP I-PER\n\n-DOCSTART- -X- -X- O\n\nThe DT B-NP O\nend NN I-NP O\n"
+    )
+    path = tmp_path / "train.txt"
+    path.write_text(text)
+    for boundary in ("blank-line", "file"):  # the markers decide, not --doc-boundary
+        assert documents_of(path, boundary) == [
+            (f"{path}:3", ["EU rejects .", "Peter Blackburn"]),
+            (f"{path}:12", ["The end"]),
+        ]
+    gz = tmp_path / "train.txt.gz"
+    gz.write_bytes(gzip_bytes(text.encode()))
+    assert [sentences for _, sentences in documents_of(gz, "blank-line")] == [
+        ["EU rejects .", "Peter Blackburn"],
+        ["The end"],
+    ]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Not -DOCSTART- first.\nSecond line\n\nNext paragraph\n")
+    assert documents_of(plain, "file") == [
+        (f"{plain}:1", ["Not -DOCSTART- first. Second line", "Next paragraph"])
+    ]
+
+
+def documents_of(path: Path, doc_boundary: str) -> list[tuple[str, list[str]]]:
+    return list(iter_unit_documents(discover_inputs([str(path)])[0][0], doc_boundary, "text", Counter()))
+
+
 def test_tsv_rows_of_a_named_column_are_documents(tmp_path):
     """A GLUE-style table (byte-order mark, a quote-led sentence, a short row) read as its text column."""
     path = tmp_path / "in" / "train.tsv"
