@@ -31,6 +31,20 @@ def test_every_preset_builds_typed_configs_and_names_real_files(shared_data, tmp
                                                          for t in configs.finetune]  # fmt: skip
 
 
+def test_ner_tapt_preset_pretrains_on_the_words_of_its_own_ner_training_file(shared_data, tmp_path):
+    from collections import Counter
+
+    from data_prep.textio import discover_inputs, iter_unit_documents
+
+    configs = build_stage_configs(load_pipeline_config("ner-tapt"), shared_data, tmp_path)
+    (ner,) = configs.finetune
+    assert configs.shard.inputs == [str(ner.train)] and configs.baselines == {"ner": ["random-init"]}
+    assert ner.max_train_examples and len(ner.seeds) >= 3
+    (unit,), _ = discover_inputs(configs.shard.inputs)
+    _, sentences = next(iter_unit_documents(unit, configs.shard.doc_boundary, "text", Counter()))
+    assert sentences[0] == "EU rejects German call to boycott British lamb ."  # words, not tag columns
+
+
 def test_overrides_set_nested_keys_tasks_and_corpus():
     base = {"corpus": ["a"], "pretrain": {"lr": 1e-3, "model_overrides": {"hidden_size": 32}},
             "finetune": [{"task": "cola", "lr": 1e-4}, {"task": "sst2", "lr": 1e-4}]}  # fmt: skip
