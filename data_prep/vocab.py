@@ -529,9 +529,9 @@ def train_tokenizer(
 
     Ids: special tokens 0..4, the alphabet, its ``##`` forms, then the trainer's merges in merge order.
     """
-    started = time.perf_counter()
     if config.max_words is not None:
         return _train_on_counted_words(parts, config, keep_below)
+    started = time.perf_counter()
     scan = scan_characters(iter_sentence_batches(parts, keep_below), config.lowercase)
     alphabet, continuing = choose_alphabet(
         scan.char_counts, scan.inside, config.limit_alphabet, config.character_coverage
@@ -546,17 +546,17 @@ def train_tokenizer(
     initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
     trained = _bert_words(_wordpiece(), config.lowercase)  # the one pass over the text, in Rust
     trained.train_from_iterator(
-        iter_sentence_batches(parts, keep_below), _wordpiece_trainer(alphabet, continuing, config)
+        iter_sentence_batches(parts, keep_below), _wordpiece_trainer(initial, alphabet, config)
     )
     return _finish_training(trained, initial, config, parts)
 
 
-def _wordpiece_trainer(alphabet: list[str], continuing: list[str], config: VocabConfig) -> trainers.Trainer:
+def _wordpiece_trainer(initial: list[str], alphabet: list[str], config: VocabConfig) -> trainers.Trainer:
+    """tokenizers' WordPiece trainer with the ``initial`` tokens (special, alphabet, ``##`` forms) fixed."""
     return trainers.WordPieceTrainer(
         vocab_size=config.vocab_size,
         min_frequency=config.min_frequency,
-        special_tokens=[*SPECIAL_TOKENS, *alphabet, *continuing],  # registered first, in this order: ids
-        # no longer follow hash-map order
+        special_tokens=initial,  # registered first, in this order: ids no longer follow hash-map order
         limit_alphabet=len(alphabet),  # initial_alphabet always survives the limit: exactly this alphabet
         initial_alphabet=alphabet,
         continuing_subword_prefix="##",
@@ -583,7 +583,7 @@ def _train_on_counted_words(
     initial = [*SPECIAL_TOKENS, *alphabet, *continuing]
     trained = tokenizers.Tokenizer(_wordpiece())  # no normalizer or pre-tokenizer: each string is one word
     trained.train_from_iterator(
-        ([word] * count for word, count in kept.items()), _wordpiece_trainer(alphabet, continuing, config)
+        ([word] * count for word, count in kept.items()), _wordpiece_trainer(initial, alphabet, config)
     )
     return _finish_training(trained, initial, config, parts)
 
