@@ -89,3 +89,38 @@ def test_compile_defaults_to_cuda_only():
     assert TrainConfig(examples="e", out="o", max_steps=1).compile is None
     with pytest.raises(ValueError, match="compile must be true, false or null"):
         TrainConfig(examples="e", out="o", max_steps=1, compile="yes")
+
+
+def varied_batch(seed: int, length: int, lengths: list[int], predicted: list[int]) -> dict[str, torch.Tensor]:
+    """A batch whose padded length, packed tokens and predicted positions differ from ``batch``'s."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 50, (len(lengths), length), generator=generator)
+    mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
+    labels = torch.full_like(ids, -100)
+    labels[:, predicted] = ids[:, predicted]
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": labels * mask - 100 * (1 - mask), "next_sentence_label": torch.tensor([0, 1, 0, 1])}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compiled_engine_compiles_once_for_batches_of_other_sizes(monkeypatch):
+    """Packed tokens, predicted positions and padded length vary per batch: one graph serves them all."""
+    from torch._dynamo.testing import CompileCounter
+
+    from bert.pretrain import engine as eng
+
+    eng.init_distributed()
+    counter = CompileCounter()
+    monkeypatch.setattr(eng.Engine, "compile_backend", counter)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(**TINIEST))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 0}}  # fmt: skip
+    engine = eng.Engine(model, optimizer, ds_config, lambda step: 1e-2, seed=0, compile=True)
+    batches = [varied_batch(1, 12, [12, 7, 12, 4], [1, 3]), varied_batch(2, 16, [16, 9, 5, 14], [0, 2, 4]),
+               varied_batch(3, 8, [8, 8, 6, 3], [2])]  # fmt: skip
+    losses = [engine.step([b]).fetch()["loss"] for b in batches]
+    assert all(loss == loss for loss in losses)  # finite, not NaN
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for {len(batches)} batch shapes"

@@ -47,7 +47,7 @@ class Packing:
     seq_len: int
     lengths: list[int] | None = None  # tokens per sequence, when attention runs sequence by sequence
     cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32 cumulative lengths, for varlen attention
-    max_seqlen: int | None = None  # longest sequence of the batch, for varlen attention
+    max_seqlen: int | None = None  # longest sequence of the batch (or a bound on it), for varlen attention
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (B, T, C) with zeros at padding."""
@@ -382,8 +382,12 @@ class BertModel(BertPreTrainedModel):
                 lengths = mask.sum(1, dtype=torch.int32)
                 cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
                 max_seqlen = int(lengths.max())
-        elif attention == "varlen" and (cu_seqlens is None or max_seqlen is None):
-            raise ValueError("unpad_attention='varlen' needs cu_seqlens and max_seqlen with unpad_indices")
+        elif attention == "varlen" and cu_seqlens is None:
+            raise ValueError("unpad_attention='varlen' needs cu_seqlens with unpad_indices")
+        if attention == "varlen" and max_seqlen is None:
+            # The padded length bounds the longest sequence, and flash attention takes any upper bound; a
+            # compiled model gets this one (a size Dynamo treats as symbolic), not an int it would specialise on.
+            max_seqlen = T
         lengths = None
         if attention == "per_sequence":  # the CPU path: lengths as Python ints
             lengths = [n for n in mask.sum(1).tolist() if n]
