@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -314,8 +315,10 @@ def tests_part(args) -> dict:
 # --- end to end: ours against transformers, on the same batches -----------------------------------------
 
 E2E_PARTS = [f"{c}/{side}" for c in gpu_e2e.E2E_CONFIGS for side in ("ours", "transformers")]
-DEFAULT_PARTS = ["device", *E2E_PARTS, "base-128/eager", "step", "pretrain", "pretrain_variants", "finetune",
-                 "tests", "step_compile"]  # fmt: skip
+PROFILE_PART = "base-128/profile"
+DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, *E2E_PARTS[2:], "base-128/eager", "step", "pretrain",
+                 "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
+PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
 CUDA_ONLY = {"step", "step_compile", "tests"}
 DRY_RUN_SHAPES = {"base-128": ("tiny", 128, 8), "large-128": ("tiny", 128, 8), "base-512": ("tiny", 512, 4),
                   "large-512": ("tiny", 512, 4)}  # fmt: skip
@@ -366,6 +369,8 @@ def e2e_part(args, report: dict, part: str) -> dict:
         )
     steps, warmup = args.e2e_steps, args.e2e_warmup
     name = part.replace("/", "-")
+    if side == "profile":
+        return profile_part(args, name, examples, model, batch, config)
     if side == "transformers":
         result = gpu_e2e.run_transformers(name, examples, model, batch, steps, warmup, args.device, args.work,
                                           left(args))  # fmt: skip
@@ -385,6 +390,24 @@ def e2e_part(args, report: dict, part: str) -> dict:
     result.update(gpu_e2e.mfu_figures(result["tokens_per_s"], result["flops_per_token"], args.peak_flops or datasheet_peak(),
                                       measured * 1e12 if measured else None))  # fmt: skip
     return result
+
+
+def profile_part(args, name: str, examples: Path, model: str, batch: int, config: str) -> dict:
+    """Ours with the fast settings, torch.profiler over steps ``PROFILE_STEPS`` (``--profile-steps``): the
+    rank's summary (device busy share, kernel time by kind, top operators); its Chrome trace goes to the logs."""
+    settings = json.loads(json.dumps(gpu_e2e.FAST_SETTINGS))
+    settings["profile_steps"] = "{}:{}".format(*PROFILE_STEPS)
+    substitutions = dry_run_substitutions(settings, config) if args.dry_run else {}
+    result = gpu_e2e.run_ours(name, examples, model, batch, PROFILE_STEPS[1], PROFILE_STEPS[0] - 1, settings,
+                              args.work, left(args))  # fmt: skip
+    profile = args.work / "runs" / name / "profile" / "rank0"
+    summary = json.loads((profile / "summary.json").read_text())
+    shutil.copyfile(profile / "trace.json", args.logs / f"{name}.trace.json")
+    shutil.copyfile(profile / "table.txt", args.logs / f"{name}.table.txt")
+    result.pop("_config", None)
+    keep = ("side", "settings", "device", "steps", "global_batch", "wall_s", "median_step_s")
+    return {**{k: result[k] for k in keep if k in result}, "profile": summary,
+            **({"dry_run_substitutions": substitutions} if substitutions else {})}  # fmt: skip
 
 
 def dry_run_substitutions(settings: dict, config: str) -> dict:
@@ -477,7 +500,11 @@ def skip_reason(args, part: str, report: dict | None = None) -> str | None:
         return "needs a CUDA device"
     if part == "finetune" and args.cola is None:
         return "no --cola given"
-    if args.dry_run and not args.parts_given and part not in ("device", *E2E_PARTS, "base-128/eager"):
+    if (
+        args.dry_run
+        and not args.parts_given
+        and part not in ("device", *E2E_PARTS, PROFILE_PART, "base-128/eager")
+    ):
         return "dry run: the CPU check covers the device and e2e parts (name others in --parts to run them)"
     if part.endswith("/transformers"):
         ours = ((report or {}).get("parts") or {}).get(part.replace("/transformers", "/ours")) or {}
@@ -635,6 +662,10 @@ def summary(report: dict) -> None:
                 cells.append(f"{side} not measured: {r['not_measured'][:80]}")
         ratios = " ".join(f"{k} x{v}" for k, v in row.items() if k.endswith("_vs_transformers"))
         print(f"e2e {config}: " + " | ".join(cells) + (f" | {ratios}" if ratios else ""))
+    prof = (parts.get(PROFILE_PART) or {}).get("profile")
+    if prof:
+        print(f"profile {PROFILE_PART}: {prof['wall_ms_per_step']} ms a step, busy {prof['busy_share']}, ms by kind "
+              f"{prof['ms_per_step_by_kind']}")  # fmt: skip
     for name in ("step", "step_compile"):
         for r in (parts.get(name) or {}).get("results", []):
             ours, theirs = r.get("bertpipe", {}), r.get("transformers", {})

@@ -520,7 +520,7 @@ class Budget:
             return self.measured.get(part, PRIOR_S.get(part, 120.0)) * SAFETY
         config, side = part.split("/", 1)
         target = self.shapes.get(config)
-        sides = (side, "ours") if side == "eager" else (side,)
+        sides = (side, "ours") if side in ("eager", "profile") else (side,)
         measured = [(p.split("/")[0], c) for s in sides for p, c in self.costs.items() if p.endswith("/" + s)]
         measured = [(self.shapes[c], cost) for c, cost in measured if c in self.shapes]
         if target is None or not (measured or "base-128" in self.shapes):

@@ -460,6 +460,9 @@ def pretrain(
     compile_: bool = typer.Option(
         None, "--compile/--no-compile", help="torch.compile the model (default: on CUDA only)."
     ),
+    profile_steps: str = typer.Option(
+        None, "--profile-steps", help="START:STOP: torch.profiler over these steps → OUT/profile/rank<R>/."
+    ),
 ) -> None:
     """Pretrain (MLM + NSP) with DeepSpeed on every rank → OUT/checkpoints, OUT/hf, OUT/metrics.jsonl."""
     import json
@@ -476,6 +479,7 @@ def pretrain(
         decay=decay, schedule_steps=schedule_steps, precision=precision, seed=seed, save_every=save_every,
         keep_last=keep_last, eval_every=eval_every, export_every=export_every,
         log_example_indices=log_example_indices, progress_bar=progress, compile=compile_,
+        profile_steps=profile_steps,
     )  # fmt: skip
     values.update({k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None})
     values["resume"] = resume or values.get("resume", False)

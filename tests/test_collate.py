@@ -331,3 +331,39 @@ def test_ranks_agree_on_stopping_every_few_steps_and_save_the_consumed_position(
             assert_same_batch(got, run.collator(run.train, indices, epoch))
     assert saves == [(stop, plain.position)]  # what the steps consumed, not what was collated ahead
     assert plain.position == DataPosition(epoch=1, cursor=(stop - 5) * 16)
+
+
+class MatmulEngine(FakeEngine):
+    """A fake engine whose step does some arithmetic for the profiler to see."""
+
+    device = torch.device("cpu")
+
+    def step(self, micro_batches: list[dict]) -> DeviceMetrics:
+        x = torch.randn(64, 64)
+        for _ in range(20):
+            x = torch.mm(x, x).tanh()
+        return super().step(micro_batches)
+
+
+def test_profile_steps_write_a_trace_and_a_summary_of_the_window(shards, tmp_path: Path, saves):
+    from bert.pretrain.rank import fit
+
+    run = fake_run(shards["dynamic"], tmp_path, world_size=1, max_steps=6, profile_steps="2:4")
+    run.engine = MatmulEngine()
+    assert fit(run).step == 6
+    profile = tmp_path / "profile" / "rank0"
+    summary = json.loads((profile / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["wall_ms_per_step"] > 0
+    assert summary["busy_share"] > 0 and summary["ms_per_step_by_kind"]["matmul"] > 0
+    assert any(row["name"] == "aten::mm" and row["calls"] == 3 * 20 for row in summary["top"])
+    assert json.loads((profile / "trace.json").read_text())["traceEvents"]
+    assert "aten::mm" in (profile / "table.txt").read_text()
+
+
+def test_profile_steps_are_checked_with_the_config():
+    from bert.pretrain.config import TrainConfig, parse_profile_steps
+
+    assert parse_profile_steps("20:24") == (20, 24) and parse_profile_steps(None) is None
+    for bad in ("24:20", "0:3", "5", "a:b"):
+        with pytest.raises(ValueError, match="profile_steps.*START:STOP"):
+            TrainConfig(examples="e", out="o", max_steps=1, profile_steps=bad)

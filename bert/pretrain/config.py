@@ -99,6 +99,19 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+    """``"A:B"`` → (A, B): profile optimizer steps A to B (1-based, inclusive); None for None."""
+    if text is None:
+        return None
+    start, sep, stop = str(text).partition(":")
+    if not (sep and start.strip().isdigit() and stop.strip().isdigit()) or not 1 <= int(start) <= int(stop):
+        raise ValueError(
+            f"profile_steps {text!r}: write START:STOP, the first and last step to profile (1-based), "
+            "e.g. 20:24 (a few steps after compilation and warm-up)"
+        )
+    return int(start), int(stop)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. (seed, step, rank))."""
     import numpy as np
@@ -155,6 +168,9 @@ class TrainConfig:
     log_example_indices: bool = False  # OUT/data_log/rank{R}.jsonl: which examples each rank trained on
     progress_bar: bool = True
     tensorboard: bool = True
+    profile_steps: str | None = (
+        None  # "A:B": torch.profiler over steps A..B, into OUT/profile/ (bert.pretrain.profile)
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -196,6 +212,10 @@ class TrainConfig:
             )
         if self.compile not in (None, True, False):
             problems.append(f"compile must be true, false or null (auto: on CUDA only), got {self.compile!r}")
+        try:
+            parse_profile_steps(self.profile_steps)
+        except ValueError as e:
+            problems.append(str(e))
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if problems:

@@ -36,9 +36,10 @@ from bert.model import BertForPreTraining
 from bert.optim import build_optimizer, lr_multiplier
 from bert.pretrain import engine as eng
 from bert.pretrain.checkpoint import export_hf, resume, save_checkpoint
-from bert.pretrain.config import TrainConfig
+from bert.pretrain.config import TrainConfig, parse_profile_steps
 from bert.pretrain.data import DataPosition, Prefetcher, RankBatches
 from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
+from bert.pretrain.profile import StepProfiler
 from bert.pretrain.run import (
     PARENT_HOST_ENV,
     PARENT_PID_ENV,
@@ -216,6 +217,7 @@ def fit(run: Run) -> PretrainResult:
     window = [0, 0.0, 0.0]  # since the last record: steps, their seconds, their seconds waiting for data
     since_check, steps_run = [0, 0.0], 0  # since the last stop agreement: steps, their seconds
     collate = functools.partial(run.collator, run.train)
+    profiler = StepProfiler(parse_profile_steps(config.profile_steps), run.out, run.rank, engine)
     with StopSignal() as stop:
         with Prefetcher(run.batches, collate, PREFETCH_DEPTH) as prefetcher:
             while True:
@@ -236,8 +238,10 @@ def fit(run: Run) -> PretrainResult:
                 t0 = time.perf_counter()
                 batch = prefetcher.next()
                 wait_s = time.perf_counter() - t0
+                profiler.before(engine.global_step + 1)
                 metrics = engine.step(batch.micro_batches)
                 step, steps_run = engine.global_step, steps_run + 1
+                profiler.after(step)
                 logged = step % config.log_every == 0
                 if logged:
                     metrics = metrics.fetch()  # the one wait for the device (an all-reduce) in most steps
@@ -267,6 +271,7 @@ def fit(run: Run) -> PretrainResult:
                     if saved_step != step:
                         checkpoint, saved_step = save_checkpoint(run), step
                     hf_dir, exported_step = export_hf(run, checkpoint), step
+        profiler.close(engine.global_step)
         if pending is not None:  # the last step was not logged: its metrics are the result's all the same
             step, epoch, metrics, times = pending
             record = train_record(step, epoch, metrics.fetch(), times, run.world_size)
@@ -358,9 +363,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on CUDA only)")  # fmt: skip
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile-steps", help="START:STOP: torch.profiler over these steps, into OUT/profile/"
+    )
     args = parser.parse_args(argv)
     values = json.loads(Path(args.config).read_text())
-    for key in ("resume", "max_steps", "time_budget", "compile"):
+    for key in ("resume", "max_steps", "time_budget", "compile", "profile_steps"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     return TrainConfig.from_dict(values), args
