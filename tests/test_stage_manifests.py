@@ -35,7 +35,7 @@ def test_pretrain_fingerprint_follows_what_decides_the_weights(examples, tmp_pat
     base = train_config(examples, tmp_path / "a")
     fp = P.expected_fingerprint(base)
     same = [dict(out=str(tmp_path / "b")), dict(save_every=5, eval_every=2, progress_bar=False, keep_last=9),
-            dict(log_example_indices=True, tensorboard=False)]  # fmt: skip
+            dict(log_example_indices=True, tensorboard=False), dict(profile_steps="2:4", compile=True)]  # fmt: skip
     for change in same:
         assert P.expected_fingerprint(dataclasses.replace(base, **change)) == fp, change
     for change in (dict(lr=2e-3), dict(max_steps=20), dict(seed=1), dict(micro_batch_size=2),
