@@ -109,7 +109,9 @@ STAGE_STATS = {
     ),
 }
 FINETUNE_PREFIX = "finetune-"
-TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
+TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "ner": "NER",
+              "squad": "SQuAD", "squad_v2": "SQuAD 2.0"}  # fmt: skip
+METRIC_NAMES = {"f1": "entity F1", "accuracy": "accuracy", "mcc": "Matthews correlation"}
 NO_FIGURE = "—"
 BASELINE_RULE = (
     "Lift: the pretrained model's median minus the baseline's, over the same seeds and settings (degenerate "
@@ -595,15 +597,26 @@ def degenerate_note(figures: dict) -> str | None:
         "definition (its denominator is zero), a number that says nothing about the model, so bertpipe flags "
         "such seeds as degenerate instead of scoring them."
     )
-    sst2 = figures.get("finetune.sst2.accuracy.median")
-    if _is_number(sst2):
+    scored = [  # the other tasks of the run with a median: they show what the same weights do learn
+        (task, metric, figures.get(f"finetune.{task}.{metric}.median"))
+        for key, metric in sorted(figures.items())
+        if key.startswith("finetune.")
+        and key.endswith(".metric")
+        and (task := key.split(".")[1]) not in degenerate
+    ]
+    scored = [(task, metric, value) for task, metric, value in scored if _is_number(value)]
+    if scored:
+        task, metric, value = scored[0]
+        shown = f"{100 * value:.1f}%" if metric == "accuracy" else f"{value:.3f}"
         text += (
-            f" SST-2 next to it, fine-tuned from the same weights, reaches a median accuracy of "
-            f"{100 * sst2:.1f}%: sentiment rests on words the model has learned, so it shows what this "
-            "model does learn."
+            f" {TASK_NAMES.get(task, task)} next to it, fine-tuned from the same weights, reaches a median "
+            f"{METRIC_NAMES.get(metric, metric)} of {shown}: that shows what this model does learn."
         )
     else:
-        text += " Fine-tuning SST-2 (sentiment, carried by words rather than syntax) beside it shows what the model does learn."
+        text += (
+            " Fine-tuning a task carried by words rather than syntax beside it (SST-2 sentiment, NER) shows "
+            "what the model does learn."
+        )
     return text
 
 

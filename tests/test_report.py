@@ -334,6 +334,12 @@ def test_degenerate_note_explains_cola_and_points_at_sst2(run_dirs, tmp_path):
     )
     assert degenerate_note(collect_figures(scored)) is None  # one seed scored: nothing to explain
     assert degenerate_note({k: v for k, v in figures.items() if not k.startswith("finetune.cola")}) is None
+    # another task beside it: the note names that one and its metric
+    ner = {k: v for k, v in figures.items() if not k.startswith("finetune.sst2")}
+    ner.update({"finetune.ner.metric": "f1", "finetune.ner.f1.median": 0.3479})
+    assert "NER next to it" in degenerate_note(ner) and "entity F1 of 0.348" in degenerate_note(ner)
+    alone = {k: v for k, v in figures.items() if not k.startswith("finetune.sst2")}
+    assert "(SST-2 sentiment, NER) shows what the model does learn" in degenerate_note(alone)
 
 
 def test_a_seed_listed_as_degenerate_is_not_scored_even_with_a_score(run_dirs):
