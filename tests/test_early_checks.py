@@ -100,13 +100,13 @@ def test_a_deepspeed_config_that_is_not_json_is_refused(run_demo, tmp_path):
 
 
 def test_a_deepspeed_config_that_contradicts_the_training_config_is_refused(run_demo, tmp_path):
-    contradicting = tmp_path / "ds.json"  # the demo trains micro batches of 32
+    contradicting = tmp_path / "ds.json"  # the demo trains micro batches of 64
     contradicting.write_text(
         json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 0}})
     )
     line, _ = run_demo(f"pretrain.deepspeed_config={contradicting}")
     assert "the DeepSpeed config disagrees with the training config" in line
-    assert "train_micro_batch_size_per_gpu is 3 in the DeepSpeed config, 32 in the training config" in line
+    assert "train_micro_batch_size_per_gpu is 3 in the DeepSpeed config, 64 in the training config" in line
 
 
 @pytest.mark.parametrize(
@@ -142,16 +142,22 @@ def test_more_cpu_ranks_than_cores_are_refused_naming_the_override(run_demo):
 
 def test_the_oversubscribe_override_is_accepted(shared_data, tmp_path, cpu_machine, monkeypatch):
     monkeypatch.setenv("BERTPIPE_ALLOW_OVERSUBSCRIBE", "1")
-    _, configs = prepared(shared_data, tmp_path, "pretrain.num_gpus=4", "pretrain.global_batch_size=128")
+    _, configs = prepared(
+        shared_data,
+        tmp_path,
+        "pretrain.num_gpus=4",
+        "pretrain.micro_batch_size=32",
+        "pretrain.global_batch_size=128",
+    )
     assert configs.num_gpus == 4
     assert not (tmp_path / "run").exists()
 
 
-def test_the_demo_two_ranks_are_accepted_even_on_one_core(shared_data, tmp_path, cpu_machine, monkeypatch):
+def test_two_ranks_are_accepted_even_on_one_core(shared_data, tmp_path, cpu_machine, monkeypatch):
     from bert.pretrain import launch
 
     monkeypatch.setattr(launch, "usable_cores", lambda: 1)
-    _, configs = prepared(shared_data, tmp_path)
+    _, configs = prepared(shared_data, tmp_path, "pretrain.num_gpus=2", "pretrain.micro_batch_size=32")
     assert configs.num_gpus == 2
 
 
