@@ -111,7 +111,8 @@ STAGE_STATS = {
 FINETUNE_PREFIX = "finetune-"
 TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "ner": "NER",
               "squad": "SQuAD", "squad_v2": "SQuAD 2.0"}  # fmt: skip
-METRIC_NAMES = {"f1": "entity F1", "accuracy": "accuracy", "mcc": "Matthews correlation"}
+METRIC_NAMES = {"f1": "F1", "accuracy": "accuracy", "mcc": "Matthews correlation", "exact_match": "exact match",
+                "pearson": "Pearson correlation", "spearman": "Spearman correlation"}  # fmt: skip
 NO_FIGURE = "—"
 BASELINE_RULE = (
     "Lift: the pretrained model's median minus the baseline's, over the same seeds and settings (degenerate "
@@ -610,7 +611,8 @@ def degenerate_note(figures: dict) -> str | None:
         shown = f"{100 * value:.1f}%" if metric == "accuracy" else f"{value:.3f}"
         text += (
             f" {TASK_NAMES.get(task, task)} next to it, fine-tuned from the same weights, reaches a median "
-            f"{METRIC_NAMES.get(metric, metric)} of {shown}: that shows what this model does learn."
+            f"{'entity ' if task == 'ner' else ''}{METRIC_NAMES.get(metric, metric)} of {shown}: that shows "
+            "what this model does learn."
         )
     else:
         text += (

@@ -168,9 +168,7 @@ class TrainConfig:
     log_example_indices: bool = False  # OUT/data_log/rank{R}.jsonl: which examples each rank trained on
     progress_bar: bool = True
     tensorboard: bool = True
-    profile_steps: str | None = (
-        None  # "A:B": torch.profiler over steps A..B, into OUT/profile/ (bert.pretrain.profile)
-    )
+    profile_steps: str | None = None  # "A:B": torch.profiler over steps A..B into OUT/profile/
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

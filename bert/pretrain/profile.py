@@ -73,7 +73,7 @@ def summarise(events, steps: int, wall_s: float, device: str, top: int = 25) -> 
                 "self_cpu_ms": round(r["self_cpu_ms"] / steps, 4),
             }
             for r in rows[:top]
-        ],  # fmt: skip
+        ],
         "note": "ms are per step; busy_share = the time measured over the wall time (below 1: the device idles)",
     }
 
