@@ -367,3 +367,28 @@ def test_profile_steps_are_checked_with_the_config():
     for bad in ("24:20", "0:3", "5", "a:b"):
         with pytest.raises(ValueError, match="profile_steps.*START:STOP"):
             TrainConfig(examples="e", out="o", max_steps=1, profile_steps=bad)
+
+
+def test_a_cuda_profile_counts_each_kernel_once():
+    """An operator's self device time is its kernels' time, and the kernels are rows too: only they count."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bert.pretrain.profile import summarise
+
+    def event(name, device_type, device_us, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=name, count=2, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us, is_user_annotation=annotation)  # fmt: skip
+
+    events = [event("aten::mm", DeviceType.CPU, 6000.0, cpu_us=400.0),
+              event("sm90_xmma_gemm_bf16bf16", DeviceType.CUDA, 6000.0),
+              event("aten::add", DeviceType.CPU, 1000.0, cpu_us=100.0),
+              event("elementwise_kernel", DeviceType.CUDA, 1000.0),
+              event("ProfilerStep", DeviceType.CUDA, 9000.0, annotation=True)]  # fmt: skip
+    summary = summarise(events, steps=2, wall_s=0.01, device="cuda")
+    assert summary["ms_per_step_by_kind"] == {"matmul": 3.0, "other": 0.5}
+    assert summary["busy_share"] == pytest.approx(3.5 / 5.0)
+    assert [row["name"] for row in summary["top"]] == ["sm90_xmma_gemm_bf16bf16", "elementwise_kernel"]
+    cpu = summarise(events[::2], steps=2, wall_s=0.01, device="cpu")  # on the CPU: the operators
+    assert cpu["ms_per_step_by_kind"] == {"matmul": 0.2, "other": 0.05}

@@ -41,10 +41,18 @@ def kind_of(name: str) -> str:
 
 
 def summarise(events, steps: int, wall_s: float, device: str, top: int = 25) -> dict:
-    """The summary of a profiler's ``key_averages()``: per-step wall time, busy share, time by kind."""
+    """The summary of a profiler's ``key_averages()``: per-step wall time, busy share, time by kind.
+
+    On CUDA only the device's own events (kernels, copies) are counted: an operator's self device time is
+    the time of the kernels it launched, which are rows of their own too (as the profiler's table totals them).
+    """
     cuda = device == "cuda"
     rows = []
     for e in events:
+        if cuda and (
+            e.device_type == torch.autograd.DeviceType.CPU or getattr(e, "is_user_annotation", False)
+        ):
+            continue
         device_us = getattr(e, "self_device_time_total", None)
         if device_us is None:  # torch < 2.4
             device_us = getattr(e, "self_cuda_time_total", 0.0)
@@ -54,7 +62,8 @@ def summarise(events, steps: int, wall_s: float, device: str, top: int = 25) -> 
     rows.sort(key=lambda r: r[key], reverse=True)
     by_kind: dict[str, float] = {}
     for r in rows:
-        by_kind[kind_of(r["name"])] = by_kind.get(kind_of(r["name"]), 0.0) + r[key]
+        kind = kind_of(r["name"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + r[key]
     busy_ms = sum(by_kind.values())
     per_step = 1e3 * wall_s / steps
     return {
