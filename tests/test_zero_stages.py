@@ -1,9 +1,10 @@
 """Every ZeRO stage trains, resumes exactly and exports the fp32 master weights (two ranks, gloo, launcher).
 
-ZeRO-3 bf16: a straight run, a run stopped at step 3 then ``--resume``d (same losses, same weights), an HF
-export that transformers loads with no missing or unexpected key and that equals the checkpoint's fp32 master
+ZeRO-3 bf16 and ZeRO-1 bf16 (DeepSpeed's BF16_Optimizer: the shipped config accumulates gradients in
+fp32): a straight run, a run stopped at step 3 then ``--resume``d (same losses, same weights), an HF export
+that transformers loads with no missing or unexpected key and that equals the checkpoint's fp32 master
 weights, and a phase 2 (``--init-from``) that starts from that export. ZeRO-1 and ZeRO-3 fp32 resume (on another
-number of ranks) and ZeRO-1's export are in test_resize.py, ZeRO-2's in test_pretrain_distributed.py. ZeRO-0 bf16
+number of ranks) and ZeRO-1 fp32's export are in test_resize.py, ZeRO-2's in test_pretrain_distributed.py. ZeRO-0 bf16
 (one process) exports the optimizer's fp32 master copies, not their bf16 rounding.
 """
 
@@ -20,7 +21,7 @@ import torch
 from test_data import TINY, make_training_stage
 
 from bert.pretrain.config import TrainConfig
-from bert.pretrain.engine import MASTER_NAMES, checkpoint_state_dict
+from bert.pretrain.engine import MASTER_NAMES, checkpoint_state_dict, slow_optimizer_warning
 from bert.pretrain.rank import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("deepspeed", ["zero3_bf16"])  # ZeRO-1: test_resize (resume, export)
+@pytest.mark.parametrize("deepspeed", ["zero3_bf16", "zero1_bf16"])
 def test_zero_stage_resumes_exactly_exports_master_weights_and_starts_phase_two(
     stage, tmp_path: Path, deepspeed: str
 ):
@@ -116,3 +117,31 @@ def test_zero0_bf16_exports_the_fp32_master_weights_not_their_bf16_rounding(stag
     assert any(not torch.equal(m, m.bfloat16().float()) for m in masters.values())  # not a bf16 rounding
     tied = exported["cls.predictions.decoder.weight"]  # saved under both names: the master under both
     assert torch.equal(tied, masters["bert.embeddings.word_embeddings.weight"])
+
+
+def test_shipped_zero1_bf16_runs_bf16_optimizer_with_half_the_host_work():
+    """deepspeed_configs/zero1_bf16.json accumulates gradients in fp32: DeepSpeed's BF16_Optimizer, which
+    launches far less per step than its bf16-accumulating ZeRO optimizer (an overflow test per gradient
+    tensor, a bucket copy per parameter) and reads the device fewer times (benchmarks/step_overhead.py)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import step_overhead
+
+    configs = step_overhead.deepspeed_configs()
+    shipped = step_overhead.run_deepspeed("zero1_bf16", configs["zero1_bf16"], "cpu", steps=1, warmup=1)
+    default = step_overhead.run_deepspeed(
+        "bf16_accumulation", configs["zero1_bf16_bf16_accumulation"], "cpu", steps=1, warmup=1
+    )
+    assert (shipped["optimizer"], default["optimizer"]) == ("BF16_Optimizer", "DeepSpeedZeroOptimizer")
+    assert set(shipped["phases"]) == {"forward", "backward", "step"}
+    assert shipped["phases"]["forward"]["launches"] == default["phases"]["forward"]["launches"] > 0
+    assert shipped["launches_per_step"] < 0.6 * default["launches_per_step"]
+    assert shipped["syncs_per_step"] < default["syncs_per_step"]
+    # ZeRO-0 bf16: an overflow test read back per parameter tensor; bertpipe warns about it on a GPU
+    zero0 = step_overhead.run_deepspeed("zero0_bf16", configs["zero0_bf16"], "cpu", steps=1, warmup=1)
+    assert zero0["optimizer"] == "FP16_UnfusedOptimizer"
+    # 206 overflow tests (one per BERT-base parameter tensor) + 206 reads of the CPU AdamW's step counts
+    assert zero0["phases"]["step"]["syncs"] >= 2 * 206
+    assert slow_optimizer_warning(zero0["optimizer"], "cuda:0") and not slow_optimizer_warning(
+        zero0["optimizer"], "cpu"
+    )
+    assert not slow_optimizer_warning(shipped["optimizer"], "cuda:0")
