@@ -64,6 +64,9 @@ def test_pretrain_resumes_same_trajectory_refuses_or_restarts_another(examples, 
     assert longer.resume is True
     with pytest.raises(StageError, match=r"other settings \(lr: 0\.001 → 0\.002"):
         P.prepare(train_config(examples, out, lr=2e-3), resume=True)  # the CLI: refuse
+    zero2 = str(Path(__file__).parents[1] / "deepspeed_configs/zero2_fp32.json")
+    with pytest.raises(StageError, match=r"other settings \(the DeepSpeed JSON's settings changed\)"):
+        P.prepare(train_config(examples, out, deepspeed_config=zero2), resume=True)  # an input, not a setting
     with pytest.raises(StageError, match="pass --resume"):
         P.prepare(train_config(examples, out), resume=False)
     restarted, _ = P.prepare(

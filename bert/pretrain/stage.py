@@ -111,9 +111,20 @@ def expected_fingerprint(config: TrainConfig) -> str:
     return stage_fingerprint(STAGE, stage_config(config), stage_inputs(config), FORMAT_VERSION)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    keys = sorted((set(old) | set(new)) - set(LENGTH))  # the run length never blocks a resume
-    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+INPUT_NAMES = {"examples": "the examples", "deepspeed": "the DeepSpeed JSON's settings",
+               "init_from": "the --init-from weights"}  # fmt: skip
+
+
+def _differences(record: dict, values: dict, inputs: dict) -> list[str]:
+    """What differs between the run ``record`` describes and ``values``/``inputs``: settings, then inputs."""
+    old = record.get("config") or {}
+    if not old and not record.get("inputs"):
+        return ["(a run from before stage manifests)"]
+    keys = sorted((set(old) | set(values)) - set(LENGTH))  # the run length never blocks a resume
+    changed = [f"{k}: {old.get(k)!r} → {values.get(k)!r}" for k in keys if old.get(k) != values.get(k)]
+    old_inputs = record.get("inputs") or {}
+    changed += [f"{INPUT_NAMES.get(k, k)} changed" for k in inputs if old_inputs.get(k) != inputs[k]]
+    return changed or ["(a run from before stage manifests)"]
 
 
 def _other_settings(out: Path, changed: list[str]) -> StageError:
@@ -144,8 +155,7 @@ def prepare(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfi
     has_checkpoints = holds_checkpoints(out)
     same = record.get("trajectory") == wanted
     if has_checkpoints and not same:
-        before = record.get("config") or {}
-        changed = _differences(before, values) or ["(a run from before stage manifests)"]
+        changed = _differences(record, values, inputs)
         if resume is None and record:  # the pipeline's own directory: these settings replace it
             log.info(
                 "pretrain: %s holds a run with other settings (%s); starting over", out, "; ".join(changed)
@@ -207,10 +217,7 @@ def follow(config: TrainConfig, resume: bool | None = None) -> tuple[TrainConfig
     if resume is not None and holds_checkpoints(out):
         record = read_json(out / INPROGRESS) or (manifest or {})
         if record.get("trajectory") != trajectory(values, inputs):
-            before = record.get("config") or {}
-            raise _other_settings(
-                out, _differences(before, values) or ["(a run from before stage manifests)"]
-            )
+            raise _other_settings(out, _differences(record, values, inputs))
         if not resume:
             refuse_existing_checkpoints(out)
     return dataclasses.replace(config, resume=resume is not False), None
