@@ -17,7 +17,7 @@ from test_data import TINY, make_examples, make_vocab
 
 from bert.model import BertConfig, BertForPreTraining
 from bert.pretrain.config import TrainConfig, resolve_batch_sizes
-from bert.pretrain.ds_config import fill_deepspeed_config
+from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
 from bert.pretrain.engine import checkpoint_state_dict
 from bert.pretrain.rank import main
 
@@ -183,6 +183,19 @@ def test_deepspeed_config_auto_values_are_filled_and_disagreements_listed():
         32,
     )
     assert precision == "bf16" and bf16["bf16"]["enabled"] is True
+    assert bf16["zero_optimization"]["stage"] == 2 and "data_types" not in bf16  # a JSON's own stage stays
+    # No JSON: ZeRO stage "auto", bf16 -> ZeRO-1 accumulating in fp32 (BF16_Optimizer), fp32 -> ZeRO-0.
+    default = load_deepspeed_config(None)
+    for asked, stage, data_types in (
+        ("bf16", 1, {"grad_accum_dtype": "fp32"}),
+        ("fp32", 0, None),
+        ("auto", 0, None),
+    ):
+        filled, precision = fill_deepspeed_config(default, TrainConfig(examples="e", out="o", max_steps=10,
+                                                                       precision=asked), batch, 32)  # fmt: skip
+        assert filled["zero_optimization"]["stage"] == stage and filled.get("data_types") == data_types, asked
+        assert "auto" not in json.dumps(filled)
+    assert default == load_deepspeed_config(None)  # filled copies, the default untouched
     wrong = {
         "train_batch_size": 32,
         "gradient_clipping": 1.0,

@@ -2,8 +2,9 @@
 
 The DeepSpeed JSON says "auto" for whatever the training config owns (batch sizes, clipping, precision when the
 config names one, optimizer/scheduler params); ``fill_deepspeed_config`` fills those and refuses, listing every
-one, values that disagree with the training config. The parent side (``bertpipe pretrain``, the flow) checks a
-run with it before any rank starts; the engine builds DeepSpeed from its result.
+one, values that disagree with the training config. ZeRO stage "auto" (the default without a JSON) is 1 with
+fp32 gradient accumulation for bf16 (DeepSpeed's BF16_Optimizer), else 0. The parent side (``bertpipe
+pretrain``, the flow) checks a run with it before any rank starts; the engine builds DeepSpeed from its result.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from bert.pretrain.config import BatchSizes, TrainConfig
 
 AUTO = "auto"
-DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": AUTO}}
+# Without a JSON: ZeRO stage "auto" (see ``fill_deepspeed_config``), precision as the training config says.
+DEFAULT_DEEPSPEED_CONFIG = {"zero_optimization": {"stage": AUTO}, "bf16": {"enabled": AUTO}}
 OPTIMIZER_TYPES = {"adamw": ("adamw", "adam"), "lamb": ("lamb",)}
 
 
@@ -25,7 +27,7 @@ OPTIMIZER_TYPES = {"adamw": ("adamw", "adam"), "lamb": ("lamb",)}
 
 
 def load_deepspeed_config(path: str | os.PathLike | None) -> dict:
-    """The DeepSpeed JSON at ``path`` (a ZeRO-0 default when None)."""
+    """The DeepSpeed JSON at ``path`` (when None, ``DEFAULT_DEEPSPEED_CONFIG``: ZeRO stage "auto")."""
     if path is None:
         return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
     try:
@@ -103,6 +105,13 @@ def fill_deepspeed_config(
             settle(params, "total_num_steps", config.total_schedule_steps, "scheduler.params.total_num_steps")
 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if zero.get("stage") == AUTO:
+        # bf16: ZeRO-1 with fp32 gradient accumulation, DeepSpeed's BF16_Optimizer. ZeRO-0 bf16 would run its
+        # unfused 16-bit optimizer, which reads the device once per parameter tensor every step (a sync each:
+        # 206 for BERT-base), and bf16 accumulation its ZeRO optimizer, which tests each gradient for overflow.
+        zero["stage"] = 1 if precision == "bf16" else 0
+        if precision == "bf16":
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     for key, value in (
         ("reduce_bucket_size", hidden_size * hidden_size),
         ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),

@@ -147,6 +147,17 @@ def mark_dynamic_sizes(batch: dict) -> None:
             torch._dynamo.maybe_mark_dynamic(value, dim)
 
 
+def slow_optimizer_warning(optimizer: str, device: str) -> str | None:
+    """The warning for a DeepSpeed optimizer wrapper known to stall a GPU every step, else None."""
+    if optimizer == "FP16_UnfusedOptimizer" and device.startswith("cuda"):
+        return (
+            "ZeRO-0 with bf16/fp16 runs DeepSpeed's unfused 16-bit optimizer, which waits for the GPU once per "
+            "parameter tensor every step (its overflow test); deepspeed_configs/zero1_bf16.json (or zero1_fp16.json) "
+            "runs without those waits, and ZeRO-1 partitions nothing on one GPU"
+        )
+    return None
+
+
 def resolve_compile(compile: bool | None) -> bool:
     """Whether to torch.compile: as asked, or (None) when CUDA is there; the CPU compiles for longer than it gains."""
     return torch.cuda.is_available() if compile is None else bool(compile)
@@ -188,6 +199,9 @@ class Engine:
             "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
         )
         self.device = self.engine.device
+        warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
+        if warning and self.rank == 0:
+            log.warning(warning)
 
     @property
     def global_step(self) -> int:
