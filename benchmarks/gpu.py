@@ -10,9 +10,13 @@ Parts, in order of importance (``--parts``; each skipped, with its reason in the
    (``python -m flows.cli pretrain``: the launcher, DeepSpeed ZeRO-1 bf16, 1 GPU) with the product's fast
    settings (torch.compile, vocabulary padded to 64, varlen attention with attention dropout 0);
    ``transformers`` is transformers.BertForPreTraining (SDPA) in a plain loop (fused AdamW, bf16 autocast) on
-   the same batches; ``base-128/eager`` is ours without torch.compile and with the stock model. Per run:
+   the same batches; ``base-128/eager`` is ours without torch.compile and with the stock model;
+   ``base-128/bf16-accumulation`` is ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient
+   accumulation (DeepSpeed's ZeRO optimizer instead of its BF16_Optimizer: the A/B of that choice). Per run:
    real-token tokens/s (median over the steps past the warmup), MFU, peak GPU memory, data_wait share (ours),
    and per config the ratio ours / transformers (benchmarks/gpu_e2e.py says how each side is timed);
+   overhead: benchmarks/step_overhead.py on the GPU (the host's launches, syncs and time per step under
+   each DeepSpeed JSON, a narrow model with BERT-base's parameter tensors), after base-128's profile;
 3. step: BERT-base, 128 tokens, bf16 autocast: our training step against transformers.BertForPreTraining
    (SDPA) in the same process (benchmarks/pretrain_step.py): non-padding tokens/s, MFU, peak memory;
    step_compile: the same with torch.compile;
@@ -137,6 +141,16 @@ def step_part(args, compile_: bool) -> dict:
         argv.append("--compile")
     started = time.perf_counter()
     report = pretrain_step.main(argv)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def overhead_part(args) -> dict:
+    """benchmarks/step_overhead.py on this device: the host's work per step under each DeepSpeed JSON."""
+    import step_overhead
+
+    started = time.perf_counter()
+    report = step_overhead.main(["--device", args.device])
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -316,7 +330,10 @@ def tests_part(args) -> dict:
 
 E2E_PARTS = [f"{c}/{side}" for c in gpu_e2e.E2E_CONFIGS for side in ("ours", "transformers")]
 PROFILE_PART = "base-128/profile"
-DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, *E2E_PARTS[2:], "base-128/eager", "step", "pretrain",
+# ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient accumulation (DeepSpeed's ZeRO optimizer)
+ACCUMULATION_PART = "base-128/bf16-accumulation"
+DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
+                 "base-128/eager", "step", "pretrain",
                  "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
 PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
 CUDA_ONLY = {"step", "step_compile", "tests"}
@@ -371,14 +388,20 @@ def e2e_part(args, report: dict, part: str) -> dict:
     name = part.replace("/", "-")
     if side == "profile":
         return profile_part(args, name, examples, model, batch, config)
+    deepspeed_config = gpu_e2e.ZERO1_BF16
+    if side == "bf16-accumulation":
+        deepspeed_config = gpu_e2e.bf16_accumulation_config(args.work)
     if side == "transformers":
         result = gpu_e2e.run_transformers(name, examples, model, batch, steps, warmup, args.device, args.work,
                                           left(args))  # fmt: skip
     else:
-        settings = json.loads(json.dumps(gpu_e2e.FAST_SETTINGS if side == "ours" else gpu_e2e.EAGER_SETTINGS))
-        substitutions = dry_run_substitutions(settings, config) if args.dry_run else {}
+        fast = side in ("ours", "bf16-accumulation")
+        settings = json.loads(json.dumps(gpu_e2e.FAST_SETTINGS if fast else gpu_e2e.EAGER_SETTINGS))
+        substitutions = (
+            dry_run_substitutions(settings, config, compile_ok=side == "ours") if args.dry_run else {}
+        )
         result = gpu_e2e.run_ours(
-            name, examples, model, batch, steps, warmup, settings, args.work, left(args)
+            name, examples, model, batch, steps, warmup, settings, args.work, left(args), deepspeed_config
         )
         if substitutions:
             result["dry_run_substitutions"] = substitutions
@@ -410,15 +433,18 @@ def profile_part(args, name: str, examples: Path, model: str, batch: int, config
             **({"dry_run_substitutions": substitutions} if substitutions else {})}  # fmt: skip
 
 
-def dry_run_substitutions(settings: dict, config: str) -> dict:
+def dry_run_substitutions(settings: dict, config: str, compile_ok: bool = True) -> dict:
     """Change ``settings`` in place for the CPU; what was changed. Flash varlen attention has no CPU kernel
-    (the reference path instead), and inductor takes ~3 min a run on two cores: base-128 alone compiles."""
+    (the reference path instead), and inductor takes ~3 min a run on two cores: base-128's ours alone compiles."""
     overrides = settings.get("model_overrides", {})
     changed = {k: v for k, v in gpu_e2e.CPU_SUBSTITUTIONS.items() if k in overrides}
     overrides.update(changed)
-    if settings.get("compile") and config != "base-128":
+    if settings.get("compile") and (config != "base-128" or not compile_ok):
         settings["compile"] = changed["compile"] = False
     return changed
+
+
+SIDES = ("ours", "bf16-accumulation", "eager", "transformers")  # transformers last: the others' reference
 
 
 def e2e_summary(report: dict) -> dict:
@@ -426,7 +452,7 @@ def e2e_summary(report: dict) -> dict:
     out: dict = {}
     for config in gpu_e2e.E2E_CONFIGS:
         row: dict = {}
-        for side in ("ours", "eager", "transformers"):
+        for side in SIDES:
             r = report["parts"].get(f"{config}/{side}") or {}
             if "tokens_per_s" in r:
                 row[side] = {k: r.get(k) for k in ("tokens_per_s", "mfu", "mfu_of_measured_bf16_rate",
@@ -435,7 +461,7 @@ def e2e_summary(report: dict) -> dict:
             elif r:
                 row[side] = {"not_measured": r.get("skipped") or (r.get("error") or "")[:300]}
         theirs = (row.get("transformers") or {}).get("tokens_per_s")
-        for side in ("ours", "eager"):
+        for side in SIDES[:-1]:
             mine = (row.get(side) or {}).get("tokens_per_s")
             if mine and theirs:
                 row[f"{side}_vs_transformers"] = round(mine / theirs, 2)
@@ -503,7 +529,7 @@ def skip_reason(args, part: str, report: dict | None = None) -> str | None:
     if (
         args.dry_run
         and not args.parts_given
-        and part not in ("device", *E2E_PARTS, PROFILE_PART, "base-128/eager")
+        and part not in ("device", *E2E_PARTS, PROFILE_PART, "overhead", ACCUMULATION_PART, "base-128/eager")
     ):
         return "dry run: the CPU check covers the device and e2e parts (name others in --parts to run them)"
     if part.endswith("/transformers"):
@@ -607,6 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
         "finetune": lambda: finetune_part(args),
         "tests": lambda: tests_part(args),
         "step_compile": lambda: step_part(args, compile_=True),
+        "overhead": lambda: overhead_part(args),
     }
     for name in args.part_list:
         started = time.perf_counter()
@@ -651,7 +678,7 @@ def summary(report: dict) -> None:
           f"TFLOP/s measured, datasheet {device.get('bf16_peak_tflops_datasheet')}; dry run: {report.get('dry_run')}")  # fmt: skip
     for config, row in (report.get("e2e") or {}).items():
         cells = []
-        for side in ("ours", "eager", "transformers"):
+        for side in SIDES:
             r = row.get(side)
             if r is None:
                 continue
@@ -666,6 +693,9 @@ def summary(report: dict) -> None:
     if prof:
         print(f"profile {PROFILE_PART}: {prof['wall_ms_per_step']} ms a step, busy {prof['busy_share']}, ms by kind "
               f"{prof['ms_per_step_by_kind']}")  # fmt: skip
+    for name, r in ((parts.get("overhead") or {}).get("results") or {}).items():
+        print(f"overhead {name} ({r.get('optimizer')}): {r.get('median_step_ms')} ms a step, {r.get('launches_per_step')} "
+              f"launches, {r.get('syncs_per_step')} syncs")  # fmt: skip
     for name in ("step", "step_compile"):
         for r in (parts.get(name) or {}).get("results", []):
             ours, theirs = r.get("bertpipe", {}), r.get("transformers", {})

@@ -61,6 +61,20 @@ FAST_SETTINGS = {
     },
 }  # the all_switches variant of benchmarks/gpu.py
 EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compiled
+ZERO1_BF16 = REPO / "deepspeed_configs" / "zero1_bf16.json"  # the shipped JSON: fp32 gradient accumulation
+
+
+def bf16_accumulation_config(work: Path) -> Path:
+    """The shipped ZeRO-1 bf16 JSON without its ``data_types``: DeepSpeed's default bf16 gradient accumulation
+    (its ZeRO optimizer instead of BF16_Optimizer), the A/B side ``bf16-accumulation``."""
+    values = json.loads(ZERO1_BF16.read_text())
+    values.pop("data_types", None)
+    path = work / "configs" / "zero1_bf16_bf16_accumulation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2))
+    return path
+
+
 # flash varlen attention needs CUDA; the CPU dry run keeps the rest and takes the CPU's (reference) path
 CPU_SUBSTITUTIONS = {"unpad_attention": "padded"}
 PEAK_HOOK_ENV = "BERTPIPE_BENCH_PEAK_DIR"
@@ -300,9 +314,11 @@ def run_ours(
     settings: dict,
     work: Path,
     timeout_s: float,
+    deepspeed_config: Path = ZERO1_BF16,
 ) -> dict:
-    """`bertpipe pretrain` through the launcher with ``settings`` (a TrainConfig JSON): its step figures,
-    data wait and the rank's peak memory; the run's checkpoints are deleted after (a large one is ~5 GB)."""
+    """`bertpipe pretrain` through the launcher with ``settings`` (a TrainConfig JSON) and ``deepspeed_config``:
+    its step figures, data wait and the rank's peak memory; the run's checkpoints are deleted after (a large
+    one is ~5 GB)."""
     from bert.model import BertConfig
 
     run, logs = work / "runs" / name, work / "logs"
@@ -318,7 +334,7 @@ def run_ours(
     config_file.write_text(json.dumps(settings))
     command = bertpipe_command(
         "pretrain", "--config", str(config_file), "--examples", str(examples), "--model-config", model,
-        "--num-gpus", "1", "--deepspeed-config", str(REPO / "deepspeed_configs/zero1_bf16.json"),
+        "--num-gpus", "1", "--deepspeed-config", str(deepspeed_config),
         "--global-batch-size", str(batch), "--micro-batch-size", str(batch), "--lr", "1e-4",
         "--warmup-steps", "10", "--schedule-steps", "1000", "--no-progress", "--out", str(run),
         "--max-steps", str(steps),
@@ -331,6 +347,7 @@ def run_ours(
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return {
         "side": "bertpipe pretrain (launcher, DeepSpeed ZeRO-1 bf16, 1 rank)",
+        "deepspeed_config": deepspeed_config.name,
         "settings": settings,
         "device": result.get("device"),
         "steps": result["step"],
@@ -481,7 +498,7 @@ PRIOR_COST = {
     "eager": RunCost(fixed_s=45.0, compile_s=5.0, step_s=0.35, steps=30),
     "transformers": RunCost(fixed_s=30.0, compile_s=5.0, step_s=0.35, steps=30),
 }
-PRIOR_S = {"step": 90.0, "step_compile": 150.0, "pretrain": 180.0, "pretrain_variants": 300.0, "finetune": 180.0,
+PRIOR_S = {"overhead": 60.0, "step": 90.0, "step_compile": 150.0, "pretrain": 180.0, "pretrain_variants": 300.0, "finetune": 180.0,
            "tests": 180.0, "device": 20.0}  # fmt: skip
 SAFETY = 1.25
 
@@ -520,7 +537,7 @@ class Budget:
             return self.measured.get(part, PRIOR_S.get(part, 120.0)) * SAFETY
         config, side = part.split("/", 1)
         target = self.shapes.get(config)
-        sides = (side, "ours") if side in ("eager", "profile") else (side,)
+        sides = (side, "ours") if side in ("eager", "profile", "bf16-accumulation") else (side,)
         measured = [(p.split("/")[0], c) for s in sides for p, c in self.costs.items() if p.endswith("/" + s)]
         measured = [(self.shapes[c], cost) for c, cost in measured if c in self.shapes]
         if target is None or not (measured or "base-128" in self.shapes):
