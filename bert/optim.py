@@ -5,21 +5,58 @@ in NVIDIA's formulation: Adam moments with bias correction, decoupled weight dec
 then a per-tensor trust ratio ||w|| / ||update|| scales the step.
 
 Under DeepSpeed ZeRO-1/2 the optimizer does not see the model's tensors: each rank's param group is one
-flat fp32 partition that spans many layers (ZeRO-3: one partition of each tensor per rank). The trust
-ratio is then computed over that partition, not per layer, so LAMB under ZeRO is "per-partition LAMB":
-it trains, but it is not the layer-wise algorithm of the paper, and it changes with the world size. For
-faithful LAMB use ZeRO-0 (``zero0_*.json``), where every tensor is whole on every rank.
+flat fp32 partition that spans many layers, and a layer may be split between two ranks' partitions. The
+engine tells LAMB where each layer lies in each partition (``Lamb.set_partition_layouts``, from DeepSpeed's
+fragment addresses): the trust ratio is then per layer again, its two norms summed over the ranks (one
+all-reduce of a vector of squared norms per group, on the device), so ZeRO-1/2 LAMB is the paper's layer-wise
+LAMB on any number of ranks. ZeRO-3 partitions every tensor itself: there the trust ratio is per partition
+of a tensor (it trains, but it is not the layer-wise algorithm; use ZeRO-0, 1 or 2 for faithful LAMB).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 # Never weight-decayed: these names (transformers' recipe) and every tensor under 2 dims (biases and norm
 # scales whatever their module is called, as nanoGPT decides).
 NO_DECAY_SUFFIXES = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
+
+
+@dataclass
+class PartitionLayout:
+    """Where the model's tensors lie in one flat partition that an optimizer steps (ZeRO-1/2).
+
+    ``fragments``: (start, numel, tensor index) of each tensor's piece in this partition, the index counting
+    the model's parameters (the same numbering on every rank); the rest of the partition is padding.
+    ``num_tensors``: how many parameters the model has. ``group``: the ranks whose partitions together hold
+    every tensor whole (None: this partition holds each of its tensors whole).
+    """
+
+    fragments: list[tuple[int, int, int]]
+    num_tensors: int
+    group: object = None
+
+    def __post_init__(self):
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """The fragments' tensor indices on ``device`` (copied there once, not at every step)."""
+        if device not in self._index:
+            self._index[device] = torch.tensor([t for _, _, t in self.fragments], device=device)
+        return self._index[device]
+
+    def gaps(self, numel: int) -> list[tuple[int, int]]:
+        """(start, numel) of the partition's stretches that belong to no tensor (alignment padding)."""
+        out, at = [], 0
+        for start, length, _ in sorted(self.fragments):
+            if start > at:
+                out.append((at, start - at))
+            at = start + length
+        return out + ([(at, numel - at)] if numel > at else [])
 
 
 class Lamb(torch.optim.Optimizer):
@@ -54,6 +91,16 @@ class Lamb(torch.optim.Optimizer):
             max_trust_ratio=max_trust_ratio,
         )
         super().__init__(params, defaults)
+        self.partition_layouts: dict[int, PartitionLayout] = {}  # id of a flat partition -> its layout
+
+    def set_partition_layouts(self, layouts: dict[int, PartitionLayout]) -> None:
+        """Per flat partition this optimizer steps (by ``id``), where the model's tensors lie in it: the trust
+        ratio is then computed per tensor, over all ranks (see the module docstring)."""
+        ours = {id(p) for group in self.param_groups for p in group["params"]}
+        unknown = set(layouts) - ours
+        if unknown:
+            raise ValueError(f"{len(unknown)} partition layouts name no parameter of this optimizer")
+        self.partition_layouts = dict(layouts)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -98,8 +145,33 @@ class Lamb(torch.optim.Optimizer):
         weights = [p.float() for p in params]
         if group["weight_decay"]:
             torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
-        weight_norms = torch.stack(torch._foreach_norm(weights))
-        update_norms = torch.stack(torch._foreach_norm(updates))
+        # The trust ratio's norms are per model tensor: a whole parameter, or its fragments in a partition.
+        w_views, u_views, gap_updates, spread = [], [], [], []
+        for i, (w, u) in enumerate(zip(weights, updates, strict=True)):
+            layout = self.partition_layouts.get(id(params[i]))
+            if layout is None and self.partition_layouts:
+                raise ValueError("LAMB has partition layouts but steps a tensor without one: relay them out")
+            if layout is None:
+                w_views.append(w)
+                u_views.append(u)
+                continue
+            for start, length, _ in layout.fragments:
+                w_views.append(w.narrow(0, start, length))
+                u_views.append(u.narrow(0, start, length))
+            gap_updates += [u.narrow(0, start, length) for start, length in layout.gaps(u.numel())]
+            spread.append(layout)
+        weight_norms = torch.stack(torch._foreach_norm(w_views))
+        update_norms = torch.stack(torch._foreach_norm(u_views))
+        if any(layout.group is not None for layout in spread):
+            # a tensor's norms: its squared norms summed over its fragments on every rank
+            if len(spread) != len(params):
+                raise ValueError("a param group mixes partitions spread over ranks with whole tensors")
+            index = torch.cat([layout.index(weight_norms.device) for layout in spread])
+            squares = weight_norms.new_zeros(2, spread[0].num_tensors)
+            squares[0].index_add_(0, index, weight_norms.square())
+            squares[1].index_add_(0, index, update_norms.square())
+            dist.all_reduce(squares, group=spread[0].group)
+            weight_norms, update_norms = squares.sqrt().index_select(1, index).unbind()
         # A zero norm (fresh zero-initialised bias, zero gradient) falls back to plain Adam-W.
         trust = torch.where(
             (weight_norms > 0) & (update_norms > 0),
@@ -108,7 +180,9 @@ class Lamb(torch.optim.Optimizer):
         )
         if group["max_trust_ratio"] is not None:
             trust = trust.clamp(max=group["max_trust_ratio"])
-        torch._foreach_mul_(updates, list((-group["lr"] * trust).unbind()))
+        torch._foreach_mul_(u_views, list((-group["lr"] * trust).unbind()))
+        if gap_updates:  # padding has no tensor: its (zero) update gets the learning rate alone
+            torch._foreach_mul_(gap_updates, -group["lr"])
         torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params, strict=True)])
 
 

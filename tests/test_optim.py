@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bert.optim import Lamb, build_optimizer, lr_multiplier, parameter_groups
+from bert.optim import Lamb, PartitionLayout, build_optimizer, lr_multiplier, parameter_groups
 from bert.pretrain.config import TrainConfig, derive_seed, parse_duration, resolve_batch_sizes
 
 
@@ -252,3 +252,33 @@ def test_durations_seeds_and_config_validation():
         TrainConfig(examples="e", out="o", decay="constant")
     config = TrainConfig(examples="e", out="o", max_steps=10, warmup_steps=2)
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_lamb_over_a_flat_partition_with_its_layout_is_the_per_tensor_lamb():
+    # What ZeRO-1/2 hand LAMB on one rank: one flat fp32 tensor holding every tensor of a group (then padding).
+    # With the layout, its trust ratios are per tensor again: bitwise the LAMB of the separate tensors.
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3), torch.randn(5), torch.zeros(2)]  # a zero tensor: trust 1 (plain Adam-W)
+    grads = [[torch.randn_like(t) for t in tensors] for _ in range(3)]
+    separate = [t.clone() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.zeros(3)])  # 3 elements of padding
+    layout, start = [], 0
+    for i, t in enumerate(tensors):
+        layout.append((start, t.numel(), i))
+        start += t.numel()
+    per_tensor = Lamb(separate, lr=0.1, weight_decay=0.01)
+    partitioned = Lamb([flat], lr=0.1, weight_decay=0.01)
+    partitioned.set_partition_layouts({id(flat): PartitionLayout(layout, num_tensors=len(tensors))})
+    whole = Lamb([flat.clone()], lr=0.1, weight_decay=0.01)  # no layout: one trust ratio for everything
+    for step in grads:
+        for t, g in zip(separate, step, strict=True):
+            t.grad = g
+        flat.grad = torch.cat([g.reshape(-1) for g in step] + [torch.zeros(3)])
+        whole.param_groups[0]["params"][0].grad = flat.grad.clone()
+        per_tensor.step(), partitioned.step(), whole.step()
+    assert torch.equal(flat[:start], torch.cat([t.reshape(-1) for t in separate]))
+    assert torch.equal(flat[start:], torch.zeros(3))  # the padding stays zero
+    assert not torch.allclose(whole.param_groups[0]["params"][0][:start], flat[:start])
+    assert PartitionLayout([(2, 3, 0), (7, 1, 1)], 2).gaps(10) == [(0, 2), (5, 2), (8, 2)]
+    with pytest.raises(ValueError, match="name no parameter"):
+        partitioned.set_partition_layouts({id(separate[0]): PartitionLayout(layout, 3)})

@@ -94,3 +94,21 @@ def test_a_changed_global_batch_is_refused_in_one_line(tmp_path: Path):
     message = str(refused.value)
     assert "\n" not in message
     assert "global batch of 8" in message and "--global-batch-size 8" in message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lamb_under_zero1_on_two_ranks_is_the_layer_wise_lamb_of_zero0(training_stage, tmp_path):
+    """ZeRO-1 steps flat partitions that cut layers between ranks; LAMB's trust ratio stays per layer (its
+    norms summed over the ranks), so two ranks of ZeRO-1 train as one rank of ZeRO-0, where LAMB sees every
+    tensor whole. A trust ratio per partition (LAMB before the partition layouts) differs from step 2."""
+    runs = {}
+    for deepspeed, ranks in (("zero1_fp32", 2), ("zero0_fp32", 1)):
+        runs[deepspeed] = tmp_path / deepspeed
+        pretrain(runs[deepspeed], training_stage, deepspeed, ranks, "--optimizer", "lamb", "--max-steps", "4")
+    zero1, zero0 = (reference.losses(runs[name]) for name in ("zero1_fp32", "zero0_fp32"))
+    assert sorted(zero1) == sorted(zero0) == [1, 2, 3, 4]
+    assert [zero1[s] for s in range(1, 5)] == pytest.approx([zero0[s] for s in range(1, 5)], rel=1e-5)
+    weights = checkpoint_state_dict(runs["zero1_fp32"] / "checkpoints")
+    for name, value in checkpoint_state_dict(runs["zero0_fp32"] / "checkpoints").items():
+        assert torch.allclose(weights[name], value, atol=1e-5), name

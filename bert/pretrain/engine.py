@@ -41,6 +41,7 @@ import torch.distributed as dist  # noqa: E402
 
 from bert.model.encoder import packing_inputs  # noqa: E402
 from bert.model.heads import find_mlm_positions  # noqa: E402
+from bert.optim import Lamb, PartitionLayout  # noqa: E402
 from bert.pretrain.config import derive_seed  # noqa: E402
 from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
 from bert.pretrain.run import LATEST, newest_checkpoint  # noqa: E402
@@ -158,6 +159,39 @@ def slow_optimizer_warning(optimizer: str, device: str) -> str | None:
     return None
 
 
+def partition_layouts(
+    ds_optimizer, base_optimizer: torch.optim.Optimizer, model: torch.nn.Module
+) -> dict[int, PartitionLayout]:
+    """Where each model tensor lies in the flat fp32 partitions a ZeRO-1/2 optimizer steps (by the partition's
+    id): DeepSpeed's fragment address of every tensor of each group (``_hp_mapping``, kept by its
+    BF16_Optimizer and its ZeRO optimizer alike for universal checkpoints)."""
+    lp_groups = getattr(ds_optimizer, "bf16_groups", None) or getattr(ds_optimizer, "bit16_groups", None)
+    partitions = getattr(ds_optimizer, "fp32_groups_flat_partition", None) or getattr(
+        ds_optimizer, "single_partition_of_fp32_groups", None
+    )
+    if lp_groups is None or partitions is None:
+        raise ValueError(f"cannot find the partitions of DeepSpeed's {type(ds_optimizer).__name__}")
+    base = [p for group in base_optimizer.param_groups for p in group["params"]]
+    if {id(p) for p in partitions} != {id(p) for p in base}:
+        raise ValueError("the optimizer does not step DeepSpeed's fp32 partitions: no layer-wise LAMB")
+    number = {id(p): i for i, p in enumerate(model.parameters())}
+    layouts = {}
+    for i, (lps, partition) in enumerate(zip(lp_groups, partitions, strict=True)):
+        fragments = sorted(
+            (
+                lp._hp_mapping.hp_fragment_address.start,
+                lp._hp_mapping.hp_fragment_address.numel,
+                number[id(lp)],
+            )
+            for lp in lps
+            if getattr(lp, "_hp_mapping", None) is not None
+        )
+        group = ds_optimizer.real_dp_process_group[i]
+        spread = dist.get_world_size(group=group) > 1
+        layouts[id(partition)] = PartitionLayout(fragments, len(number), group if spread else None)
+    return layouts
+
+
 def resolve_compile(compile: bool | None) -> bool:
     """Whether to torch.compile: as asked, or (None) when CUDA is there; the CPU compiles for longer than it gains."""
     return torch.cuda.is_available() if compile is None else bool(compile)
@@ -199,9 +233,16 @@ class Engine:
             "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
         )
         self.device = self.engine.device
+        self._lay_out_lamb()
         warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
         if warning and self.rank == 0:
             log.warning(warning)
+
+    def _lay_out_lamb(self) -> None:
+        """LAMB under ZeRO-1/2: where each layer lies in the partitions it steps (layer-wise trust ratios)."""
+        if isinstance(self.base_optimizer, Lamb) and self.zero_stage in (1, 2):
+            layouts = partition_layouts(self.engine.optimizer, self.base_optimizer, self.engine.module)
+            self.base_optimizer.set_partition_layouts(layouts)
 
     @property
     def global_step(self) -> int:
@@ -314,6 +355,7 @@ class Engine:
                     state["step"] = state["step"].clone()
         if path is None:
             raise ValueError(f"no loadable checkpoint in {checkpoint_dir}")
+        self._lay_out_lamb()  # a load may relink (or replace) DeepSpeed's partitions
         return client_state or {}
 
     def consolidated_state_dict(self, checkpoint_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
