@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import os
 import statistics
 import sys
@@ -169,7 +170,9 @@ def measure(step, steps: int, warmup: int, cuda: bool, profile_wrap) -> dict:
     }
 
 
-def run_deepspeed(name: str, ds_json: dict, device: str, steps: int, warmup: int) -> dict:
+def run_deepspeed(
+    name: str, ds_json: dict, device: str, steps: int, warmup: int, optimizer: str = "adamw"
+) -> dict:
     from bert import BertConfig, BertForPreTraining
     from bert.optim import build_optimizer
     from bert.pretrain import engine as eng
@@ -183,12 +186,12 @@ def run_deepspeed(name: str, ds_json: dict, device: str, steps: int, warmup: int
         global_batch_size=BATCH, micro_batch_size=BATCH, gradient_accumulation_steps=1, world_size=1
     )
     filled, precision = fill_deepspeed_config(ds_json, train, batch_sizes, NARROW["hidden_size"])
-    optimizer = build_optimizer(model, "adamw", 1e-3, (0.9, 0.999), 1e-6, 0.01)
-    with contextlib.redirect_stdout(
-        sys.stderr
-    ):  # DeepSpeed prints its op builds and memory use: JSON only on stdout
+    base = build_optimizer(model, optimizer, 1e-3, (0.9, 0.999), 1e-6, 0.01)
+    # DeepSpeed prints its op builds and memory use, and logs its warnings, to stdout: JSON only there
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr):
         eng.init_distributed()
-        engine = eng.Engine(model, optimizer, filled, lambda step: 1e-3, seed=0, compile=False)
+        engine = eng.Engine(model, base, filled, lambda step: 1e-3, seed=0, compile=False)
     batch = make_batch(device)
 
     def step():
@@ -199,7 +202,8 @@ def run_deepspeed(name: str, ds_json: dict, device: str, steps: int, warmup: int
             Phases.wrap(engine.engine, phase)
 
     result = measure(step, steps, warmup, device == "cuda", wrap)
-    return {"optimizer": type(engine.engine.optimizer).__name__, "precision": precision,
+    return {"optimizer": type(engine.engine.optimizer).__name__, "base_optimizer": type(base).__name__,
+            "precision": precision,
             "zero_stage": engine.zero_stage, **result}  # fmt: skip
 
 
@@ -254,6 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
+    p.add_argument(
+        "--optimizer", default="adamw", choices=("adamw", "lamb"), help="the DeepSpeed runs' optimizer"
+    )
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -266,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tensors = len(list(BertForPreTraining(BertConfig(**NARROW)).parameters()))
     report: dict = {"benchmark": "step_overhead", "device": args.device, "torch": torch.__version__,
+                    "optimizer": args.optimizer,
                     "model": {**NARROW, "parameter_tensors": tensors, "batch": BATCH, "seq_len": SEQ_LEN},
                     "counted": "CUDA kernel launches and copies" if args.device == "cuda"
                     else "outermost aten operators that are not views or allocations",
@@ -274,7 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "plain":
             report["results"][name] = run_plain(args.device, args.steps, args.warmup)
         else:
-            report["results"][name] = run_deepspeed(name, configs[name], args.device, args.steps, args.warmup)
+            report["results"][name] = run_deepspeed(
+                name, configs[name], args.device, args.steps, args.warmup, args.optimizer
+            )
     reference = report["results"].get("plain")
     for result in report["results"].values():
         if reference:
