@@ -222,7 +222,15 @@ class Engine:
         self.lr_at = lr_at
         self.seed = seed
         model.bert.check_values = False  # the collator checks the ids on the host (no device read per step)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # BF16_Optimizer prints 18 lines of memory figures while it starts (see_memory_usage(force=True));
+        # DeepSpeed's warnings go through its logger, which this leaves alone. Shown only if it fails.
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        except BaseException:
+            sys.stderr.write(printed.getvalue())
+            raise
         self.compiled = resolve_compile(compile)
         if self.compiled:
             backend = {"backend": self.compile_backend} if self.compile_backend else {}
