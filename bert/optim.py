@@ -170,7 +170,12 @@ class Lamb(torch.optim.Optimizer):
             squares = weight_norms.new_zeros(2, spread[0].num_tensors)
             squares[0].index_add_(0, index, weight_norms.square())
             squares[1].index_add_(0, index, update_norms.square())
-            dist.all_reduce(squares, group=spread[0].group)
+            if dist.get_backend(spread[0].group) == "nccl" and not squares.is_cuda:  # an offloaded partition
+                on_gpu = squares.cuda()
+                dist.all_reduce(on_gpu, group=spread[0].group)
+                squares = on_gpu.to(squares.device)
+            else:
+                dist.all_reduce(squares, group=spread[0].group)
             weight_norms, update_norms = squares.sqrt().index_select(1, index).unbind()
         # A zero norm (fresh zero-initialised bias, zero gradient) falls back to plain Adam-W.
         trust = torch.where(

@@ -127,9 +127,8 @@ class TrainConfig:
     out: str  # run directory: checkpoints/, hf/, metrics.jsonl, tensorboard/
     model_config: str = "tiny"  # preset name (tiny/mini/small/base/large) or an HF config.json
     model_overrides: dict = field(default_factory=dict)  # BertConfig fields over the preset/file
-    deepspeed_config: str | None = (
-        None  # DeepSpeed JSON ("auto" for what this config owns); None: ZeRO "auto" (ds_config)
-    )
+    # DeepSpeed JSON ("auto" for what this config owns); None: ds_config.DEFAULT_DEEPSPEED_CONFIG
+    deepspeed_config: str | None = None
     vocab: str | None = None  # vocab dir/vocab.txt; default: the vocab recorded in the examples manifest
     init_from: str | None = None  # phase 2: HF dir or checkpoint dir whose weights start this run
     # batch arithmetic: give at most two of the three (see resolve_batch_sizes)

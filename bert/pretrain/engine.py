@@ -227,7 +227,9 @@ class Engine:
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
-                self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+                self.engine, _, _, _ = deepspeed.initialize(
+                    model=model, optimizer=optimizer, config=ds_config
+                )
         except BaseException:
             sys.stderr.write(printed.getvalue())
             raise
