@@ -253,6 +253,13 @@ class Engine:
         if isinstance(self.base_optimizer, Lamb) and self.zero_stage in (1, 2):
             layouts = partition_layouts(self.engine.optimizer, self.base_optimizer, self.engine.module)
             self.base_optimizer.set_partition_layouts(layouts)
+        elif isinstance(self.base_optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:
+            if self.rank == 0 and not getattr(self, "_warned_lamb", False):
+                log.warning(
+                    "LAMB under ZeRO-3 computes its trust ratio per partition of each tensor, not per layer "
+                    "(not the paper's LAMB); ZeRO-1 or 2 keep it layer-wise on any number of ranks"
+                )
+            self._warned_lamb = True
 
     @property
     def global_step(self) -> int:
