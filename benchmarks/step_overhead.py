@@ -62,27 +62,32 @@ NO_KERNEL = {"view", "as_strided", "empty", "empty_strided", "detach", "slice", 
              "contiguous"}  # fmt: skip
 PHASES = ("forward", "backward", "step")
 SYNC_OP = "aten::_local_scalar_dense"  # a read of a tensor's value (.item(), bool(), float())
+LAUNCH_EVENTS = (
+    "cudaLaunchKernel",
+    "cuLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cudaMemcpyAsync",
+    "cudaMemsetAsync",
+)
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # the host waits
-
-
-def shipped_zero1_bf16() -> dict:
-    return json.loads((REPO / "deepspeed_configs" / "zero1_bf16.json").read_text())
 
 
 def deepspeed_configs() -> dict[str, dict]:
     """name -> DeepSpeed JSON (with "auto" values, filled by bertpipe as in a run)."""
-    shipped = shipped_zero1_bf16()
-    bf16_accumulation = copy.deepcopy(shipped)
-    bf16_accumulation.pop("data_types", None)
+    from bert.pretrain.ds_config import load_deepspeed_config
+
+    configs = {name: load_deepspeed_config(REPO / "deepspeed_configs" / f"{name}.json")
+               for name in ("zero1_bf16", "zero0_bf16", "zero0_fp32")}  # fmt: skip
+    bf16_accumulation = copy.deepcopy(configs["zero1_bf16"])
+    del bf16_accumulation["data_types"]
     return {
-        "zero1_bf16": shipped,
+        "zero1_bf16": configs.pop("zero1_bf16"),
         "zero1_bf16_bf16_accumulation": bf16_accumulation,
-        "zero0_bf16": json.loads((REPO / "deepspeed_configs" / "zero0_bf16.json").read_text()),
-        "zero0_fp32": json.loads((REPO / "deepspeed_configs" / "zero0_fp32.json").read_text()),
+        **configs,
     }
 
 
-def make_batch(device: str) -> dict[str, torch.Tensor]:
+def make_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, NARROW["vocab_size"], (BATCH, SEQ_LEN), generator=g)
     labels = torch.full_like(ids, -100)
@@ -92,16 +97,14 @@ def make_batch(device: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-class Phases:
-    """record_function ranges named ``PHASE_<name>`` around methods, to split a profile by phase."""
-
-    @staticmethod
-    def wrap(obj, name: str) -> None:
+def wrap_phases(obj) -> None:
+    """Put each of ``obj``'s methods named in PHASES in a record_function range ``PHASE_<name>``."""
+    for name in PHASES:
         method = getattr(obj, name)
 
-        def wrapped(*args, **kwargs):
-            with torch.profiler.record_function("PHASE_" + name):
-                return method(*args, **kwargs)
+        def wrapped(*args, _method=method, _name=name, **kwargs):
+            with torch.profiler.record_function("PHASE_" + _name):
+                return _method(*args, **kwargs)
 
         setattr(obj, name, wrapped)
 
@@ -119,10 +122,8 @@ def count_phases(prof, cuda: bool) -> dict:
             if cuda
             else sum(1 for e in inside if e.name == SYNC_OP)
         )
-        if cuda:  # a kernel's own time range is on the GPU: find them by the launches inside the phase
-            launches = [e for e in inside if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
-                                                         "cudaMemcpyAsync", "cudaMemsetAsync")]  # fmt: skip
-            work = len(launches)
+        if cuda:  # a kernel's own time range is on the GPU: count the launches inside the phase
+            work = sum(1 for e in inside if e.name in LAUNCH_EVENTS)
         else:
             work = sum(
                 1
@@ -140,8 +141,9 @@ def count_phases(prof, cuda: bool) -> dict:
     return out
 
 
-def measure(step, steps: int, warmup: int, cuda: bool, profile_wrap) -> dict:
-    """Median step time over ``steps`` after ``warmup``, and one profiled step split by phase."""
+def measure(step, steps: int, warmup: int, cuda: bool, phases_of) -> dict:
+    """Median step time over ``steps`` after ``warmup``, and one profiled step split by the phases of
+    ``phases_of`` (the object whose forward, backward and step methods ``step`` calls)."""
     for _ in range(warmup):
         step()
     times = []
@@ -156,7 +158,7 @@ def measure(step, steps: int, warmup: int, cuda: bool, profile_wrap) -> dict:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    profile_wrap()
+    wrap_phases(phases_of)
     with torch.profiler.profile(activities=activities) as prof:
         step()
         if cuda:
@@ -170,9 +172,7 @@ def measure(step, steps: int, warmup: int, cuda: bool, profile_wrap) -> dict:
     }
 
 
-def run_deepspeed(
-    name: str, ds_json: dict, device: str, steps: int, warmup: int, optimizer: str = "adamw"
-) -> dict:
+def run_deepspeed(ds_json: dict, device: str, steps: int, warmup: int, optimizer: str = "adamw") -> dict:
     from bert import BertConfig, BertForPreTraining
     from bert.optim import build_optimizer
     from bert.pretrain import engine as eng
@@ -192,16 +192,12 @@ def run_deepspeed(
     with contextlib.redirect_stdout(sys.stderr):
         eng.init_distributed()
         engine = eng.Engine(model, base, filled, lambda step: 1e-3, seed=0, compile=False)
-    batch = make_batch(device)
+    batch = make_batch()
 
     def step():
         engine.step([batch])
 
-    def wrap():
-        for phase in PHASES:
-            Phases.wrap(engine.engine, phase)
-
-    result = measure(step, steps, warmup, device == "cuda", wrap)
+    result = measure(step, steps, warmup, device == "cuda", engine.engine)
     return {"optimizer": type(engine.engine.optimizer).__name__, "base_optimizer": type(base).__name__,
             "precision": precision,
             "zero_stage": engine.zero_stage, **result}  # fmt: skip
@@ -219,7 +215,7 @@ def run_plain(device: str, steps: int, warmup: int) -> dict:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-3, fused=cuda or None, foreach=None if cuda else True
     )
-    batch = make_batch(device)
+    batch = make_batch()
     batch.update(packing_inputs(batch["attention_mask"]), mlm_positions=find_mlm_positions(batch["labels"]))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     model.bert.check_values = False  # as bertpipe's engine: the collator checks on the host
@@ -244,12 +240,8 @@ def run_plain(device: str, steps: int, warmup: int) -> dict:
         loop.backward(loop.forward())
         loop.step()
 
-    def wrap():
-        for phase in PHASES:
-            Phases.wrap(loop, phase)
-
     return {"optimizer": "torch.optim.AdamW" + (" (fused)" if cuda else " (foreach)"), "precision": "bf16 autocast",
-            **measure(step, steps, warmup, cuda, wrap)}  # fmt: skip
+            **measure(step, steps, warmup, cuda, loop)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -283,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["results"][name] = run_plain(args.device, args.steps, args.warmup)
         else:
             report["results"][name] = run_deepspeed(
-                name, configs[name], args.device, args.steps, args.warmup, args.optimizer
+                configs[name], args.device, args.steps, args.warmup, args.optimizer
             )
     reference = report["results"].get("plain")
     for result in report["results"].values():

@@ -129,17 +129,15 @@ def test_shipped_zero1_bf16_runs_bf16_optimizer_with_half_the_host_work():
     import step_overhead
 
     configs = step_overhead.deepspeed_configs()
-    shipped = step_overhead.run_deepspeed("zero1_bf16", configs["zero1_bf16"], "cpu", steps=1, warmup=1)
-    default = step_overhead.run_deepspeed(
-        "bf16_accumulation", configs["zero1_bf16_bf16_accumulation"], "cpu", steps=1, warmup=1
-    )
+    shipped = step_overhead.run_deepspeed(configs["zero1_bf16"], "cpu", steps=1, warmup=1)
+    default = step_overhead.run_deepspeed(configs["zero1_bf16_bf16_accumulation"], "cpu", steps=1, warmup=1)
     assert (shipped["optimizer"], default["optimizer"]) == ("BF16_Optimizer", "DeepSpeedZeroOptimizer")
     assert set(shipped["phases"]) == {"forward", "backward", "step"}
     assert shipped["phases"]["forward"]["launches"] == default["phases"]["forward"]["launches"] > 0
     assert shipped["launches_per_step"] < 0.6 * default["launches_per_step"]
     assert shipped["syncs_per_step"] < default["syncs_per_step"]
     # ZeRO-0 bf16: an overflow test read back per parameter tensor; bertpipe warns about it on a GPU
-    zero0 = step_overhead.run_deepspeed("zero0_bf16", configs["zero0_bf16"], "cpu", steps=1, warmup=1)
+    zero0 = step_overhead.run_deepspeed(configs["zero0_bf16"], "cpu", steps=1, warmup=1)
     assert zero0["optimizer"] == "FP16_UnfusedOptimizer"
     # 206 overflow tests (one per BERT-base parameter tensor) + 206 reads of the CPU AdamW's step counts
     assert zero0["phases"]["step"]["syncs"] >= 2 * 206

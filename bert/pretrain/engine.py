@@ -245,6 +245,11 @@ class Engine:
         self.device = self.engine.device
         self._lay_out_lamb()
         warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
+        if isinstance(optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:
+            warning = (
+                "LAMB under ZeRO-3 computes its trust ratio per partition of each tensor, not per layer "
+                "(not the paper's LAMB); ZeRO-1 or 2 keep it layer-wise on any number of ranks"
+            )
         if warning and self.rank == 0:
             log.warning(warning)
 
@@ -253,13 +258,6 @@ class Engine:
         if isinstance(self.base_optimizer, Lamb) and self.zero_stage in (1, 2):
             layouts = partition_layouts(self.engine.optimizer, self.base_optimizer, self.engine.module)
             self.base_optimizer.set_partition_layouts(layouts)
-        elif isinstance(self.base_optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:
-            if self.rank == 0 and not getattr(self, "_warned_lamb", False):
-                log.warning(
-                    "LAMB under ZeRO-3 computes its trust ratio per partition of each tensor, not per layer "
-                    "(not the paper's LAMB); ZeRO-1 or 2 keep it layer-wise on any number of ranks"
-                )
-            self._warned_lamb = True
 
     @property
     def global_step(self) -> int:

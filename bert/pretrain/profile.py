@@ -8,12 +8,13 @@ kernel time by kind (matrix products, attention, optimizer, communication, the r
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
+
+from data_prep.manifest import write_json_atomic
 
 log = logging.getLogger("bert.pretrain")
 
@@ -138,8 +139,6 @@ class StepProfiler:
         sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         (self.dir / "table.txt").write_text(events.table(sort_by=sort_by, row_limit=40) + "\n")
         self.summary = summarise(events, steps, wall_s, self.device.type)
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
-        tmp.replace(self.dir / "summary.json")
+        write_json_atomic(self.dir / "summary.json", self.summary)
         log.info("profiled %d steps: %.1f ms a step, device busy %.0f%%; %s", steps,
                  self.summary["wall_ms_per_step"], 100 * (self.summary["busy_share"] or 0), self.dir)  # fmt: skip
