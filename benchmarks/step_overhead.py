@@ -6,10 +6,13 @@ read of a device value (``.item()``, ``bool(tensor)``) makes the host wait for t
 GPU then idles while the host launches the next kernels. This benchmark counts that work on a model with
 BERT-base's parameter list (12 layers, the same 200-odd tensors) but tiny widths, so the time it takes is the
 host's, and compares it across DeepSpeed configurations with a plain PyTorch loop (``torch.optim.AdamW``,
-fused on CUDA, and ``clip_grad_norm_``: what ``transformers`` users run), all in the same process:
+fused, and ``clip_grad_norm_``: what ``transformers`` users run), all in the same process:
 
 - ``zero1_bf16``: ``deepspeed_configs/zero1_bf16.json`` as shipped (ZeRO-1, bf16 weights, fp32 gradient
-  accumulation: DeepSpeed's ``BF16_Optimizer``);
+  accumulation: DeepSpeed's ``BF16_Optimizer``, whose step bertpipe replaces with one that never reads the
+  device, ``bert.pretrain.sync_free``);
+- ``zero1_bf16_deepspeed_step``: the same with DeepSpeed's own ``BF16_Optimizer.step`` (the norm read back
+  twice, the gradients normed and clipped tensor by tensor);
 - ``zero1_bf16_bf16_accumulation``: the same file without its ``data_types`` (DeepSpeed's default, gradients
   accumulated in bf16: ``DeepSpeedZeroOptimizer``, which tests every gradient tensor for overflow each step);
 - ``zero0_bf16``: no ZeRO, bf16 (DeepSpeed's unfused 16-bit optimizer: an overflow test per parameter
@@ -24,8 +27,7 @@ CUDA the host's waits for the device; on the CPU the reads of a tensor's value, 
 each a wait for the GPU where the tensor is on one), the host's milliseconds in the phase, and the median wall
 time of a whole step over ``--steps`` steps. Counts are exact and do not depend on the machine's load; times
 do. On the CPU, step times mostly measure the host's work; on a GPU, a step's time is the host's work plus
-whatever the syncs expose of the device's. (On the CPU, torch's AdamW reads each parameter's step count, a
-CPU tensor, twice a step: ``zero0_fp32`` and ``plain`` count those reads, which CUDA's fused AdamW does not make.)
+whatever the syncs expose of the device's. AdamW is fused everywhere (bertpipe's default on the CPU too).
 
     .venv/bin/python benchmarks/step_overhead.py                    # CPU
     python benchmarks/step_overhead.py --device cuda                # GPU (benchmarks/gpu.py part "overhead")
@@ -81,7 +83,8 @@ def deepspeed_configs() -> dict[str, dict]:
     bf16_accumulation = copy.deepcopy(configs["zero1_bf16"])
     del bf16_accumulation["data_types"]
     return {
-        "zero1_bf16": configs.pop("zero1_bf16"),
+        "zero1_bf16": configs["zero1_bf16"],
+        "zero1_bf16_deepspeed_step": configs.pop("zero1_bf16"),
         "zero1_bf16_bf16_accumulation": bf16_accumulation,
         **configs,
     }
@@ -172,7 +175,9 @@ def measure(step, steps: int, warmup: int, cuda: bool, phases_of) -> dict:
     }
 
 
-def run_deepspeed(ds_json: dict, device: str, steps: int, warmup: int, optimizer: str = "adamw") -> dict:
+def run_deepspeed(
+    ds_json: dict, device: str, steps: int, warmup: int, optimizer: str = "adamw", sync_free_step: bool = True
+) -> dict:
     from bert import BertConfig, BertForPreTraining
     from bert.optim import build_optimizer
     from bert.pretrain import engine as eng
@@ -192,6 +197,8 @@ def run_deepspeed(ds_json: dict, device: str, steps: int, warmup: int, optimizer
     with contextlib.redirect_stdout(sys.stderr):
         eng.init_distributed()
         engine = eng.Engine(model, base, filled, lambda step: 1e-3, seed=0, compile=False)
+    if engine.sync_free_step and not sync_free_step:
+        del engine.engine.optimizer.step  # DeepSpeed's own, the class's
     batch = make_batch()
 
     def step():
@@ -199,8 +206,9 @@ def run_deepspeed(ds_json: dict, device: str, steps: int, warmup: int, optimizer
 
     result = measure(step, steps, warmup, device == "cuda", engine.engine)
     return {"optimizer": type(engine.engine.optimizer).__name__, "base_optimizer": type(base).__name__,
-            "precision": precision,
-            "zero_stage": engine.zero_stage, **result}  # fmt: skip
+            "precision": precision, "zero_stage": engine.zero_stage,
+            "step": "bertpipe's (sync_free)" if engine.sync_free_step and sync_free_step else "DeepSpeed's",
+            **result}  # fmt: skip
 
 
 def run_plain(device: str, steps: int, warmup: int) -> dict:
@@ -211,10 +219,7 @@ def run_plain(device: str, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(**NARROW)).to(device).train()
     cuda = device == "cuda"
-    # fused on CUDA; on the CPU foreach (the default there reads each parameter's step count on the host)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-3, fused=cuda or None, foreach=None if cuda else True
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     batch = make_batch()
     batch.update(packing_inputs(batch["attention_mask"]), mlm_positions=find_mlm_positions(batch["labels"]))
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -240,7 +245,7 @@ def run_plain(device: str, steps: int, warmup: int) -> dict:
         loop.backward(loop.forward())
         loop.step()
 
-    return {"optimizer": "torch.optim.AdamW" + (" (fused)" if cuda else " (foreach)"), "precision": "bf16 autocast",
+    return {"optimizer": "torch.optim.AdamW (fused)", "precision": "bf16 autocast",
             **measure(step, steps, warmup, cuda, loop)}  # fmt: skip
 
 
@@ -275,7 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
             report["results"][name] = run_plain(args.device, args.steps, args.warmup)
         else:
             report["results"][name] = run_deepspeed(
-                configs[name], args.device, args.steps, args.warmup, args.optimizer
+                configs[name],
+                args.device,
+                args.steps,
+                args.warmup,
+                args.optimizer,
+                sync_free_step=name != "zero1_bf16_deepspeed_step",
             )
     reference = report["results"].get("plain")
     for result in report["results"].values():

@@ -42,6 +42,7 @@ import torch.distributed as dist  # noqa: E402
 from bert.model.encoder import packing_inputs  # noqa: E402
 from bert.model.heads import find_mlm_positions  # noqa: E402
 from bert.optim import Lamb, PartitionLayout  # noqa: E402
+from bert.pretrain import sync_free  # noqa: E402
 from bert.pretrain.config import derive_seed  # noqa: E402
 from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
 from bert.pretrain.run import LATEST, newest_checkpoint  # noqa: E402
@@ -244,6 +245,8 @@ class Engine:
         )
         self.device = self.engine.device
         self._lay_out_lamb()
+        # BF16_Optimizer with fused AdamW: its step without the two reads of the device (bert.pretrain.sync_free)
+        self.sync_free_step = sync_free.install(self.engine.optimizer, optimizer)
         warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
         if isinstance(optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:
             warning = (

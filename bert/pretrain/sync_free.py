@@ -1,0 +1,91 @@
+"""DeepSpeed's bf16 optimizer step without waiting for the device: the same update, decided on the GPU.
+
+``deepspeed_configs/zero1_bf16.json`` (ZeRO-0/1, bf16 weights, fp32 gradient accumulation) runs DeepSpeed's
+``BF16_Optimizer``. Its ``step`` norms the gradients tensor by tensor (a kernel each: 206 for BERT-base), reads
+the norm back to skip the step when it is not finite, reads the clip factor back to decide whether to clip, and
+multiplies the gradients tensor by tensor: two waits for the GPU and ~420 small kernels every step, after
+which the GPU idles while the host catches up. ``install`` gives one such optimizer a step with the same
+arithmetic, none of it read back:
+
+- the norm over each group's flat fp32 gradient buffer (one ``_foreach_norm``), as DeepSpeed's over the
+  tensors of the buffer (the gradients are all-reduced before the step, so every rank norms the same buffer);
+- the clip factor ``min(1, clip / (norm + 1e-6))`` always applied: where DeepSpeed would not clip, the factor
+  is exactly 1 and the product exactly the gradient;
+- a non-finite norm skips the update inside fused AdamW (its ``found_inf``, as ``torch.amp.GradScaler``
+  skips): weights, moments and step count stay as they were and the gradients are cleared, as DeepSpeed
+  does. DeepSpeed's ``skipped_steps`` no longer counts those steps (it is not read back); the logged
+  ``grad_norm`` is then ``inf`` or ``nan``.
+
+It applies where the wrapped optimizer is fused AdamW (bertpipe's default on CUDA) and DeepSpeed's optimizer is
+the plain ``BF16_Optimizer`` it was written against (no MoE, Muon or model parallelism); anything else keeps
+DeepSpeed's own step. ``tests/test_sync_free.py`` holds it to DeepSpeed's step, on one rank and on two.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+CLIP_EPS = 1e-6  # DeepSpeed's clip_tensors_by_global_norm: clip / (norm + eps)
+# What the step below uses of DeepSpeed's BF16_Optimizer (checked, so another DeepSpeed keeps its own step)
+_NEEDED = ("fp32_groups_gradients_flat", "fp32_groups_flat_partition", "fp32_groups_gradient_flat_partition",
+           "update_lp_params", "clear_hp_grads", "_lazy_init_hp_params_optimizer_state", "clip_grad",
+           "grad_acc_dtype", "optimizer")  # fmt: skip
+
+
+def applies(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> str | None:
+    """None where ``install`` can take over ``ds_optimizer``'s step, else why not."""
+    if type(ds_optimizer).__name__ != "BF16_Optimizer":
+        return f"DeepSpeed runs {type(ds_optimizer).__name__}, not BF16_Optimizer"
+    missing = [name for name in _NEEDED if not hasattr(ds_optimizer, name)]
+    if missing:
+        return f"this DeepSpeed's BF16_Optimizer lacks {', '.join(missing)}"
+    if getattr(ds_optimizer, "has_moe_layers", False) or getattr(ds_optimizer, "_uses_muon", False):
+        return "MoE or Muon parameter groups"
+    if getattr(ds_optimizer, "mpu", None) is not None:
+        return "model parallelism"
+    if not (
+        isinstance(base_optimizer, torch.optim.Adam | torch.optim.AdamW)
+        and base_optimizer.defaults.get("fused")
+    ):
+        return f"{type(base_optimizer).__name__} is not fused AdamW (no found_inf to skip a step with)"
+    if ds_optimizer.optimizer is not base_optimizer:
+        return "DeepSpeed wraps another optimizer than bertpipe's"
+    return None
+
+
+def install(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> bool:
+    """Give ``ds_optimizer`` (a DeepSpeed BF16_Optimizer) the step without host syncs; False where it does not apply."""
+    if applies(ds_optimizer, base_optimizer) is not None:
+        return False
+    ds_optimizer.step = types.MethodType(_step, ds_optimizer)
+    return True
+
+
+@torch.no_grad()
+def _step(self, closure=None) -> None:
+    """BF16_Optimizer.step with the norm test and the clip decided on the device (see the module's docstring)."""
+    if closure is not None:
+        raise NotImplementedError(f"{type(self).__name__} does not support closure.")
+    self.overflow = False  # a non-finite step is skipped on the device, never known here
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.fp32_groups_gradients_flat)))
+    self._global_grad_norm = norm
+    found_inf = (~torch.isfinite(norm)).float()
+    partitions = self.fp32_groups_gradient_flat_partition
+    if self.clip_grad > 0.0:
+        factor = torch.clamp(self.clip_grad / (norm + CLIP_EPS), max=1.0)
+        torch._foreach_mul_(partitions, factor)
+    for param, grad in zip(self.fp32_groups_flat_partition, partitions, strict=True):
+        param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+    self.optimizer.found_inf = found_inf
+    try:
+        self.optimizer.step()
+    finally:
+        del self.optimizer.found_inf
+    if self.grad_acc_dtype is not torch.float32:  # the cast copies above are dropped, as DeepSpeed drops them
+        for param in self.fp32_groups_flat_partition:
+            param.grad = None
+    self._lazy_init_hp_params_optimizer_state()
+    self.update_lp_params()
+    self.clear_hp_grads()

@@ -1,0 +1,216 @@
+"""bertpipe's bf16 step (bert.pretrain.sync_free) against DeepSpeed's BF16_Optimizer.step it replaces.
+
+The shipped zero1_bf16.json with fused AdamW: the same losses, gradient norms and fp32 master weights as
+DeepSpeed's own step, on one rank and on two (partitions, all-gather), clipped or not; a non-finite gradient
+skips the step as DeepSpeed skips it; and the step reads nothing back from the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bert import BertConfig, BertForPreTraining
+from bert.optim import build_optimizer
+from bert.pretrain import engine as eng
+from bert.pretrain import sync_free
+from bert.pretrain.config import BatchSizes, TrainConfig
+from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(vocab_size=96, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+             max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+BATCH, SEQ = 4, 16
+
+
+def make_engine(
+    world_size: int, clip: float, sync_free_step: bool, optimizer: str = "adamw", fused: bool | None = None
+) -> eng.Engine:
+    """A DeepSpeed engine of the tiny model under the shipped zero1_bf16.json, the same weights every call."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(**MODEL))
+    train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=100, max_grad_norm=clip)
+    sizes = BatchSizes(global_batch_size=BATCH * world_size, micro_batch_size=BATCH,
+                       gradient_accumulation_steps=1, world_size=world_size)  # fmt: skip
+    ds_json = load_deepspeed_config(REPO / "deepspeed_configs" / "zero1_bf16.json")
+    filled, _ = fill_deepspeed_config(ds_json, train, sizes, MODEL["hidden_size"])
+    base = build_optimizer(model, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=fused)
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr):
+        engine = eng.Engine(model, base, filled, lambda step: 1e-2, seed=0, compile=False)
+    if not sync_free_step and engine.sync_free_step:
+        del engine.engine.optimizer.step  # back to the class's: DeepSpeed's own step
+    assert engine.sync_free_step == sync_free_step or not sync_free_step
+    return engine
+
+
+def make_batch(step: int, rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    ids = torch.randint(5, MODEL["vocab_size"], (BATCH, SEQ), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, 2::5] = ids[:, 2::5]
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "labels": labels, "next_sentence_label": torch.tensor([0, 1, 1, 0])}  # fmt: skip
+
+
+def train(engine: eng.Engine, steps: int, rank: int = 0, poison_step: int | None = None) -> dict:
+    """Losses, gradient norms and optimizer state after ``steps``; at ``poison_step`` one gradient is made inf."""
+    losses, norms = [], []
+    word_embeddings = engine.module.bert.embeddings.word_embeddings.weight
+    for step in range(1, steps + 1):
+        hook = None
+        if step == poison_step:
+            hook = word_embeddings.register_hook(
+                lambda grad: grad.index_fill(0, torch.tensor([7]), float("inf"))
+            )
+        metrics = engine.step([make_batch(step, rank)]).fetch()
+        if hook is not None:
+            hook.remove()
+        losses.append(metrics["loss"])
+        norms.append(metrics["grad_norm"])
+    ds_optimizer = engine.engine.optimizer
+    state = ds_optimizer.optimizer.state
+    return {
+        "losses": losses,
+        "norms": norms,
+        "masters": [p.detach().clone() for p in ds_optimizer.fp32_groups_flat_partition],
+        "bf16": [p.detach().clone() for p in engine.module.parameters()],
+        "adam_steps": [float(state[p]["step"]) for p in ds_optimizer.fp32_groups_flat_partition],
+    }
+
+
+def assert_same_training(ours: dict, theirs: dict) -> None:
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-5)
+    finite = [
+        (a, b) for a, b in zip(ours["norms"], theirs["norms"], strict=True) if b == b and b != float("inf")
+    ]
+    assert [a for a, _ in finite] == pytest.approx([b for _, b in finite], rel=1e-5)
+    for a, b in zip(ours["masters"], theirs["masters"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours["bf16"], theirs["bf16"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)  # bf16 roundings of the masters above
+    assert ours["adam_steps"] == theirs["adam_steps"]
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    eng.init_distributed()
+    yield
+
+
+class _Reads(TorchDispatchMode):
+    """Counts reads of a tensor's value (each a wait for the GPU when the tensor is on one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_work(engine: eng.Engine, at_step: int) -> dict:
+    """Wrap the DeepSpeed optimizer's step: at call ``at_step`` count its reads and its operators (the first
+    call also links the optimizer's states, tensor by tensor, so count a later one)."""
+    ds_optimizer, counts, calls = engine.engine.optimizer, {}, [0]
+    step = ds_optimizer.step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] != at_step:
+            return step(*args, **kwargs)
+        reads = _Reads()
+        with reads, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(*args, **kwargs)
+        ops = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+        counts.update(
+            reads=reads.count, launches=sum(1 for n in ops if n not in ("aten::to", "aten::detach"))
+        )
+
+    ds_optimizer.step = counted
+    return counts
+
+
+def test_unclipped_steps_train_as_deepspeeds_and_read_nothing_back(world_of_one):
+    """clip 1e6: the gradients stay under it, so the factor is exactly 1. DeepSpeed's step reads the norm back
+    twice and norms tensor by tensor; bertpipe's launches a fixed handful and reads nothing."""
+    ours, theirs = make_engine(1, 1e6, sync_free_step=True), make_engine(1, 1e6, sync_free_step=False)
+    assert ours.sync_free_step and type(ours.engine.optimizer).__name__ == "BF16_Optimizer"
+    our_counts, their_counts = count_step_work(ours, 2), count_step_work(theirs, 2)
+    result = train(ours, 4)
+    assert_same_training(result, train(theirs, 4))
+    assert max(result["norms"]) < 1e6
+    tensors = len(list(ours.module.parameters()))  # 46
+    assert our_counts["reads"] == 0 and their_counts["reads"] >= 2, (our_counts, their_counts)
+    assert our_counts["launches"] <= 20 and their_counts["launches"] > tensors, (our_counts, their_counts)
+
+
+def test_clipped_steps_and_a_non_finite_gradient_train_as_deepspeeds(world_of_one):
+    """clip 1e-3: every step clips; step 2's gradient is inf somewhere: DeepSpeed skips it, so must we."""
+    ours = train(make_engine(1, 1e-3, sync_free_step=True), 4, poison_step=2)
+    theirs = train(make_engine(1, 1e-3, sync_free_step=False), 4, poison_step=2)
+    assert min(n for i, n in enumerate(ours["norms"]) if i != 1) > 1e-3
+    assert not math.isfinite(ours["norms"][1])  # logged as inf or nan
+    assert ours["adam_steps"] == [3.0, 3.0]  # 4 steps, one skipped
+    assert_same_training(ours, theirs)
+
+
+def test_lamb_and_unfused_adamw_keep_deepspeeds_step(world_of_one):
+    lamb = make_engine(1, 1.0, sync_free_step=False, optimizer="lamb")
+    assert not lamb.sync_free_step
+    assert "not fused AdamW" in sync_free.applies(lamb.engine.optimizer, lamb.base_optimizer)
+    unfused = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=False)
+    assert "not fused AdamW" in sync_free.applies(lamb.engine.optimizer, unfused)
+    assert "not BF16_Optimizer" in sync_free.applies(object(), unfused)
+
+
+# --- two ranks: the partitions and the all-gather -------------------------------------------------------
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    eng.init_distributed()
+    results = {}
+    for name, sync_free_step in (("ours", True), ("theirs", False)):
+        engine = make_engine(2, 1e-3, sync_free_step)
+        results[name] = train(engine, 3, rank=rank, poison_step=2)
+    try:
+        assert_same_training(results["ours"], results["theirs"])
+        verdict = "same"
+    except AssertionError as e:
+        verdict = str(e)[:2000]
+    partition = results["ours"]["masters"][0].numel()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"verdict": verdict, "partition": partition}))
+    eng.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_ranks_train_as_deepspeeds_step(tmp_path):
+    mp.start_processes(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["verdict"] for r in reports] == ["same", "same"]
+    total = BertForPreTraining(BertConfig(**MODEL)).num_parameters()
+    assert reports[0]["partition"] < total  # each rank steps its half
