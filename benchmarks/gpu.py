@@ -456,7 +456,7 @@ def e2e_summary(report: dict) -> dict:
             r = report["parts"].get(f"{config}/{side}") or {}
             if "tokens_per_s" in r:
                 row[side] = {k: r.get(k) for k in ("tokens_per_s", "mfu", "mfu_of_measured_bf16_rate",
-                                                   "peak_memory_gib", "peak_host_rss_gib", "data_wait_share", "median_step_s",
+                                                   "peak_memory_gib", "peak_reserved_gib", "peak_host_rss_gib", "data_wait_share", "median_step_s",
                                                    "global_batch")}  # fmt: skip
             elif r:
                 row[side] = {"not_measured": r.get("skipped") or (r.get("error") or "")[:300]}
@@ -568,10 +568,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dry-run", action="store_true", help="the CPU, the tiny model, a few steps: plumbing only"
     )
     p.add_argument(
-        "--e2e-steps", type=int, default=None, help="steps of each e2e run (default 30; dry run 3)"
+        "--e2e-steps", type=int, default=None, help="steps of each e2e run (default 50; dry run 3)"
     )
     p.add_argument(
-        "--e2e-warmup", type=int, default=None, help="first steps left out (default 10; dry run 1)"
+        "--e2e-warmup", type=int, default=None, help="first steps left out (default 30; dry run 1)"
     )
     p.add_argument("--e2e-batch", default="", help="global batch overrides, e.g. large-512=16,base-128=128")
     p.add_argument("--batch-size", type=int, default=256, help="of the step and pretrain parts")
@@ -590,8 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [x for x in args.part_list if x not in DEFAULT_PARTS]
     if unknown:
         p.error(f"unknown parts {unknown}: choose from {','.join(DEFAULT_PARTS)}")
-    args.e2e_steps = args.e2e_steps or (3 if args.dry_run else 30)
-    args.e2e_warmup = args.e2e_warmup if args.e2e_warmup is not None else (1 if args.dry_run else 10)
+    args.e2e_steps = args.e2e_steps or (3 if args.dry_run else 50)
+    args.e2e_warmup = args.e2e_warmup if args.e2e_warmup is not None else (1 if args.dry_run else 30)
     if args.e2e_warmup >= args.e2e_steps:
         p.error(
             f"--e2e-warmup {args.e2e_warmup} leaves none of --e2e-steps {args.e2e_steps} to time: run more steps"

@@ -95,6 +95,10 @@ def _bertpipe_bench_peak():
         if torch is not None and torch.cuda.is_initialized():
             record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
             record["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            stats = torch.cuda.memory_stats()  # cudaMalloc/cudaFree calls: the caching allocator's misses
+            record["cuda_allocator"] = {k: stats.get(k) for k in ("num_device_alloc", "num_device_free",
+                                                                  "num_alloc_retries", "num_sync_all_streams")}
+            record["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         path = os.path.join(os.environ["BERTPIPE_BENCH_PEAK_DIR"], "peak-%d.json" % os.getpid())
         with open(path, "w") as f:
             json.dump(record, f)
@@ -294,6 +298,9 @@ def peak_record(record: dict) -> dict:
     if "cuda_max_allocated_bytes" in record:
         out["peak_memory_gib"] = round(record["cuda_max_allocated_bytes"] / 2**30, 2)
         out["peak_reserved_gib"] = round(record["cuda_max_reserved_bytes"] / 2**30, 2)
+    for key in ("cuda_allocator", "cuda_alloc_conf"):
+        if key in record:
+            out[key] = record[key]
     return out
 
 
@@ -494,9 +501,9 @@ class Shape:
 
 # A base-128 run on an H200 before any was measured here, per side; deliberately high (not a measurement).
 PRIOR_COST = {
-    "ours": RunCost(fixed_s=45.0, compile_s=90.0, step_s=0.25, steps=30),
-    "eager": RunCost(fixed_s=45.0, compile_s=5.0, step_s=0.35, steps=30),
-    "transformers": RunCost(fixed_s=30.0, compile_s=5.0, step_s=0.35, steps=30),
+    "ours": RunCost(fixed_s=45.0, compile_s=90.0, step_s=0.25, steps=50),
+    "eager": RunCost(fixed_s=45.0, compile_s=5.0, step_s=0.35, steps=50),
+    "transformers": RunCost(fixed_s=30.0, compile_s=5.0, step_s=0.35, steps=50),
 }
 PRIOR_S = {"overhead": 60.0, "step": 90.0, "step_compile": 150.0, "pretrain": 180.0, "pretrain_variants": 300.0, "finetune": 180.0,
            "tests": 180.0, "device": 20.0}  # fmt: skip
