@@ -207,11 +207,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _cpu_has_fused_adamw() -> bool:
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 4)
-
-
 def build_optimizer(
     model: torch.nn.Module,
     name: str,
@@ -223,15 +218,13 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """AdamW (torch) or LAMB over ``parameter_groups(model)``.
 
-    ``fused``: AdamW's single-kernel update; None turns it on where torch has it: CUDA, and the CPU from torch
-    2.4 (4-5x faster there than the foreach loop). The parameters are still on the CPU when the optimizer is
-    built: DeepSpeed moves them, the same tensors, to the GPU. Fused AdamW can also skip a step on the device
-    (``found_inf``), which bertpipe's bf16 step relies on (``bert.pretrain.sync_free``).
+    ``fused``: AdamW's single-kernel update; None turns it on when CUDA is available (the parameters are
+    still on the CPU when the optimizer is built: DeepSpeed moves them, the same tensors, to the GPU).
     """
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         if fused is None:
-            fused = torch.cuda.is_available() or _cpu_has_fused_adamw()
+            fused = torch.cuda.is_available()
         return torch.optim.AdamW(
             groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
         )

@@ -152,7 +152,7 @@ def test_foreach_lamb_equals_the_per_tensor_loop_bitwise():
 
 
 def test_fused_adamw_matches_the_default_adamw():
-    # build_optimizer turns fused on by default (CUDA, and the CPU from torch 2.4); the foreach loop is the reference
+    # build_optimizer turns fused on when CUDA is there; the CPU has the same fused kernel to check it against
     def make(fused):
         return lambda model: build_optimizer(model, "adamw", 1e-2, (0.9, 0.99), 1e-6, 0.01, fused=fused)
 
@@ -164,7 +164,6 @@ def test_fused_adamw_matches_the_default_adamw():
     model = torch.nn.Linear(2, 2)
     assert build_optimizer(model, "adamw", 1e-3, (0.9, 0.99), 1e-6, 0.0, fused=True).defaults["fused"]
     assert not build_optimizer(model, "adamw", 1e-3, (0.9, 0.99), 1e-6, 0.0, fused=False).defaults["fused"]
-    assert build_optimizer(model, "adamw", 1e-3, (0.9, 0.99), 1e-6, 0.0).defaults["fused"]  # torch 2.13 here
 
 
 def test_lamb_step_size_is_lr_times_weight_norm():
