@@ -27,7 +27,7 @@ CUDA the host's waits for the device; on the CPU the reads of a tensor's value, 
 each a wait for the GPU where the tensor is on one), the host's milliseconds in the phase, and the median wall
 time of a whole step over ``--steps`` steps. Counts are exact and do not depend on the machine's load; times
 do. On the CPU, step times mostly measure the host's work; on a GPU, a step's time is the host's work plus
-whatever the syncs expose of the device's. AdamW is fused everywhere (bertpipe's default on the CPU too).
+whatever the syncs expose of the device's. AdamW is fused on both devices (on the CPU too, as bertpipe runs it on CUDA).
 
     .venv/bin/python benchmarks/step_overhead.py                    # CPU
     python benchmarks/step_overhead.py --device cuda                # GPU (benchmarks/gpu.py part "overhead")
@@ -191,7 +191,7 @@ def run_deepspeed(
         global_batch_size=BATCH, micro_batch_size=BATCH, gradient_accumulation_steps=1, world_size=1
     )
     filled, precision = fill_deepspeed_config(ds_json, train, batch_sizes, NARROW["hidden_size"])
-    base = build_optimizer(model, optimizer, 1e-3, (0.9, 0.999), 1e-6, 0.01)
+    base = build_optimizer(model, optimizer, 1e-3, (0.9, 0.999), 1e-6, 0.01, fused=True)  # as on CUDA
     # DeepSpeed prints its op builds and memory use, and logs its warnings, to stdout: JSON only there
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(sys.stderr):

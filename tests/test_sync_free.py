@@ -35,9 +35,10 @@ BATCH, SEQ = 4, 16
 
 
 def make_engine(
-    world_size: int, clip: float, sync_free_step: bool, optimizer: str = "adamw", fused: bool | None = None
+    world_size: int, clip: float, sync_free_step: bool, optimizer: str = "adamw", fused: bool = True
 ) -> eng.Engine:
-    """A DeepSpeed engine of the tiny model under the shipped zero1_bf16.json, the same weights every call."""
+    """A DeepSpeed engine of the tiny model under the shipped zero1_bf16.json, the same weights every call; AdamW
+    fused as bertpipe builds it on CUDA (the CPU default is the foreach one)."""
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(**MODEL))
     train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=100, max_grad_norm=clip)
