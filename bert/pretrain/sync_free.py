@@ -17,8 +17,8 @@ arithmetic, none of it read back:
   ``grad_norm`` is then ``inf`` or ``nan``.
 
 It applies where the wrapped optimizer is fused AdamW (bertpipe's default on CUDA) and DeepSpeed's optimizer is
-the plain ``BF16_Optimizer`` it was written against (no MoE, Muon or model parallelism); anything else keeps
-DeepSpeed's own step. ``tests/test_sync_free.py`` holds it to DeepSpeed's step, on one rank and on two.
+the plain ``BF16_Optimizer`` it was written against (fp32 gradients; no MoE, Muon or model parallelism); anything
+else keeps DeepSpeed's own step. ``tests/test_sync_free.py`` holds it to DeepSpeed's step, on one rank and on two.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def applies(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> str | None:
         return "MoE or Muon parameter groups"
     if getattr(ds_optimizer, "mpu", None) is not None:
         return "model parallelism"
+    if ds_optimizer.grad_acc_dtype is not torch.float32:
+        return f"gradients accumulate in {ds_optimizer.grad_acc_dtype}, not fp32"
     if not (
         isinstance(base_optimizer, torch.optim.Adam | torch.optim.AdamW)
         and base_optimizer.defaults.get("fused")
@@ -77,15 +79,12 @@ def _step(self, closure=None) -> None:
         factor = torch.clamp(self.clip_grad / (norm + CLIP_EPS), max=1.0)
         torch._foreach_mul_(partitions, factor)
     for param, grad in zip(self.fp32_groups_flat_partition, partitions, strict=True):
-        param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+        param.grad = grad  # fp32, as the master partition (``applies``)
     self.optimizer.found_inf = found_inf
     try:
         self.optimizer.step()
     finally:
         del self.optimizer.found_inf
-    if self.grad_acc_dtype is not torch.float32:  # the cast copies above are dropped, as DeepSpeed drops them
-        for param in self.fp32_groups_flat_partition:
-            param.grad = None
     self._lazy_init_hp_params_optimizer_state()
     self.update_lp_params()
     self.clear_hp_grads()
