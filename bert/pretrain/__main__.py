@@ -1,5 +1,6 @@
 """``python -m bert.pretrain`` / ``deepspeed --module bert.pretrain``: the per-rank entry point."""
 
+import atexit
 import os
 import sys
 
@@ -11,4 +12,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from bert.pretrain.rank import cli  # noqa: E402
 
-sys.exit(cli())
+code = cli()  # the process group is destroyed, every file of the run written and closed
+# Interpreter teardown can still abort a finished rank ("terminate called without an active exception": gloo's
+# threads meeting tensors freed while the interpreter is torn down), which the launcher reports as a failed
+# run. So the exit handlers run here, then the process ends without that teardown.
+atexit._run_exitfuncs()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
