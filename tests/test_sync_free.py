@@ -1,8 +1,9 @@
 """bertpipe's bf16 step (bert.pretrain.sync_free) against DeepSpeed's BF16_Optimizer.step it replaces.
 
-The shipped zero1_bf16.json with fused AdamW: the same losses, gradient norms and fp32 master weights as
-DeepSpeed's own step, on one rank and on two (partitions, all-gather), clipped or not; a non-finite gradient
-skips the step as DeepSpeed skips it; and the step reads nothing back from the device.
+The shipped zero1_bf16.json with fused AdamW and with LAMB: the same losses, gradient norms and fp32 master
+weights as DeepSpeed's own step, on one rank and on two (partitions, all-gather), clipped or not; a non-finite
+gradient skips the step as DeepSpeed skips it; and the step reads nothing back from the device under fused
+AdamW, once under LAMB (DeepSpeed's: twice).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def make_engine(
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(sys.stderr):
         engine = eng.Engine(model, base, filled, lambda step: 1e-2, seed=0, compile=False)
-    if not sync_free_step and engine.sync_free_step:
+    if sync_free_step:
+        assert engine.sync_free_step, sync_free.applies(engine.engine.optimizer, base)
+    elif engine.sync_free_step:
         del engine.engine.optimizer.step  # back to the class's: DeepSpeed's own step
-    assert engine.sync_free_step == sync_free_step or not sync_free_step
     return engine
 
 
@@ -95,9 +97,7 @@ def train(engine: eng.Engine, steps: int, rank: int = 0, poison_step: int | None
 
 def assert_same_training(ours: dict, theirs: dict) -> None:
     assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-5)
-    finite = [
-        (a, b) for a, b in zip(ours["norms"], theirs["norms"], strict=True) if b == b and b != float("inf")
-    ]
+    finite = [(a, b) for a, b in zip(ours["norms"], theirs["norms"], strict=True) if math.isfinite(b)]
     assert [a for a, _ in finite] == pytest.approx([b for _, b in finite], rel=1e-5)
     for a, b in zip(ours["masters"], theirs["masters"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -161,23 +161,25 @@ def test_unclipped_steps_train_as_deepspeeds_and_read_nothing_back(world_of_one)
     assert our_counts["launches"] <= 20 and their_counts["launches"] > tensors, (our_counts, their_counts)
 
 
-def test_clipped_steps_and_a_non_finite_gradient_train_as_deepspeeds(world_of_one):
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_clipped_steps_and_a_non_finite_gradient_train_as_deepspeeds(world_of_one, optimizer):
     """clip 1e-3: every step clips; step 2's gradient is inf somewhere: DeepSpeed skips it, so must we."""
-    ours = train(make_engine(1, 1e-3, sync_free_step=True), 4, poison_step=2)
-    theirs = train(make_engine(1, 1e-3, sync_free_step=False), 4, poison_step=2)
+    ours_engine = make_engine(1, 1e-3, sync_free_step=True, optimizer=optimizer)
+    counts = count_step_work(ours_engine, 3)
+    ours = train(ours_engine, 4, poison_step=2)
+    theirs = train(make_engine(1, 1e-3, sync_free_step=False, optimizer=optimizer), 4, poison_step=2)
     assert min(n for i, n in enumerate(ours["norms"]) if i != 1) > 1e-3
     assert not math.isfinite(ours["norms"][1])  # logged as inf or nan
     assert ours["adam_steps"] == [3.0, 3.0]  # 4 steps, one skipped
     assert_same_training(ours, theirs)
+    # fused AdamW skips on the device; LAMB reads the norm's finiteness back once (DeepSpeed: twice)
+    assert counts["reads"] == (0 if optimizer == "adamw" else 1), counts
 
 
-def test_lamb_and_unfused_adamw_keep_deepspeeds_step(world_of_one):
-    lamb = make_engine(1, 1.0, sync_free_step=False, optimizer="lamb")
-    assert not lamb.sync_free_step
-    assert "not fused AdamW" in sync_free.applies(lamb.engine.optimizer, lamb.base_optimizer)
-    unfused = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=False)
-    assert "not fused AdamW" in sync_free.applies(lamb.engine.optimizer, unfused)
-    assert "not BF16_Optimizer" in sync_free.applies(object(), unfused)
+def test_it_takes_over_bf16_optimizer_only_and_reads_once_without_fused_adamw(world_of_one):
+    assert "not BF16_Optimizer" in sync_free.applies(object(), torch.optim.SGD([torch.ones(1)]))
+    unfused = make_engine(1, 1.0, sync_free_step=True, fused=False)  # installs: it reads once, as LAMB
+    assert not sync_free.skips_on_device(unfused.base_optimizer)
 
 
 # --- two ranks: the partitions and the all-gather -------------------------------------------------------
@@ -188,17 +190,19 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
     eng.init_distributed()
-    results = {}
-    for name, sync_free_step in (("ours", True), ("theirs", False)):
-        engine = make_engine(2, 1e-3, sync_free_step)
-        results[name] = train(engine, 3, rank=rank, poison_step=2)
-    try:
-        assert_same_training(results["ours"], results["theirs"])
-        verdict = "same"
-    except AssertionError as e:
-        verdict = str(e)[:2000]
+    verdicts = {}
+    for optimizer in ("adamw", "lamb"):
+        results = {}
+        for name, sync_free_step in (("ours", True), ("theirs", False)):
+            engine = make_engine(2, 1e-3, sync_free_step, optimizer=optimizer)
+            results[name] = train(engine, 3, rank=rank, poison_step=2)
+        try:
+            assert_same_training(results["ours"], results["theirs"])
+            verdicts[optimizer] = "same"
+        except AssertionError as e:
+            verdicts[optimizer] = str(e)[:2000]
     partition = results["ours"]["masters"][0].numel()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"verdict": verdict, "partition": partition}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"verdicts": verdicts, "partition": partition}))
     eng.shutdown()
 
 
@@ -212,6 +216,6 @@ def _free_port() -> int:
 def test_two_ranks_train_as_deepspeeds_step(tmp_path):
     mp.start_processes(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["verdict"] for r in reports] == ["same", "same"]
+    assert [r["verdicts"] for r in reports] == [{"adamw": "same", "lamb": "same"}] * 2
     total = BertForPreTraining(BertConfig(**MODEL)).num_parameters()
     assert reports[0]["partition"] < total  # each rank steps its half

@@ -245,7 +245,7 @@ class Engine:
         )
         self.device = self.engine.device
         self._lay_out_lamb()
-        # BF16_Optimizer with fused AdamW: its step without the two reads of the device (bert.pretrain.sync_free)
+        # BF16_Optimizer: its step with one read of the device (LAMB) or none (fused AdamW): bert.pretrain.sync_free
         self.sync_free_step = sync_free.install(self.engine.optimizer, optimizer)
         warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
         if isinstance(optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:

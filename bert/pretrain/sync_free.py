@@ -1,24 +1,25 @@
-"""DeepSpeed's bf16 optimizer step without waiting for the device: the same update, decided on the GPU.
+"""DeepSpeed's bf16 optimizer step with fewer waits for the device: the same update, decided on the GPU.
 
 ``deepspeed_configs/zero1_bf16.json`` (ZeRO-0/1, bf16 weights, fp32 gradient accumulation) runs DeepSpeed's
 ``BF16_Optimizer``. Its ``step`` norms the gradients tensor by tensor (a kernel each: 206 for BERT-base), reads
 the norm back to skip the step when it is not finite, reads the clip factor back to decide whether to clip, and
 multiplies the gradients tensor by tensor: two waits for the GPU and ~420 small kernels every step, after
 which the GPU idles while the host catches up. ``install`` gives one such optimizer a step with the same
-arithmetic, none of it read back:
+arithmetic and at most one read:
 
 - the norm over each group's flat fp32 gradient buffer (one ``_foreach_norm``), as DeepSpeed's over the
   tensors of the buffer (the gradients are all-reduced before the step, so every rank norms the same buffer);
 - the clip factor ``min(1, clip / (norm + 1e-6))`` always applied: where DeepSpeed would not clip, the factor
   is exactly 1 and the product exactly the gradient;
-- a non-finite norm skips the update inside fused AdamW (its ``found_inf``, as ``torch.amp.GradScaler``
-  skips): weights, moments and step count stay as they were and the gradients are cleared, as DeepSpeed
-  does. DeepSpeed's ``skipped_steps`` no longer counts those steps (it is not read back); the logged
-  ``grad_norm`` is then ``inf`` or ``nan``.
+- a non-finite norm skips the step, as DeepSpeed skips it (weights, moments and step count stay as they were,
+  the gradients are cleared). Under fused AdamW (bertpipe's AdamW on CUDA) the skip happens inside the update
+  (its ``found_inf``, as ``torch.amp.GradScaler`` skips), so the step reads nothing back; DeepSpeed's
+  ``skipped_steps`` then does not count such a step, and the logged ``grad_norm`` is inf or nan. Any other
+  optimizer (LAMB) reads the norm's finiteness back once and skips on the host, as DeepSpeed does.
 
-It applies where the wrapped optimizer is fused AdamW (bertpipe's default on CUDA) and DeepSpeed's optimizer is
-the plain ``BF16_Optimizer`` it was written against (fp32 gradients; no MoE, Muon or model parallelism); anything
-else keeps DeepSpeed's own step. ``tests/test_sync_free.py`` holds it to DeepSpeed's step, on one rank and on two.
+It applies where DeepSpeed's optimizer is the plain ``BF16_Optimizer`` it was written against (fp32 gradients;
+no MoE, Muon or model parallelism); anything else keeps DeepSpeed's own step. ``tests/test_sync_free.py`` holds
+it to DeepSpeed's step, with AdamW and LAMB, on one rank and on two.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 CLIP_EPS = 1e-6  # DeepSpeed's clip_tensors_by_global_norm: clip / (norm + eps)
 # What the step below uses of DeepSpeed's BF16_Optimizer (checked, so another DeepSpeed keeps its own step)
 _NEEDED = ("fp32_groups_gradients_flat", "fp32_groups_flat_partition", "fp32_groups_gradient_flat_partition",
-           "update_lp_params", "clear_hp_grads", "_lazy_init_hp_params_optimizer_state", "clip_grad",
-           "grad_acc_dtype", "optimizer")  # fmt: skip
+           "update_lp_params", "clear_hp_grads", "clear_lp_grads", "_lazy_init_hp_params_optimizer_state",
+           "clip_grad", "grad_acc_dtype", "optimizer")  # fmt: skip
 
 
 def applies(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> str | None:
@@ -47,18 +48,20 @@ def applies(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> str | None:
         return "model parallelism"
     if ds_optimizer.grad_acc_dtype is not torch.float32:
         return f"gradients accumulate in {ds_optimizer.grad_acc_dtype}, not fp32"
-    if not (
-        isinstance(base_optimizer, torch.optim.Adam | torch.optim.AdamW)
-        and base_optimizer.defaults.get("fused")
-    ):
-        return f"{type(base_optimizer).__name__} is not fused AdamW (no found_inf to skip a step with)"
     if ds_optimizer.optimizer is not base_optimizer:
         return "DeepSpeed wraps another optimizer than bertpipe's"
     return None
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a step itself, on the device (fused Adam/AdamW's ``found_inf``)."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
+        optimizer.defaults.get("fused")
+    )
+
+
 def install(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> bool:
-    """Give ``ds_optimizer`` (a DeepSpeed BF16_Optimizer) the step without host syncs; False where it does not apply."""
+    """Give ``ds_optimizer`` (a DeepSpeed BF16_Optimizer) the step with fewer syncs; False where it does not apply."""
     if applies(ds_optimizer, base_optimizer) is not None:
         return False
     ds_optimizer.step = types.MethodType(_step, ds_optimizer)
@@ -67,24 +70,33 @@ def install(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> bool:
 
 @torch.no_grad()
 def _step(self, closure=None) -> None:
-    """BF16_Optimizer.step with the norm test and the clip decided on the device (see the module's docstring)."""
+    """BF16_Optimizer.step with the clip, and under fused AdamW the norm test, decided on the device (see the
+    module's docstring)."""
     if closure is not None:
         raise NotImplementedError(f"{type(self).__name__} does not support closure.")
-    self.overflow = False  # a non-finite step is skipped on the device, never known here
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.fp32_groups_gradients_flat)))
     self._global_grad_norm = norm
     found_inf = (~torch.isfinite(norm)).float()
+    on_device = skips_on_device(self.optimizer)
+    self.overflow = False if on_device else bool(found_inf)  # the one read, for optimizers without found_inf
+    if self.overflow:  # DeepSpeed's skip
+        self._global_grad_norm = float("inf")
+        self.clear_hp_grads()
+        self.clear_lp_grads()
+        return
     partitions = self.fp32_groups_gradient_flat_partition
     if self.clip_grad > 0.0:
         factor = torch.clamp(self.clip_grad / (norm + CLIP_EPS), max=1.0)
         torch._foreach_mul_(partitions, factor)
     for param, grad in zip(self.fp32_groups_flat_partition, partitions, strict=True):
         param.grad = grad  # fp32, as the master partition (``applies``)
-    self.optimizer.found_inf = found_inf
+    if on_device:
+        self.optimizer.found_inf = found_inf
     try:
         self.optimizer.step()
     finally:
-        del self.optimizer.found_inf
+        if on_device:
+            del self.optimizer.found_inf
     self._lazy_init_hp_params_optimizer_state()
     self.update_lp_params()
     self.clear_hp_grads()
