@@ -9,8 +9,8 @@ host's, and compares it across DeepSpeed configurations with a plain PyTorch loo
 fused, and ``clip_grad_norm_``: what ``transformers`` users run), all in the same process:
 
 - ``zero1_bf16``: ``deepspeed_configs/zero1_bf16.json`` as shipped (ZeRO-1, bf16 weights, fp32 gradient
-  accumulation: DeepSpeed's ``BF16_Optimizer``, whose step bertpipe replaces with one that never reads the
-  device, ``bert.pretrain.sync_free``);
+  accumulation: DeepSpeed's ``BF16_Optimizer``, whose step bertpipe replaces with one that reads the device
+  once with LAMB and never with fused AdamW, ``bert.pretrain.sync_free``);
 - ``zero1_bf16_deepspeed_step``: the same with DeepSpeed's own ``BF16_Optimizer.step`` (the norm read back
   twice, the gradients normed and clipped tensor by tensor);
 - ``zero1_bf16_bf16_accumulation``: the same file without its ``data_types`` (DeepSpeed's default, gradients
@@ -181,6 +181,7 @@ def run_deepspeed(
     from bert import BertConfig, BertForPreTraining
     from bert.optim import build_optimizer
     from bert.pretrain import engine as eng
+    from bert.pretrain import sync_free
     from bert.pretrain.config import BatchSizes, TrainConfig
     from bert.pretrain.ds_config import fill_deepspeed_config
 
@@ -197,8 +198,8 @@ def run_deepspeed(
     with contextlib.redirect_stdout(sys.stderr):
         eng.init_distributed()
         engine = eng.Engine(model, base, filled, lambda step: 1e-3, seed=0, compile=False)
-    if engine.sync_free_step and not sync_free_step:
-        del engine.engine.optimizer.step  # DeepSpeed's own, the class's
+    if not sync_free_step:
+        sync_free.uninstall(engine.engine.optimizer)
     batch = make_batch()
 
     def step():

@@ -53,8 +53,8 @@ def make_engine(
         engine = eng.Engine(model, base, filled, lambda step: 1e-2, seed=0, compile=False)
     if sync_free_step:
         assert engine.sync_free_step, sync_free.applies(engine.engine.optimizer, base)
-    elif engine.sync_free_step:
-        del engine.engine.optimizer.step  # back to the class's: DeepSpeed's own step
+    else:
+        sync_free.uninstall(engine.engine.optimizer)
     return engine
 
 

@@ -68,6 +68,12 @@ def install(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def uninstall(ds_optimizer) -> None:
+    """Give ``ds_optimizer`` back DeepSpeed's own step (benchmarks and tests compare the two)."""
+    if isinstance(ds_optimizer.__dict__.get("step"), types.MethodType):
+        del ds_optimizer.step  # the class's: DeepSpeed's
+
+
 @torch.no_grad()
 def _step(self, closure=None) -> None:
     """BF16_Optimizer.step with the clip, and under fused AdamW the norm test, decided on the device (see the
