@@ -135,6 +135,9 @@ def per_row_collate(c: Collator, dataset: ExampleShards, indices: np.ndarray, ep
 def assert_same_batch(got: dict, expected: dict) -> None:
     assert list(got) == list(expected)
     for name, value in expected.items():
+        if not torch.is_tensor(value):  # max_seqlen
+            assert got[name] == value, name
+            continue
         assert got[name].dtype == value.dtype and got[name].shape == value.shape, name
         assert torch.equal(got[name], value), name
 
@@ -236,21 +239,29 @@ def test_prefetched_batches_are_pinned_where_cuda_is(shards):
 
 
 class DeviceMetrics:
-    """What an engine that leaves its metrics on the device hands back: ``fetch()`` waits for them."""
+    """What an engine that leaves its metrics on the device hands back: ``request()`` starts reading them
+    back, its ``result()`` waits for them (``fetch()``: both)."""
 
     def __init__(self, engine: FakeEngine, step: int):
         self.engine, self.step = engine, step
 
-    def fetch(self) -> dict:
-        self.engine.fetched.append(self.step)
+    def request(self) -> DeviceMetrics:
+        self.engine.requested.append(self.step)
+        return self
+
+    def result(self) -> dict:
+        self.engine.fetched.append((self.step, self.engine.global_step))  # (whose, read at which step)
         return {"loss": 1.0 / self.step, "tokens": 100, "samples": 8, "lr": 1e-3}
+
+    def fetch(self) -> dict:
+        return self.request().result()
 
 
 class FakeEngine:
     """Counts steps and records which steps' metrics the loop read back."""
 
     def __init__(self):
-        self.global_step, self.fetched, self.inputs = 0, [], []
+        self.global_step, self.requested, self.fetched, self.inputs = 0, [], [], []
 
     def step(self, micro_batches: list[dict]) -> DeviceMetrics:
         self.inputs.append(micro_batches)
@@ -295,7 +306,9 @@ def test_fit_logs_data_wait_and_reads_metrics_on_logged_steps_only(shards, tmp_p
     run = fake_run(shards["dynamic"], tmp_path, world_size=1, max_steps=7, log_every=3)
     result = fit(run)
     assert result.step == 7 and result.stop_reason == "max_steps"
-    assert run.engine.fetched == [3, 6, 7]  # the last step for the result, not logged
+    # each logged step's metrics are read once the next step is queued; the last step's for the result
+    assert run.engine.requested == [3, 6, 7]
+    assert run.engine.fetched == [(3, 4), (6, 7), (7, 7)]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     for r in records:
@@ -309,6 +322,7 @@ def test_ranks_agree_on_stopping_every_few_steps_and_save_the_consumed_position(
     shards, tmp_path: Path, saves, monkeypatch
 ):
     import bert.pretrain.engine as eng
+    from bert.pretrain.engine import host_inputs
     from bert.pretrain.rank import STOP_CHECK_EVERY, fit
 
     agreed = []
@@ -328,7 +342,8 @@ def test_ranks_agree_on_stopping_every_few_steps_and_save_the_consumed_position(
     for micro_batches in run.engine.inputs:  # the batches the steps got: the plain stream's, in order
         epoch, micro = plain.next()
         for got, indices in zip(micro_batches, micro, strict=True):
-            assert_same_batch(got, run.collator(run.train, indices, epoch))
+            # with the packing and MLM positions, added on the prefetch thread
+            assert_same_batch(got, host_inputs(run.collator(run.train, indices, epoch)))
     assert saves == [(stop, plain.position)]  # what the steps consumed, not what was collated ahead
     assert plain.position == DataPosition(epoch=1, cursor=(stop - 5) * 16)
 

@@ -182,6 +182,79 @@ def test_it_takes_over_bf16_optimizer_only_and_reads_once_without_fused_adamw(wo
     assert not sync_free.skips_on_device(unfused.base_optimizer)
 
 
+def test_a_step_never_synchronizes_the_device(world_of_one, monkeypatch):
+    """DeepSpeed's throughput timer, on unless configured, synchronizes the device as each forward starts and
+    at each optimizer step (after its second step): the host could never queue a step ahead of the GPU.
+    bertpipe's filled config turns it off; a config that sets ``timers`` keeps its own."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils.config import DeepSpeedThroughputTimerConfig
+
+    syncs = []
+    monkeypatch.setattr(get_accelerator(), "synchronize", lambda *args, **kwargs: syncs.append(1))
+    engine = make_engine(1, 1.0, sync_free_step=True)
+    for step in range(1, 5):
+        engine.step([make_batch(step, 0)]).request()  # and the metrics' read-back only queued, not waited for
+    assert syncs == []
+    engine.engine.tput_timer.config = DeepSpeedThroughputTimerConfig()  # DeepSpeed's default
+    for step in range(5, 9):  # the timer starts timing (and syncing) at its third step
+        engine.step([make_batch(step, 0)])
+    assert len(syncs) >= 2  # the test sees the timer's syncs
+
+    train = TrainConfig(examples="unused", out="unused", max_steps=10)
+    sizes = BatchSizes(global_batch_size=4, micro_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    own = {"timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    assert fill_deepspeed_config(own, train, sizes, 16)[0]["timers"] == own["timers"]
+    assert fill_deepspeed_config({}, train, sizes, 16)[0]["timers"] == {"throughput": {"enabled": False}}
+
+
+class HostToDevice(TorchDispatchMode):
+    """Records the copies of host tensors to another device: (operator, non_blocking)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            to = kwargs.get("device")
+            if args[0].device.type == "cpu" and to is not None and torch.device(to).type != "cpu":
+                self.copies.append((func.__name__, kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_the_step_metrics_reach_the_device_in_one_non_blocking_copy(monkeypatch):
+    """A step's metric sums mix device values with counts known on the host. ``torch.tensor(count,
+    device=cuda)`` copies from pageable memory, which waits for everything queued on the device: the
+    counts go in one page-locked, non-blocking copy. (The meta device stands in for the GPU here.)"""
+    from types import SimpleNamespace
+
+    made_on_device = []
+    tensor = torch.tensor
+
+    def recording_tensor(*args, **kwargs):
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu":
+            made_on_device.append(args)
+        return tensor(*args, **kwargs)
+
+    def step_outputs(device):
+        scalar = torch.ones((), device=device)
+        out = SimpleNamespace(loss=scalar, mlm_loss=scalar, nsp_loss=scalar, mlm_logits=torch.zeros(5, 10, device=device),
+                              mlm_labels=torch.zeros(5, dtype=torch.long, device=device),
+                              nsp_logits=torch.zeros(4, 2, device=device))  # fmt: skip
+        ids = torch.ones(4, 8, dtype=torch.long, device=device)
+        return out, {"input_ids": ids, "attention_mask": ids, "next_sentence_label": ids[:, 0]}
+
+    monkeypatch.setattr(torch, "tensor", recording_tensor)
+    meta = torch.device("meta")
+    with HostToDevice() as mode:
+        sums = eng._batch_sums(*step_outputs(meta))
+    assert sums.shape == (9,) and sums.device == meta and sums.dtype == torch.float64
+    assert made_on_device == [] and mode.copies == [("_to_copy.default", True)]
+    cpu_sums = eng._batch_sums(*step_outputs("cpu"))
+    assert cpu_sums.tolist() == [1.0, 1.0, 1.0, 5.0, 5.0, 0.0, 4.0, 32.0, 4.0]  # the values as before
+
+
 # --- two ranks: the partitions and the all-gather -------------------------------------------------------
 
 

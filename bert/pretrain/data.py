@@ -601,7 +601,10 @@ class Prefetcher:
                 epoch, micro, position = self._source.batch_at(position)
                 micro_batches = [self.collate(indices, epoch) for indices in micro]
                 if self.pin_memory:
-                    micro_batches = [{k: v.pin_memory() for k, v in b.items()} for b in micro_batches]
+                    micro_batches = [
+                        {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
+                        for b in micro_batches
+                    ]
                 self._put(PreparedBatch(epoch, micro, micro_batches, position))
         except BaseException as e:  # handed to the consumer, which raises it in the training loop
             self._put(e)

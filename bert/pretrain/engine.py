@@ -112,20 +112,56 @@ def broadcast_object(obj):
 
 @dataclass
 class StepMetrics:
-    """A step's metrics as the step left them, on the device: ``fetch()`` sums them over the ranks and reads
-    them back, which waits for the device. Every rank must fetch the same steps (it is an all-reduce)."""
+    """A step's metrics as the step left them, on the device: ``request()`` sums them over the ranks and starts
+    reading them back without waiting, ``fetch()`` waits for them. Every rank must request the same steps
+    (it is an all-reduce)."""
 
     totals: torch.Tensor  # this rank's sums (``_batch_sums``)
     num_micro: int  # micro batches over all ranks
     grad_norm: torch.Tensor | float | None
     lr: float
 
+    def request(self) -> MetricsRequest:
+        """Queue the all-reduce and the copy to host memory behind the step; the host does not wait here.
+
+        The training loop requests a logged step's metrics and reads them (``MetricsRequest.result()``) once
+        it has queued the next step, so the GPU has work while the host waits and writes the record.
+        """
+        values = self.totals.to(comm_device())
+        dist.all_reduce(values)
+        norm = float("nan") if self.grad_norm is None else self.grad_norm
+        if torch.is_tensor(norm):  # already global: not summed over the ranks
+            norm_on_device = norm.detach().to(values.device, torch.float64).reshape(1)
+            values, norm = torch.cat([values, norm_on_device]), None
+        ready = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return MetricsRequest(values, ready, norm, self.num_micro, self.lr)
+
     def fetch(self) -> dict[str, float]:
+        """Losses and accuracies averaged over all ranks, the gradient norm and the learning rate (waits)."""
+        return self.request().result()
+
+
+@dataclass
+class MetricsRequest:
+    """A step's metrics on their way to the host (``StepMetrics.request``)."""
+
+    values: torch.Tensor  # the summed totals (and a tensor norm); on the host once ``ready`` has passed
+    ready: torch.cuda.Event | None  # None: already there (a CPU run)
+    grad_norm: float | None  # the norm, where the engine gave it as a number (None: the last of ``values``)
+    num_micro: int
+    lr: float
+
+    def result(self) -> dict[str, float]:
         """Losses and accuracies averaged over all ranks, the gradient norm and the learning rate."""
-        totals = self.totals.to(comm_device())
-        dist.all_reduce(totals)
-        metrics = _metrics_from_sums(totals.cpu(), num_micro=self.num_micro)
-        metrics["grad_norm"] = float(self.grad_norm) if self.grad_norm is not None else float("nan")
+        if self.ready is not None:
+            self.ready.synchronize()  # the step and the copy are done: waits for nothing queued after them
+        metrics = _metrics_from_sums(self.values[:9], num_micro=self.num_micro)
+        metrics["grad_norm"] = float(self.values[9]) if self.grad_norm is None else self.grad_norm
         metrics["lr"] = self.lr
         return metrics
 
@@ -196,6 +232,21 @@ def partition_layouts(
 def resolve_compile(compile: bool | None) -> bool:
     """Whether to torch.compile: as asked, or (None) when CUDA is there; the CPU compiles for longer than it gains."""
     return torch.cuda.is_available() if compile is None else bool(compile)
+
+
+def host_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of the collated (CPU) ``batch`` with its packing (``packing_inputs``) and MLM positions added.
+
+    Computed on the host, where the model would otherwise find them on the device (``nonzero``/``tolist``:
+    a sync per step and a graph break under torch.compile). The training loop calls it on the prefetch thread,
+    so the step does not spend its time on it; what is already there, or on the device, is kept.
+    """
+    batch = dict(batch)
+    if "attention_mask" in batch and "unpad_indices" not in batch and not batch["attention_mask"].is_cuda:
+        batch.update(packing_inputs(batch["attention_mask"]))
+    if batch.get("labels") is not None and "mlm_positions" not in batch and not batch["labels"].is_cuda:
+        batch["mlm_positions"] = find_mlm_positions(batch["labels"])
+    return batch
 
 
 class Engine:
@@ -272,16 +323,9 @@ class Engine:
         return self.engine.module
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch on the device, with its packing and MLM positions computed first, on the host.
-
-        The model would otherwise find them with ``nonzero``/``tolist`` on the device: a sync per step, and
-        a graph break under torch.compile. A collator that already adds them (``packing_inputs``) is kept.
-        """
-        batch = dict(batch)
-        if "attention_mask" in batch and "unpad_indices" not in batch and not batch["attention_mask"].is_cuda:
-            batch.update(packing_inputs(batch["attention_mask"]))
-        if batch.get("labels") is not None and "mlm_positions" not in batch and not batch["labels"].is_cuda:
-            batch["mlm_positions"] = find_mlm_positions(batch["labels"])
+        """The batch on the device, with its packing and MLM positions computed first, on the host
+        (``host_inputs``; the training loop's prefetch thread has usually added them already)."""
+        batch = host_inputs(batch)
         batch = {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
         }
@@ -433,7 +477,12 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor | float:
 
 def _batch_sums(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct, nsp_count, tokens, samples], float64
-    on the model's device, computed without waiting for it (no .item() per value)."""
+    on the model's device, computed without waiting for it.
+
+    The values known on the host (the counts) travel in one copy from page-locked memory, queued behind the
+    step: ``torch.tensor(value, device=cuda)`` would copy from pageable memory, which waits for the device to
+    finish everything queued before (on an H200, 7.5 ms of every BERT-base step idle, measured 2026-12-04).
+    """
     device = out.loss.device
     mlm_correct = (out.mlm_logits.argmax(-1) == out.mlm_labels).sum() if out.mlm_labels is not None else 0
     nsp_correct = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
@@ -448,14 +497,14 @@ def _batch_sums(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch["attention_mask"].sum(),
         len(batch["input_ids"]),
     ]
-    return torch.stack(
-        [
-            v.detach().to(device, torch.float64)
-            if torch.is_tensor(v)
-            else torch.tensor(float(v), dtype=torch.float64, device=device)
-            for v in values
-        ]
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    on_device = torch.stack(
+        [v.detach().to(device, torch.float64) if torch.is_tensor(v) else zero for v in values]
     )
+    on_host = torch.tensor([0.0 if torch.is_tensor(v) else float(v) for v in values], dtype=torch.float64)
+    if device.type == "cuda":
+        on_host = on_host.pin_memory()
+    return on_device + on_host.to(device, non_blocking=True)
 
 
 def _metrics_from_sums(totals: torch.Tensor, num_micro: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import functools
 import json
 import logging
 import os
@@ -201,9 +200,11 @@ def train_record(step: int, epoch: int, metrics: dict, times: list[float], world
 def fit(run: Run) -> PretrainResult:
     """Train until max_steps, the time budget or SIGTERM; checkpoint, evaluate and export on the way.
 
-    The batches are collated ahead on a background thread (``Prefetcher``); the step's metrics are read
-    back from the device on logged steps only, and the ranks agree on stopping every ``STOP_CHECK_EVERY``
-    steps (every step in a world of one, which needs no agreement), so most steps never wait for the device.
+    The batches are collated ahead on a background thread (``Prefetcher``), with their packing and MLM
+    positions (``host_inputs``); a logged step's metrics are requested from the device as it is queued and
+    read once the next step is queued (its record is written one step late, while the GPU runs that step),
+    and the ranks agree on stopping every ``STOP_CHECK_EVERY`` steps (every step in a world of one, which
+    needs no agreement): no step waits for the device to drain.
     """
     config, engine = run.config, run.engine
     metrics_log = MetricsLog(run, engine.global_step)
@@ -214,9 +215,21 @@ def fit(run: Run) -> PretrainResult:
     record, eval_metrics, checkpoint, hf_dir = {}, None, None, None
     saved_step = exported_step = None
     pending = None  # (step, epoch, metrics, times) of the last step when it was not logged
+    requested = None  # (step, epoch, MetricsRequest, times) of a logged step whose record is not written yet
     window = [0, 0.0, 0.0]  # since the last record: steps, their seconds, their seconds waiting for data
     since_check, steps_run = [0, 0.0], 0  # since the last stop agreement: steps, their seconds
-    collate = functools.partial(run.collator, run.train)
+
+    def collate(indices, epoch):  # on the prefetch thread
+        return eng.host_inputs(run.collator(run.train, indices, epoch))
+
+    def write_requested() -> None:
+        nonlocal requested, record
+        if requested is not None:
+            step, epoch, request, times = requested
+            record = train_record(step, epoch, request.result(), times, run.world_size)
+            metrics_log.write(record)
+            requested = None
+
     profiler = StepProfiler(parse_profile_steps(config.profile_steps), run.out, run.rank, engine)
     with StopSignal() as stop:
         with Prefetcher(run.batches, collate, PREFETCH_DEPTH) as prefetcher:
@@ -242,9 +255,7 @@ def fit(run: Run) -> PretrainResult:
                 metrics = engine.step(batch.micro_batches)
                 step, steps_run = engine.global_step, steps_run + 1
                 profiler.after(step)
-                logged = step % config.log_every == 0
-                if logged:
-                    metrics = metrics.fetch()  # the one wait for the device (an all-reduce) in most steps
+                write_requested()  # the previous logged step's: it waits for that step, not for this one
                 step_s = time.perf_counter() - t0
                 window = [window[0] + 1, window[1] + step_s, window[2] + wait_s]
                 since_check = [since_check[0] + 1, since_check[1] + step_s]
@@ -254,12 +265,14 @@ def fit(run: Run) -> PretrainResult:
                         json.dumps({"step": step, "epoch": batch.epoch, "indices": indices}) + "\n"
                     )
                 pending = None
-                if logged:
-                    record = train_record(step, batch.epoch, metrics, window, run.world_size)
-                    metrics_log.write(record)
+                if step % config.log_every == 0:
+                    requested = (step, batch.epoch, metrics.request(), window)
                     window = [0, 0.0, 0.0]
                 else:
                     pending = (step, batch.epoch, metrics, list(window))
+                if any(every and step % every == 0 for every in
+                       (config.save_every, config.eval_every, config.export_every)):  # fmt: skip
+                    write_requested()  # these wait for the device anyway; the step's record comes first
                 if config.save_every and step % config.save_every == 0:
                     checkpoint, saved_step = save_checkpoint(run), step
                 if config.eval_every and step % config.eval_every == 0 and run.valid is not None:
@@ -272,6 +285,7 @@ def fit(run: Run) -> PretrainResult:
                         checkpoint, saved_step = save_checkpoint(run), step
                     hf_dir, exported_step = export_hf(run, checkpoint), step
         profiler.close(engine.global_step)
+        write_requested()
         if pending is not None:  # the last step was not logged: its metrics are the result's all the same
             step, epoch, metrics, times = pending
             record = train_record(step, epoch, metrics.fetch(), times, run.world_size)
