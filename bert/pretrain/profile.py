@@ -28,7 +28,9 @@ KINDS = (
     ("optimizer", ("adam", "lamb", "multi_tensor", "foreach", "optimizer")),
     (
         "matmul",
-        ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "cutlass", "xmma", "wgmma", "linear"),
+        # nvjet: cuBLAS's Hopper kernels, whose names say neither gemm nor cutlass
+        ("gemm", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "cutlass", "xmma", "wgmma", "linear")
+        + ("nvjet", "splitkreduce"),
     ),
 )
 
