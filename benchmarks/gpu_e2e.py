@@ -16,9 +16,9 @@ The pieces benchmarks/gpu.py runs as its e2e parts (``base-128/ours``, ``base-12
   ``torch.cuda.max_memory_allocated`` and the host's max RSS at exit (it runs any sitecustomize it shadows);
   the rank's metrics.jsonl also logs ``peak_memory_gib`` on CUDA, the same counter, as the run goes.
 
-Both sides are timed alike: per step, from asking for the batch to the step's loss read back on the host
-(bertpipe fetches its metrics every step at ``log_every`` 1); the first ``warmup`` steps (compilation) are
-left out; tokens/s is the median over the timed steps of real (non-padding) tokens / step seconds.
+Both sides are timed alike: per step, from asking for the batch until the step is queued and the previous
+step's loss is read back on the host (bertpipe reads a logged step's metrics once the next step is queued,
+and logs every step at ``log_every`` 1); the first ``warmup`` steps (compilation) are left out; tokens/s is the median over the timed steps of real (non-padding) tokens / step seconds.
 
 MFU = tokens/s × ``flops_per_token(config, mean tokens per sequence)`` / peak, the one formula of
 benchmarks/gpu.py (6 × the dense layers' weights, 12·L·H·mean length for attention, the MLM head at 15% of
@@ -432,19 +432,23 @@ def transformers_main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6, **fused)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     step_s, tokens, samples, losses = [], [], [], []
-    for batch in prepared:
+    previous = None  # the last step's loss, on the device
+    for host_batch in prepared:
         t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in host_batch.items()}
         with autocast:
             out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())  # one read per step, as bertpipe's metrics at log_every 1
+        if previous is not None:  # a read per step, one step late, as bertpipe reads its metrics
+            losses.append(previous.item())
+        previous = out.loss.detach()
         step_s.append(time.perf_counter() - t0)
-        tokens.append(int(batch["attention_mask"].sum()))
-        samples.append(len(batch["input_ids"]))
+        tokens.append(int(host_batch["attention_mask"].sum()))
+        samples.append(len(host_batch["input_ids"]))
+    losses.append(previous.item())
     report = {
         "side": "transformers.BertForPreTraining (SDPA) + plain loop: fused AdamW, bf16 autocast, clip 1.0",
         "transformers": transformers.__version__,
