@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,7 +57,10 @@ class BertLMPredictionHead(nn.Module):
 
 
 def find_mlm_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(P,) flat positions b * T + t of the predicted tokens (label != -100); on a CPU batch, a host computation."""
+    """(P,) flat positions b * T + t of the predicted tokens (label != -100); on a CPU batch, a host computation
+    (in numpy, as ``packing_inputs``)."""
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.from_numpy(np.flatnonzero(labels.numpy().reshape(-1) != IGNORE_INDEX).astype(np.int64))
     return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
