@@ -40,8 +40,7 @@ CLIP_EPS = 1e-6  # DeepSpeed's clip_tensors_by_global_norm: clip / (norm + eps)
 _NEEDED = ("fp32_groups_gradients_flat", "fp32_groups_flat_partition", "fp32_groups_gradient_flat_partition",
            "update_lp_params", "clear_hp_grads", "clear_lp_grads", "_lazy_init_hp_params_optimizer_state",
            "clip_grad", "grad_acc_dtype", "optimizer", "_update_hp_grad", "fp32_groups_gradients",
-           "fp32_groups_has_gradients", "autoep_folding_tp_group", "update_hp_grads", "immediate_grad_update",
-           "bf16_groups")  # fmt: skip
+           "fp32_groups_has_gradients", "update_hp_grads", "bf16_groups")  # fmt: skip
 
 
 def applies(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> str | None:
@@ -55,7 +54,7 @@ def applies(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> str | None:
         return "MoE or Muon parameter groups"
     if getattr(ds_optimizer, "mpu", None) is not None:
         return "model parallelism"
-    if ds_optimizer.autoep_folding_tp_group is not None:
+    if getattr(ds_optimizer, "autoep_folding_tp_group", None) is not None:
         return "expert-parallel gradient folding"
     if ds_optimizer.grad_acc_dtype is not torch.float32:
         return f"gradients accumulate in {ds_optimizer.grad_acc_dtype}, not fp32"
@@ -105,7 +104,7 @@ def _update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads) -> None:
 @torch.no_grad()
 def _update_hp_grads(self, clear_lp_grads=False) -> None:
     """DeepSpeed's ``BF16_Optimizer.update_hp_grads`` (no expert folding): every gradient added in one call."""
-    if self.immediate_grad_update:
+    if getattr(self, "immediate_grad_update", False):
         return
     hp_grads, lp_grads = [], []
     for i, group in enumerate(self.bf16_groups):
