@@ -12,7 +12,8 @@ Parts, in order of importance (``--parts``; each skipped, with its reason in the
    ``transformers`` is transformers.BertForPreTraining (SDPA) in a plain loop (fused AdamW, bf16 autocast) on
    the same batches; ``base-128/eager`` is ours without torch.compile and with the stock model;
    ``base-128/bf16-accumulation`` is ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient
-   accumulation (DeepSpeed's ZeRO optimizer instead of its BF16_Optimizer: the A/B of that choice). Per run:
+   accumulation (DeepSpeed's ZeRO optimizer instead of its BF16_Optimizer: the A/B of that choice);
+   ``base-128/tuned`` is ours with Inductor's coordinate-descent kernel tuning (``gpu_e2e.TUNED_ENV``). Per run:
    real-token tokens/s (median over the steps past the warmup), MFU, peak GPU memory, data_wait share (ours),
    and per config the ratio ours / transformers (benchmarks/gpu_e2e.py says how each side is timed);
    overhead: benchmarks/step_overhead.py on the GPU (the host's launches, syncs and time per step under
@@ -332,7 +333,8 @@ E2E_PARTS = [f"{c}/{side}" for c in gpu_e2e.E2E_CONFIGS for side in ("ours", "tr
 PROFILE_PART = "base-128/profile"
 # ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient accumulation (DeepSpeed's ZeRO optimizer)
 ACCUMULATION_PART = "base-128/bf16-accumulation"
-DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
+TUNED_PART = "base-128/tuned"  # ours with Inductor's coordinate-descent tuning (gpu_e2e.TUNED_ENV)
+DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, TUNED_PART, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
                  "base-128/eager", "step", "pretrain",
                  "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
 PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
@@ -374,7 +376,8 @@ def e2e_budget_shapes(args) -> dict[str, gpu_e2e.Shape]:
 
 
 def e2e_part(args, report: dict, part: str) -> dict:
-    """One e2e run, ``CONFIG/SIDE`` (SIDE: ours, eager or transformers), with its MFU figures."""
+    """One e2e run, ``CONFIG/SIDE`` (SIDE: ours, tuned, bf16-accumulation, eager or transformers), with its MFU
+    figures."""
     from types import SimpleNamespace
 
     config, side = part.split("/")
@@ -395,13 +398,23 @@ def e2e_part(args, report: dict, part: str) -> dict:
         result = gpu_e2e.run_transformers(name, examples, model, batch, steps, warmup, args.device, args.work,
                                           left(args))  # fmt: skip
     else:
-        fast = side in ("ours", "bf16-accumulation")
+        fast = side in ("ours", "bf16-accumulation", "tuned")
         settings = json.loads(json.dumps(gpu_e2e.FAST_SETTINGS if fast else gpu_e2e.EAGER_SETTINGS))
         substitutions = (
             dry_run_substitutions(settings, config, compile_ok=side == "ours") if args.dry_run else {}
         )
         result = gpu_e2e.run_ours(
-            name, examples, model, batch, steps, warmup, settings, args.work, left(args), deepspeed_config
+            name,
+            examples,
+            model,
+            batch,
+            steps,
+            warmup,
+            settings,
+            args.work,
+            left(args),
+            deepspeed_config,
+            gpu_e2e.TUNED_ENV if side == "tuned" else None,
         )
         if substitutions:
             result["dry_run_substitutions"] = substitutions
@@ -444,7 +457,13 @@ def dry_run_substitutions(settings: dict, config: str, compile_ok: bool = True) 
     return changed
 
 
-SIDES = ("ours", "bf16-accumulation", "eager", "transformers")  # transformers last: the others' reference
+SIDES = (
+    "ours",
+    "tuned",
+    "bf16-accumulation",
+    "eager",
+    "transformers",
+)  # transformers last: the others' reference
 
 
 def e2e_summary(report: dict) -> dict:
@@ -529,7 +548,16 @@ def skip_reason(args, part: str, report: dict | None = None) -> str | None:
     if (
         args.dry_run
         and not args.parts_given
-        and part not in ("device", *E2E_PARTS, PROFILE_PART, "overhead", ACCUMULATION_PART, "base-128/eager")
+        and part
+        not in (
+            "device",
+            *E2E_PARTS,
+            PROFILE_PART,
+            TUNED_PART,
+            "overhead",
+            ACCUMULATION_PART,
+            "base-128/eager",
+        )
     ):
         return "dry run: the CPU check covers the device and e2e parts (name others in --parts to run them)"
     if part.endswith("/transformers"):
