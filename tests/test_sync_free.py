@@ -292,3 +292,17 @@ def test_two_ranks_train_as_deepspeeds_step(tmp_path):
     assert [r["verdicts"] for r in reports] == [{"adamw": "same", "lamb": "same"}] * 2
     total = BertForPreTraining(BertConfig(**MODEL)).num_parameters()
     assert reports[0]["partition"] < total  # each rank steps its half
+
+
+def test_the_engine_starts_without_deepspeeds_memory_reports(world_of_one, monkeypatch):
+    """BF16_Optimizer's six ``see_memory_usage(force=True)`` while it starts each collect all garbage (0.6 s
+    apiece late in a test session) to print figures the engine discards: the engine starts without them, and
+    leaves DeepSpeed's function in place after."""
+    import deepspeed.runtime.bf16_optimizer as bf16_optimizer
+
+    reports = []
+    counting = lambda *args, **kwargs: reports.append(args)  # noqa: E731
+    monkeypatch.setattr(bf16_optimizer, "see_memory_usage", counting)
+    engine = make_engine(1, 1.0, sync_free_step=True)
+    assert type(engine.engine.optimizer).__name__ == "BF16_Optimizer"
+    assert reports == [] and bf16_optimizer.see_memory_usage is counting
