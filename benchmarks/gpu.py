@@ -337,6 +337,9 @@ TUNED_PART = "base-128/tuned"  # ours with Inductor's coordinate-descent tuning 
 DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, TUNED_PART, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
                  "base-128/eager", "step", "pretrain",
                  "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
+# what a dry run (the CPU check of the plumbing) runs unless --parts names others
+DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, TUNED_PART, "overhead", ACCUMULATION_PART,
+                 "base-128/eager")  # fmt: skip
 PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
 CUDA_ONLY = {"step", "step_compile", "tests"}
 DRY_RUN_SHAPES = {"base-128": ("tiny", 128, 8), "large-128": ("tiny", 128, 8), "base-512": ("tiny", 512, 4),
@@ -403,19 +406,9 @@ def e2e_part(args, report: dict, part: str) -> dict:
         substitutions = (
             dry_run_substitutions(settings, config, compile_ok=side == "ours") if args.dry_run else {}
         )
-        result = gpu_e2e.run_ours(
-            name,
-            examples,
-            model,
-            batch,
-            steps,
-            warmup,
-            settings,
-            args.work,
-            left(args),
-            deepspeed_config,
-            gpu_e2e.TUNED_ENV if side == "tuned" else None,
-        )
+        extra_env = gpu_e2e.TUNED_ENV if side == "tuned" else None
+        result = gpu_e2e.run_ours(name, examples, model, batch, steps, warmup, settings, args.work, left(args),
+                                  deepspeed_config, extra_env)  # fmt: skip
         if substitutions:
             result["dry_run_substitutions"] = substitutions
     cfg = SimpleNamespace(**result.pop("_config"))
@@ -457,13 +450,7 @@ def dry_run_substitutions(settings: dict, config: str, compile_ok: bool = True) 
     return changed
 
 
-SIDES = (
-    "ours",
-    "tuned",
-    "bf16-accumulation",
-    "eager",
-    "transformers",
-)  # transformers last: the others' reference
+SIDES = ("ours", "tuned", "bf16-accumulation", "eager", "transformers")  # transformers last: the reference
 
 
 def e2e_summary(report: dict) -> dict:
@@ -545,20 +532,7 @@ def skip_reason(args, part: str, report: dict | None = None) -> str | None:
         return "needs a CUDA device"
     if part == "finetune" and args.cola is None:
         return "no --cola given"
-    if (
-        args.dry_run
-        and not args.parts_given
-        and part
-        not in (
-            "device",
-            *E2E_PARTS,
-            PROFILE_PART,
-            TUNED_PART,
-            "overhead",
-            ACCUMULATION_PART,
-            "base-128/eager",
-        )
-    ):
+    if args.dry_run and not args.parts_given and part not in DRY_RUN_PARTS:
         return "dry run: the CPU check covers the device and e2e parts (name others in --parts to run them)"
     if part.endswith("/transformers"):
         ours = ((report or {}).get("parts") or {}).get(part.replace("/transformers", "/ours")) or {}

@@ -18,7 +18,8 @@ The pieces benchmarks/gpu.py runs as its e2e parts (``base-128/ours``, ``base-12
 
 Both sides are timed alike: per step, from asking for the batch until the step is queued and the previous
 step's loss is read back on the host (bertpipe reads a logged step's metrics once the next step is queued,
-and logs every step at ``log_every`` 1); the first ``warmup`` steps (compilation) are left out; tokens/s is the median over the timed steps of real (non-padding) tokens / step seconds.
+and logs every step at ``log_every`` 1); the first ``warmup`` steps (compilation) are left out; tokens/s is
+the median over the timed steps of real (non-padding) tokens / step seconds.
 
 MFU = tokens/s × ``flops_per_token(config, mean tokens per sequence)`` / peak, the one formula of
 benchmarks/gpu.py (6 × the dense layers' weights, 12·L·H·mean length for attention, the MLM head at 15% of
@@ -65,6 +66,8 @@ EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compile
 # (block sizes, warps), which the elementwise kernels may want: on an H200 the fused residual+dropout+LayerNorm
 # moved ~1.3 TB/s of the ~4.3 a copy reaches (2026-12-04). An environment setting of the ranks, not an option.
 TUNED_ENV = {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}
+# The sides that are ours run another way: the budget scales them from ours' measured cost.
+OURS_VARIANTS = ("eager", "profile", "bf16-accumulation", "tuned")
 ZERO1_BF16 = REPO / "deepspeed_configs" / "zero1_bf16.json"  # the shipped JSON: fp32 gradient accumulation
 
 
@@ -554,7 +557,7 @@ class Budget:
             return self.measured.get(part, PRIOR_S.get(part, 120.0)) * SAFETY
         config, side = part.split("/", 1)
         target = self.shapes.get(config)
-        sides = (side, "ours") if side in ("eager", "profile", "bf16-accumulation", "tuned") else (side,)
+        sides = (side, "ours") if side in OURS_VARIANTS else (side,)
         measured = [(p.split("/")[0], c) for s in sides for p, c in self.costs.items() if p.endswith("/" + s)]
         measured = [(self.shapes[c], cost) for c, cost in measured if c in self.shapes]
         if target is None or not (measured or "base-128" in self.shapes):

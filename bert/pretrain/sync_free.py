@@ -87,16 +87,23 @@ def uninstall(ds_optimizer) -> None:
             delattr(ds_optimizer, name)  # the class's: DeepSpeed's
 
 
+def _hp_grad_for(self, lp, group_idx: int, param_idx: int) -> torch.Tensor:
+    """The fp32 gradient buffer of ``lp`` (a view of the flat one), marked as holding a gradient, as DeepSpeed's
+    ``_update_hp_grad`` marks it."""
+    hp_grad = self.fp32_groups_gradients[group_idx][param_idx]
+    lp._hp_grad = hp_grad
+    self.fp32_groups_has_gradients[group_idx][param_idx] = True
+    return hp_grad
+
+
 @torch.no_grad()
 def _update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads) -> None:
     """DeepSpeed's ``BF16_Optimizer._update_hp_grad`` (no expert folding) with the fp32 add reading the bf16
     gradient directly."""
     if lp.grad is None:
         return
-    hp_grad = self.fp32_groups_gradients[group_idx][param_idx]
+    hp_grad = _hp_grad_for(self, lp, group_idx, param_idx)
     hp_grad.add_(lp.grad.view(hp_grad.shape))  # bf16 -> fp32 is exact; the sum is in fp32, as DeepSpeed's
-    lp._hp_grad = hp_grad
-    self.fp32_groups_has_gradients[group_idx][param_idx] = True
     if clear_lp_grads:
         lp.grad.zero_()
 
@@ -106,17 +113,11 @@ def _update_hp_grads(self, clear_lp_grads=False) -> None:
     """DeepSpeed's ``BF16_Optimizer.update_hp_grads`` (no expert folding): every gradient added in one call."""
     if getattr(self, "immediate_grad_update", False):
         return
-    hp_grads, lp_grads = [], []
-    for i, group in enumerate(self.bf16_groups):
-        for j, lp in enumerate(group):
-            if lp.grad is None:
-                continue
-            hp_grad = self.fp32_groups_gradients[i][j]
-            hp_grads.append(hp_grad)
-            lp_grads.append(lp.grad.view(hp_grad.shape))
-            lp._hp_grad = hp_grad
-            self.fp32_groups_has_gradients[i][j] = True
-    if hp_grads:
+    pairs = [(_hp_grad_for(self, lp, i, j), lp.grad) for i, group in enumerate(self.bf16_groups)
+             for j, lp in enumerate(group) if lp.grad is not None]  # fmt: skip
+    if pairs:
+        hp_grads = [hp for hp, _ in pairs]
+        lp_grads = [lp.view(hp.shape) for hp, lp in pairs]
         torch._foreach_add_(hp_grads, lp_grads)
         if clear_lp_grads:
             torch._foreach_zero_(lp_grads)
