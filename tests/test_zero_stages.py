@@ -1,7 +1,7 @@
 """Every ZeRO stage trains, resumes exactly and exports the fp32 master weights (two ranks, gloo, launcher).
 
 ZeRO-3 bf16 and ZeRO-1 bf16 with LAMB (DeepSpeed's BF16_Optimizer: the shipped config accumulates gradients
-in fp32): a straight run, a run stopped at step 3 then ``--resume``d (same losses, same weights), an HF export
+in fp32): a straight run, the same run resumed from its step-3 checkpoint (same losses, same weights), an HF export
 that transformers loads with no missing or unexpected key and that equals the checkpoint's fp32 master
 weights, and a phase 2 (``--init-from``) that starts from that export. ZeRO-1 and ZeRO-3 fp32 resume (on another
 number of ranks) and ZeRO-1 fp32's export are in test_resize.py, ZeRO-2's in test_pretrain_distributed.py. ZeRO-0 bf16
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,8 @@ def stage(tmp_path_factory) -> tuple[Path, Path]:
     return make_training_stage(tmp_path_factory.mktemp("zero"), num_train=128, num_valid=16)
 
 
-def pretrain(out: Path, stage: tuple[Path, Path], deepspeed: str, *args: str) -> None:
-    """``bertpipe pretrain`` on the tiny stage, global batch 16 of micro batches of 4."""
+def pretrain(out: Path, stage: tuple[Path, Path], deepspeed: str, *args: str) -> str:
+    """``bertpipe pretrain`` on the tiny stage, global batch 16 of micro batches of 4; its output."""
     examples, model_config = stage
     command = [str(BERTPIPE), "pretrain", "--examples", str(examples), "--model-config", str(model_config),
                "--out", str(out), "--deepspeed-config", str(REPO / "deepspeed_configs" / f"{deepspeed}.json"),
@@ -43,6 +44,7 @@ def pretrain(out: Path, stage: tuple[Path, Path], deepspeed: str, *args: str) ->
     done = subprocess.run(command, capture_output=True, text=True, timeout=400,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -59,9 +61,16 @@ def test_zero_stage_resumes_exactly_exports_master_weights_and_starts_phase_two(
     straight, split = tmp_path / "straight", tmp_path / "split"
     # ZeRO-1 bf16 with LAMB (the base-phase1/2 recipe): its trust ratios over partitions spread on 2 ranks
     optimizer = ["--optimizer", "lamb"] if deepspeed == "zero1_bf16" else []
-    pretrain(straight, stage, deepspeed, "--num-gpus", "2", "--max-steps", "5", *optimizer)
-    pretrain(split, stage, deepspeed, "--num-gpus", "2", "--max-steps", "3", *optimizer)
-    pretrain(split, stage, deepspeed, "--num-gpus", "2", "--max-steps", "5", "--resume", *optimizer)
+    pretrain(
+        straight, stage, deepspeed, "--num-gpus", "2", "--max-steps", "5", "--save-every", "3", *optimizer
+    )
+    # The run as if it had stopped after its step-3 checkpoint (one launch fewer than stopping one at step 3):
+    # what came after is gone, `latest` names step 3; --resume continues from there on two new ranks.
+    shutil.copytree(straight, split, ignore=shutil.ignore_patterns("step-5", "hf", "result.json"))
+    assert sorted(p.name for p in (split / "checkpoints").glob("step-*")) == ["step-3"]
+    (split / "checkpoints" / "latest").write_text("step-3")
+    output = pretrain(split, stage, deepspeed, "--num-gpus", "2", "--max-steps", "5", "--resume", *optimizer)
+    assert "resumed from step-3 " in output  # not a second straight run
 
     a, b = losses(straight), losses(split)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
