@@ -13,7 +13,9 @@ Parts, in order of importance (``--parts``; each skipped, with its reason in the
    the same batches; ``base-128/eager`` is ours without torch.compile and with the stock model;
    ``base-128/bf16-accumulation`` is ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient
    accumulation (DeepSpeed's ZeRO optimizer instead of its BF16_Optimizer: the A/B of that choice);
-   ``base-128/tuned`` is ours with Inductor's coordinate-descent kernel tuning (``gpu_e2e.TUNED_ENV``). Per run:
+   ``base-128/aten-rng``, ``cpp-wrapper`` and ``tuned`` are ours with Inductor settings
+   (``gpu_e2e.COMPILE_VARIANTS``: dropout masks from torch's random kernel; kernel launches from C++;
+   coordinate-descent kernel tuning). Per run:
    real-token tokens/s (median over the steps past the warmup), MFU, peak GPU memory, data_wait share (ours),
    and per config the ratio ours / transformers (benchmarks/gpu_e2e.py says how each side is timed);
    overhead: benchmarks/step_overhead.py on the GPU (the host's launches, syncs and time per step under
@@ -333,12 +335,13 @@ E2E_PARTS = [f"{c}/{side}" for c in gpu_e2e.E2E_CONFIGS for side in ("ours", "tr
 PROFILE_PART = "base-128/profile"
 # ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient accumulation (DeepSpeed's ZeRO optimizer)
 ACCUMULATION_PART = "base-128/bf16-accumulation"
-TUNED_PART = "base-128/tuned"  # ours with Inductor's coordinate-descent tuning (gpu_e2e.TUNED_ENV)
-DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, TUNED_PART, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
+# ours with Inductor settings (gpu_e2e.COMPILE_VARIANTS)
+COMPILE_PARTS = [f"base-128/{side}" for side in gpu_e2e.COMPILE_VARIANTS]
+DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, *COMPILE_PARTS, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
                  "base-128/eager", "step", "pretrain",
                  "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
 # what a dry run (the CPU check of the plumbing) runs unless --parts names others
-DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, TUNED_PART, "overhead", ACCUMULATION_PART,
+DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, *COMPILE_PARTS, "overhead", ACCUMULATION_PART,
                  "base-128/eager")  # fmt: skip
 PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
 CUDA_ONLY = {"step", "step_compile", "tests"}
@@ -379,8 +382,8 @@ def e2e_budget_shapes(args) -> dict[str, gpu_e2e.Shape]:
 
 
 def e2e_part(args, report: dict, part: str) -> dict:
-    """One e2e run, ``CONFIG/SIDE`` (SIDE: ours, tuned, bf16-accumulation, eager or transformers), with its MFU
-    figures."""
+    """One e2e run, ``CONFIG/SIDE`` (SIDE: ours, one of ``gpu_e2e.COMPILE_VARIANTS``, bf16-accumulation, eager
+    or transformers), with its MFU figures."""
     from types import SimpleNamespace
 
     config, side = part.split("/")
@@ -401,14 +404,15 @@ def e2e_part(args, report: dict, part: str) -> dict:
         result = gpu_e2e.run_transformers(name, examples, model, batch, steps, warmup, args.device, args.work,
                                           left(args))  # fmt: skip
     else:
-        fast = side in ("ours", "bf16-accumulation", "tuned")
+        fast = side in ("ours", "bf16-accumulation", *gpu_e2e.COMPILE_VARIANTS)
         settings = json.loads(json.dumps(gpu_e2e.FAST_SETTINGS if fast else gpu_e2e.EAGER_SETTINGS))
+        if side in gpu_e2e.COMPILE_VARIANTS:
+            settings["compile_options"] = dict(gpu_e2e.COMPILE_VARIANTS[side])
         substitutions = (
             dry_run_substitutions(settings, config, compile_ok=side == "ours") if args.dry_run else {}
         )
-        extra_env = gpu_e2e.TUNED_ENV if side == "tuned" else None
         result = gpu_e2e.run_ours(name, examples, model, batch, steps, warmup, settings, args.work, left(args),
-                                  deepspeed_config, extra_env)  # fmt: skip
+                                  deepspeed_config)  # fmt: skip
         if substitutions:
             result["dry_run_substitutions"] = substitutions
     cfg = SimpleNamespace(**result.pop("_config"))
@@ -447,10 +451,12 @@ def dry_run_substitutions(settings: dict, config: str, compile_ok: bool = True) 
     overrides.update(changed)
     if settings.get("compile") and (config != "base-128" or not compile_ok):
         settings["compile"] = changed["compile"] = False
+        if settings.pop("compile_options", None):  # settings of the compilation there no longer is
+            changed["compile_options"] = {}
     return changed
 
 
-SIDES = ("ours", "tuned", "bf16-accumulation", "eager", "transformers")  # transformers last: the reference
+SIDES = ("ours", *gpu_e2e.COMPILE_VARIANTS, "bf16-accumulation", "eager", "transformers")  # transformers last
 
 
 def e2e_summary(report: dict) -> dict:

@@ -62,12 +62,22 @@ FAST_SETTINGS = {
     },
 }  # the all_switches variant of benchmarks/gpu.py
 EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compiled
-# The A/B side ``tuned``: ours with Inductor's coordinate-descent tuning of its Triton kernels' launch settings
-# (block sizes, warps), which the elementwise kernels may want: on an H200 the fused residual+dropout+LayerNorm
-# moved ~1.3 TB/s of the ~4.3 a copy reaches (2026-12-04). An environment setting of the ranks, not an option.
-TUNED_ENV = {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}
+# Sides that are ours with Inductor settings (TrainConfig.compile_options) over FAST_SETTINGS, A/Bs for the
+# elementwise kernels, which on an H200 (2026-12-04) ran far below the ~4.3 TB/s a copy reaches: the fused
+# residual + dropout + LayerNorm at ~1.3 TB/s forward, 1.9 backward, GELU 2.7 / 3.0.
+# - tuned: coordinate-descent tuning of the Triton kernels' launch settings (block sizes, warps);
+# - aten-rng: the dropout masks drawn by torch's own random kernel (fallback_random) rather than inside the
+#   fused kernels, where Triton's Philox runs once per element and keeps one of its four numbers: arithmetic
+#   for 24 M elements that, at the H200's integer rate, takes about what those kernels take (the suspect);
+# - cpp-wrapper: the compiled graphs' kernel launches from generated C++ rather than Python (the host, ~50 ms
+#   a BERT-base step with the profiler on, is about as slow as the GPU's 47 ms of kernels).
+COMPILE_VARIANTS = {
+    "aten-rng": {"fallback_random": True},
+    "cpp-wrapper": {"cpp_wrapper": True},
+    "tuned": {"coordinate_descent_tuning": True},
+}
 # The sides that are ours run another way: the budget scales them from ours' measured cost.
-OURS_VARIANTS = ("eager", "profile", "bf16-accumulation", "tuned")
+OURS_VARIANTS = ("eager", "profile", "bf16-accumulation", *COMPILE_VARIANTS)
 ZERO1_BF16 = REPO / "deepspeed_configs" / "zero1_bf16.json"  # the shipped JSON: fp32 gradient accumulation
 
 
@@ -329,11 +339,10 @@ def run_ours(
     work: Path,
     timeout_s: float,
     deepspeed_config: Path = ZERO1_BF16,
-    extra_env: dict[str, str] | None = None,
 ) -> dict:
-    """`bertpipe pretrain` through the launcher with ``settings`` (a TrainConfig JSON) and ``deepspeed_config``
-    (and ``extra_env`` in the ranks' environment): its step figures, data wait and the rank's peak memory; the
-    run's checkpoints are deleted after (a large one is ~5 GB)."""
+    """`bertpipe pretrain` through the launcher with ``settings`` (a TrainConfig JSON) and ``deepspeed_config``:
+    its step figures, data wait and the rank's peak memory; the run's checkpoints are deleted after (a large
+    one is ~5 GB)."""
     from bert.model import BertConfig
 
     run, logs = work / "runs" / name, work / "logs"
@@ -342,7 +351,7 @@ def run_ours(
     shutil.rmtree(peak_dir, ignore_errors=True)
     peak_dir.mkdir(parents=True)
     hook = write_peak_hook(work / "hook")
-    env = {**os.environ, **(extra_env or {}), PEAK_HOOK_ENV: str(peak_dir)}
+    env = {**os.environ, PEAK_HOOK_ENV: str(peak_dir)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
     config_file = work / "configs" / f"{name}.json"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +373,6 @@ def run_ours(
         "side": "bertpipe pretrain (launcher, DeepSpeed ZeRO-1 bf16, 1 rank)",
         "deepspeed_config": deepspeed_config.name,
         "settings": settings,
-        **({"environment": extra_env} if extra_env else {}),
         "device": result.get("device"),
         "steps": result["step"],
         "warmup_steps_excluded": warmup,

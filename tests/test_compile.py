@@ -124,3 +124,52 @@ def test_compiled_engine_compiles_once_for_batches_of_other_sizes(monkeypatch):
     losses = [engine.step([b]).fetch()["loss"] for b in batches]
     assert all(loss == loss for loss in losses)  # finite, not NaN
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for {len(batches)} batch shapes"
+
+
+@pytest.mark.slow
+def test_compile_options_reach_the_compiler_and_nothing_else_does(monkeypatch):
+    """TrainConfig.compile_options are torch.compile's ``options`` (Inductor's settings), given to the backend."""
+    from bert.pretrain import engine as eng
+
+    eng.init_distributed()
+    seen: list[dict] = []
+
+    def recording_backend(gm, example_inputs, **kwargs):
+        seen.append(kwargs)
+        return gm.forward
+
+    monkeypatch.setattr(eng.Engine, "compile_backend", staticmethod(recording_backend))
+    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 0}}  # fmt: skip
+    for options in ({"fallback_random": True, "coordinate_descent_tuning": True}, {}):
+        torch._dynamo.reset()
+        seen.clear()
+        model = BertForPreTraining(BertConfig(**TINIEST))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        engine = eng.Engine(model, optimizer, dict(ds_config), lambda step: 1e-2, seed=0, compile=True,
+                            compile_options=options)  # fmt: skip
+        engine.step([batch(1)]).fetch()
+        assert seen and all(kwargs == ({"options": options} if options else {}) for kwargs in seen), seen
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"fallback_randm": True}, "'fallback_randm' is not an Inductor setting of this torch (did you mean fallback_random"),
+        ({"coordinate_descent_tuning": "yes"}, "coordinate_descent_tuning takes a bool"),
+        (["fallback_random"], "compile_options must be an object of Inductor settings"),
+    ],
+)  # fmt: skip
+def test_bad_compile_options_are_refused_with_the_config(tmp_path, options, message):
+    from bert.pretrain.config import TrainConfig
+
+    with pytest.raises(ValueError, match="invalid training config") as error:
+        TrainConfig(examples=str(tmp_path), out=str(tmp_path / "run"), max_steps=1, compile_options=options)
+    assert message in str(error.value)
+    with pytest.raises(ValueError, match="compile false turns off"):
+        TrainConfig(examples=str(tmp_path), out=str(tmp_path / "run"), max_steps=1, compile=False,
+                    compile_options={"fallback_random": True})  # fmt: skip
+    assert (
+        TrainConfig(examples="e", out="o", max_steps=1, compile_options={"fallback_random": True}).compile
+        is None
+    )

@@ -70,6 +70,10 @@ def test_overrides_set_nested_keys_tasks_and_corpus():
         ("pretrain.learning_rate=1", 'section "pretrain": unknown key "learning_rate"'),
         ("examples.masked_lm_prob=2", 'section "examples": masked_lm_prob=2 must be in (0, 1]'),
         ("pretrain.optimizer=sgd", 'section "pretrain": invalid training config: - optimizer must be one of'),
+        (
+            'pretrain.compile_options={"fallback_randm": true}',
+            "- compile_options: 'fallback_randm' is not an Inductor setting of this torch (did you mean fallback_random",
+        ),
         ("shard.num_shards=four", 'section "shard":'),
         ("vocab.out=/tmp/x", 'section "vocab": "out" is set by the pipeline'),
         ("pretrain.num_gpus=0", "num_gpus must be a positive integer"),

@@ -1,11 +1,13 @@
 """The pretraining config and its pure arithmetic: batch sizes, durations, seeds.
 
-Everything here is plain Python, testable without a process group. ``TrainConfig`` is the one source of
+Everything here is plain Python, testable without a process group (``check_compile_options`` reads
+Inductor's settings, when there are some to check). ``TrainConfig`` is the one source of
 truth for batch sizes, optimizer and schedule; the DeepSpeed JSON may only say "auto" for them or agree.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -112,6 +114,35 @@ def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
     return int(start), int(stop)
 
 
+def check_compile_options(options, compile: bool | None = None) -> list[str]:
+    """What is wrong with ``TrainConfig.compile_options``: each name must be one of ``torch._inductor.config``
+    with a value of its type (torch.compile would refuse it on every rank, after the launch). Imports Inductor's
+    config (~1.5 s) only when there are options to check."""
+    if not isinstance(options, dict):
+        return [f"compile_options must be an object of Inductor settings, got {options!r}"]
+    if not options:
+        return []
+    if compile is False:
+        return ["compile_options are settings of the compilation, which compile false turns off"]
+    from torch._inductor import config as inductor
+
+    known = inductor.get_config_copy()
+    problems = []
+    for name, value in options.items():
+        key = name.replace("-", "_")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            problems.append(f"compile_options: {name!r} is not an Inductor setting of this torch{hint}")
+            continue
+        wanted = type(known[key])
+        if known[key] is not None and not isinstance(value, wanted):
+            problems.append(
+                f"compile_options: {name} takes a {wanted.__name__} (it is {known[key]!r}), got {value!r}"
+            )
+    return problems
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. (seed, step, rank))."""
     import numpy as np
@@ -151,6 +182,9 @@ class TrainConfig:
     compile: bool | None = None
     """torch.compile the model (through DeepSpeed's ``engine.compile()``); None: on CUDA yes, on the CPU no
     (compiling costs more there than it saves). Compiled losses equal eager ones within float rounding."""
+    compile_options: dict = field(default_factory=dict)
+    """Inductor settings for the compilation (torch.compile's ``options``: names of ``torch._inductor.config``),
+    e.g. ``{"coordinate_descent_tuning": true}``; empty: Inductor's defaults. See ``check_compile_options``."""
     # how long
     max_steps: int | None = None  # optimizer steps counted from the start of training (not this run)
     time_budget: str | None = None  # wall time of this run, e.g. "2h", "90s"
@@ -211,6 +245,7 @@ class TrainConfig:
             )
         if self.compile not in (None, True, False):
             problems.append(f"compile must be true, false or null (auto: on CUDA only), got {self.compile!r}")
+        problems += check_compile_options(self.compile_options, self.compile)
         try:
             parse_profile_steps(self.profile_steps)
         except ValueError as e:

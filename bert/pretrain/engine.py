@@ -274,6 +274,7 @@ class Engine:
     checkpoints and exports stay those of the eager model (``torch.compile(model)`` before initialize
     would hand DeepSpeed an ``OptimizedModule`` whose names all start with ``_orig_mod.``), and DeepSpeed
     keeps the optimizer, ZeRO's partitioning and its hooks, which it keeps out of the graph itself.
+    ``compile_options`` (``TrainConfig.compile_options``): Inductor settings, torch.compile's ``options``.
     """
 
     compile_backend: str | None = None  # None: the accelerator's (inductor); tests use a cheaper one
@@ -286,6 +287,7 @@ class Engine:
         lr_at: Callable[[int], float],
         seed: int,
         compile: bool | None = None,
+        compile_options: dict | None = None,
     ):
         self.base_optimizer = optimizer
         self.lr_at = lr_at
@@ -305,7 +307,8 @@ class Engine:
         self.compiled = resolve_compile(compile)
         if self.compiled:
             backend = {"backend": self.compile_backend} if self.compile_backend else {}
-            self.engine.compile(**backend)
+            options = {"compile_kwargs": {"options": dict(compile_options)}} if compile_options else {}
+            self.engine.compile(**backend, **options)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = self.engine.zero_optimization_stage()
         self.precision = (

@@ -339,7 +339,8 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
         return config.lr * schedule
 
     num_parameters = model.num_parameters()  # before ZeRO-3 partitions the tensors away
-    run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed, compile=config.compile)
+    run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed, compile=config.compile,
+                            compile_options=config.compile_options)  # fmt: skip
     position = resume(run) if config.resume else DataPosition()
     run.batches = RankBatches(run.train, config.seed, rank, world_size, run.batch.micro_batch_size,
                               run.batch.gradient_accumulation_steps, config.bucket_batches, position)  # fmt: skip

@@ -55,7 +55,7 @@ FORMAT_VERSION = 1
 NOT_IN_FINGERPRINT = ("examples", "out", "vocab", "resume", "save_every", "keep_last", "export_every",
                       "eval_every", "eval_samples", "log_every", "log_example_indices", "progress_bar",
                       "tensorboard", "model_config", "init_from", "deepspeed_config",
-                      "compile", "profile_steps")  # fmt: skip  # compile changes float rounding only, like the number of ranks
+                      "compile", "compile_options", "profile_steps")  # fmt: skip  # compile changes float rounding only, like the number of ranks
 LENGTH = ("max_steps", "time_budget")
 
 
