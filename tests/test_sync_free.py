@@ -36,15 +36,20 @@ BATCH, SEQ = 4, 16
 
 
 def make_engine(
-    world_size: int, clip: float, sync_free_step: bool, optimizer: str = "adamw", fused: bool = True
+    world_size: int,
+    clip: float,
+    sync_free_step: bool,
+    optimizer: str = "adamw",
+    fused: bool = True,
+    accumulation: int = 1,
 ) -> eng.Engine:
     """A DeepSpeed engine of the tiny model under the shipped zero1_bf16.json, the same weights every call; AdamW
     fused as bertpipe builds it on CUDA (the CPU default is the foreach one)."""
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(**MODEL))
     train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=100, max_grad_norm=clip)
-    sizes = BatchSizes(global_batch_size=BATCH * world_size, micro_batch_size=BATCH,
-                       gradient_accumulation_steps=1, world_size=world_size)  # fmt: skip
+    sizes = BatchSizes(global_batch_size=BATCH * world_size * accumulation, micro_batch_size=BATCH,
+                       gradient_accumulation_steps=accumulation, world_size=world_size)  # fmt: skip
     ds_json = load_deepspeed_config(REPO / "deepspeed_configs" / "zero1_bf16.json")
     filled, _ = fill_deepspeed_config(ds_json, train, sizes, MODEL["hidden_size"])
     base = build_optimizer(model, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=fused)
@@ -69,8 +74,11 @@ def make_batch(step: int, rank: int) -> dict[str, torch.Tensor]:
             "labels": labels, "next_sentence_label": torch.tensor([0, 1, 1, 0])}  # fmt: skip
 
 
-def train(engine: eng.Engine, steps: int, rank: int = 0, poison_step: int | None = None) -> dict:
-    """Losses, gradient norms and optimizer state after ``steps``; at ``poison_step`` one gradient is made inf."""
+def train(
+    engine: eng.Engine, steps: int, rank: int = 0, poison_step: int | None = None, accumulation: int = 1
+) -> dict:
+    """Losses, gradient norms and optimizer state after ``steps`` (of ``accumulation`` micro batches); at
+    ``poison_step`` one gradient is made inf."""
     losses, norms = [], []
     word_embeddings = engine.module.bert.embeddings.word_embeddings.weight
     for step in range(1, steps + 1):
@@ -79,7 +87,8 @@ def train(engine: eng.Engine, steps: int, rank: int = 0, poison_step: int | None
             hook = word_embeddings.register_hook(
                 lambda grad: grad.index_fill(0, torch.tensor([7]), float("inf"))
             )
-        metrics = engine.step([make_batch(step, rank)]).fetch()
+        micro_batches = [make_batch(step + 100 * i, rank) for i in range(accumulation)]
+        metrics = engine.step(micro_batches).fetch()
         if hook is not None:
             hook.remove()
         losses.append(metrics["loss"])
@@ -174,6 +183,33 @@ def test_clipped_steps_and_a_non_finite_gradient_train_as_deepspeeds(world_of_on
     assert_same_training(ours, theirs)
     # fused AdamW skips on the device; LAMB reads the norm's finiteness back once (DeepSpeed: twice)
     assert counts["reads"] == (0 if optimizer == "adamw" else 1), counts
+
+
+def test_accumulated_micro_batches_train_as_deepspeeds_without_adding_into_kept_gradients(world_of_one):
+    """Once a micro batch's bf16 gradients are in the fp32 buffers, DeepSpeed's own code zeroes them (the engine
+    asks it to: ``drop_bf16_grads_once_accumulated``) and autograd then adds each new one into its zeroed
+    tensor, a kernel a tensor per micro batch; bertpipe's step drops them, so each parameter takes its next
+    gradient as it comes. The training is the same (test_zero_stages holds both to a plain loop's gradients)."""
+    ours, theirs = (make_engine(1, 1.0, sync_free_step=s, accumulation=2) for s in (True, False))
+    added = []
+    for engine in (ours, theirs):
+        backward, calls, counts = engine.engine.backward, [0], {}
+
+        def counted(*args, _backward=backward, _calls=calls, _counts=counts, **kwargs):
+            _calls[0] += 1
+            if _calls[0] != 2:  # the second micro batch's backward: gradients of the first were kept or not
+                return _backward(*args, **kwargs)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                result = _backward(*args, **kwargs)
+            _counts["add_"] = sum(1 for e in prof.events() if e.name == "aten::add_")
+            return result
+
+        engine.engine.backward = counted
+        added.append(counts)
+    assert_same_training(train(ours, 3, accumulation=2), train(theirs, 3, accumulation=2))
+    tensors = len(list(ours.module.parameters()))
+    assert added[0]["add_"] <= added[1]["add_"] - tensors, added
+    assert all(p.grad is None for p in ours.module.parameters())  # dropped after the step, as before
 
 
 def test_it_takes_over_bf16_optimizer_only_and_reads_once_without_fused_adamw(world_of_one):

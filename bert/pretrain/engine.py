@@ -12,6 +12,7 @@ and the LR schedule are always bertpipe's (``bert.optim``), so CPU and GPU runs 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -251,6 +252,24 @@ def _no_bf16_memory_reports():
         module.see_memory_usage = original
 
 
+def drop_bf16_grads_once_accumulated(ds_optimizer) -> bool:
+    """Make DeepSpeed's BF16_Optimizer drop each micro batch's bf16 gradients once it has added them into its
+    fp32 buffers; True where ``ds_optimizer`` is one.
+
+    It keeps them otherwise and counts on its engine to clear them before the next backward, in a hook
+    ``engine.forward`` hangs on the forward's outputs, which it looks for in tensors, tuples, lists and dicts
+    only. A bertpipe model returns a dataclass: no hook, the gradients stay, autograd adds the next micro
+    batch's into them, and the fp32 sum counts the first micro batch k times, the second k - 1 times...
+    (k micro batches a step: the base-phase1/phase2 recipes' 4 and 8). Dropped (``clear_lp_grads``, which
+    bertpipe's sync-free step does by setting them to None), each backward starts from no gradient, as the
+    hook would have it, and autograd hands each parameter its new gradient without adding it anywhere.
+    """
+    if type(ds_optimizer).__name__ != "BF16_Optimizer" or not hasattr(ds_optimizer, "backward_epilogue"):
+        return False
+    ds_optimizer.backward_epilogue = functools.partial(ds_optimizer.backward_epilogue, clear_lp_grads=True)
+    return True
+
+
 def host_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A copy of the collated (CPU) ``batch`` with its packing (``packing_inputs``) and MLM positions added.
 
@@ -318,6 +337,7 @@ class Engine:
         self._lay_out_lamb()
         # BF16_Optimizer: its step with one read of the device (LAMB) or none (fused AdamW): bert.pretrain.sync_free
         self.sync_free_step = sync_free.install(self.engine.optimizer, optimizer)
+        drop_bf16_grads_once_accumulated(self.engine.optimizer)
         warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
         if isinstance(optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:
             warning = (

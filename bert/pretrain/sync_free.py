@@ -113,14 +113,15 @@ def _update_hp_grads(self, clear_lp_grads=False) -> None:
     """DeepSpeed's ``BF16_Optimizer.update_hp_grads`` (no expert folding): every gradient added in one call."""
     if getattr(self, "immediate_grad_update", False):
         return
-    pairs = [(_hp_grad_for(self, lp, i, j), lp.grad) for i, group in enumerate(self.bf16_groups)
-             for j, lp in enumerate(group) if lp.grad is not None]  # fmt: skip
+    pairs = [(_hp_grad_for(self, lp, i, j), lp) for i, group in enumerate(self.bf16_groups)
+                    for j, lp in enumerate(group) if lp.grad is not None]  # fmt: skip
     if pairs:
         hp_grads = [hp for hp, _ in pairs]
-        lp_grads = [lp.view(hp.shape) for hp, lp in pairs]
+        lp_grads = [lp.grad.view(hp.shape) for hp, lp in pairs]
         torch._foreach_add_(hp_grads, lp_grads)
-        if clear_lp_grads:
-            torch._foreach_zero_(lp_grads)
+        if clear_lp_grads:  # dropped, not zeroed: the next backward's gradients are then taken as they come
+            for _, lp in pairs:
+                lp.grad = None
 
 
 @torch.no_grad()
