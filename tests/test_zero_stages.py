@@ -130,6 +130,7 @@ def test_zero0_bf16_exports_the_fp32_master_weights_not_their_bf16_rounding(stag
     assert torch.equal(tied, masters["bert.embeddings.word_embeddings.weight"])
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")  # DeepSpeed's torch calls
 @pytest.mark.parametrize("deepspeed", sorted(p.stem for p in (REPO / "deepspeed_configs").glob("*.json")))
 def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str):
     """One step over 3 micro batches: the gradient DeepSpeed steps with (its norm, before clipping) is the plain
