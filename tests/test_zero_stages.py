@@ -135,8 +135,8 @@ def test_zero0_bf16_exports_the_fp32_master_weights_not_their_bf16_rounding(stag
 def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str):
     """One step over 3 micro batches: the gradient DeepSpeed steps with (its norm, before clipping) is the plain
     loop's mean of the 3 micro batches' gradients, under every shipped JSON. (BF16_Optimizer, zero1_bf16's,
-    counted the first micro batch 3 times and the second twice until its engine was told to drop the bf16
-    gradients it had added up: ``drop_bf16_grads_once_accumulated``.)"""
+    counted the first micro batch 3 times and the second twice while DeepSpeed's backward prologue, which clears
+    them, did not run: ``hook_backward_prologue``, ``drop_bf16_grads_once_accumulated``.)"""
     from test_sync_free import MODEL, make_batch
 
     from bert import BertConfig, BertForPreTraining
@@ -163,7 +163,12 @@ def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str)
                                       train, sizes, MODEL["hidden_size"])  # fmt: skip
     optimizer = build_optimizer(model, "adamw", 1e-3, (0.9, 0.999), 1e-6, 0.01, fused=True)
     engine = eng.Engine(model, optimizer, config, lambda step: 1e-3, seed=0, compile=False)
+    prologue, prologues = engine.engine._backward_prologue, []
+    engine.engine._backward_prologue = lambda: (prologues.append(1), prologue())
     norm = engine.step(micro_batches).fetch()["grad_norm"]
+    assert (
+        len(prologues) == 3
+    )  # DeepSpeed's backward prologue ran once for each micro batch (hook_backward_prologue)
     # fp32 to float rounding; bf16/fp16 to their rounding of weights and activations (3 micro batches double
     # counted were 2.2 times the norm)
     assert norm == pytest.approx(expected, rel=1e-5 if "fp32" in deepspeed else 2e-2), engine.engine.optimizer

@@ -252,6 +252,27 @@ def _no_bf16_memory_reports():
         module.see_memory_usage = original
 
 
+def hook_backward_prologue(ds_engine, loss: torch.Tensor) -> bool:
+    """Hang DeepSpeed's backward prologue on ``loss``, as ``engine.forward`` does on the outputs it recognises
+    (tensors, tuples, lists, dicts: not bertpipe's dataclass); True where this DeepSpeed has one.
+
+    The prologue tells the ZeRO optimizers, before the backward runs, whether this micro batch ends the step
+    (ZeRO-2 reduces during the backward only then), lets BF16_Optimizer clear its bf16 gradients and ZeRO-3
+    bring in swapped optimizer state. Without it the engine still trains (its epilogue, which
+    ``engine.backward`` calls itself, does the rest), but see ``drop_bf16_grads_once_accumulated``.
+    """
+    try:  # DeepSpeed before 0.18 called its prologue from engine.backward itself
+        from deepspeed.runtime.utils import register_output_backward_hooks
+    except ImportError:
+        return False
+    prologue = getattr(ds_engine, "_backward_prologue", None)
+    if prologue is None or not loss.requires_grad:
+        return False
+    register_output_backward_hooks(loss, preprocess_once_fn=prologue,
+                                   preprocess_per_tensor_fn=getattr(ds_engine, "_backward_prologue_per_tensor", None))  # fmt: skip
+    return True
+
+
 def drop_bf16_grads_once_accumulated(ds_optimizer) -> bool:
     """Make DeepSpeed's BF16_Optimizer drop each micro batch's bf16 gradients once it has added them into its
     fp32 buffers; True where ``ds_optimizer`` is one.
@@ -389,6 +410,7 @@ class Engine:
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             out = self.engine(**batch)
+            hook_backward_prologue(self.engine, out.loss)
             self.engine.backward(out.loss)
             if i == len(micro_batches) - 1 and self.zero_stage == 0 and self.precision == "fp32":
                 own_grad_norm = _grad_norm(self.engine.module)  # DeepSpeed does not report it here
