@@ -253,17 +253,17 @@ def _no_bf16_memory_reports():
 
 
 def hook_backward_prologue(ds_engine, loss: torch.Tensor) -> bool:
-    """Hang DeepSpeed's backward prologue on ``loss``, as ``engine.forward`` does on the outputs it recognises
-    (tensors, tuples, lists, dicts: not bertpipe's dataclass); True where this DeepSpeed has one.
+    """Hang DeepSpeed's backward prologue on ``loss``, as ``engine.forward`` hangs it on the outputs it
+    recognises (tensors, tuples, lists, dicts: not bertpipe's dataclass); True where it was hung.
 
-    The prologue tells the ZeRO optimizers, before the backward runs, whether this micro batch ends the step
-    (ZeRO-2 reduces during the backward only then), lets BF16_Optimizer clear its bf16 gradients and ZeRO-3
-    bring in swapped optimizer state. Without it the engine still trains (its epilogue, which
-    ``engine.backward`` calls itself, does the rest), but see ``drop_bf16_grads_once_accumulated``.
+    The prologue tells the ZeRO optimizers before the backward whether this micro batch ends the step (ZeRO-2
+    reduces during the backward only then), lets BF16_Optimizer clear the last micro batch's bf16 gradients and
+    ZeRO-3 swap optimizer state in. Without it DeepSpeed still trains, through the epilogue ``engine.backward``
+    calls itself, except BF16_Optimizer under accumulation: see ``drop_bf16_grads_once_accumulated``.
     """
-    try:  # DeepSpeed before 0.18 called its prologue from engine.backward itself
+    try:
         from deepspeed.runtime.utils import register_output_backward_hooks
-    except ImportError:
+    except ImportError:  # a DeepSpeed without output hooks: its backward is its own business
         return False
     prologue = getattr(ds_engine, "_backward_prologue", None)
     if prologue is None or not loss.requires_grad:
@@ -277,13 +277,12 @@ def drop_bf16_grads_once_accumulated(ds_optimizer) -> bool:
     """Make DeepSpeed's BF16_Optimizer drop each micro batch's bf16 gradients once it has added them into its
     fp32 buffers; True where ``ds_optimizer`` is one.
 
-    It keeps them otherwise and counts on its engine to clear them before the next backward, in a hook
-    ``engine.forward`` hangs on the forward's outputs, which it looks for in tensors, tuples, lists and dicts
-    only. A bertpipe model returns a dataclass: no hook, the gradients stay, autograd adds the next micro
-    batch's into them, and the fp32 sum counts the first micro batch k times, the second k - 1 times...
-    (k micro batches a step: the base-phase1/phase2 recipes' 4 and 8). Dropped (``clear_lp_grads``, which
-    bertpipe's sync-free step does by setting them to None), each backward starts from no gradient, as the
-    hook would have it, and autograd hands each parameter its new gradient without adding it anywhere.
+    It keeps them and leaves their clearing to the backward prologue of the next micro batch; where that does
+    not run (before ``hook_backward_prologue``, every bertpipe run), autograd adds the next micro batch's
+    gradients into them and the fp32 sum counts micro batch i of k (k - i + 1) times (k: the base-phase1/phase2
+    recipes' 4 and 8). Dropped (bertpipe's sync-free step sets them to None rather than zeroing them), each
+    backward starts from no gradient whether the prologue runs or not, and autograd hands each parameter its
+    new gradient without adding it into anything.
     """
     if type(ds_optimizer).__name__ != "BF16_Optimizer" or not hasattr(ds_optimizer, "backward_epilogue"):
         return False
