@@ -212,6 +212,36 @@ def test_accumulated_micro_batches_train_as_deepspeeds_without_adding_into_kept_
     assert all(p.grad is None for p in ours.module.parameters())  # dropped after the step, as before
 
 
+def test_the_bf16_gradients_are_added_into_fp32_in_one_add_a_group_to_the_bit(world_of_one):
+    """All of a group's gradients present: one cat and one add over the flat fp32 buffer, the same bits as the
+    tensor-by-tensor sums; one missing: tensor by tensor, the same again."""
+    ds_optimizer = make_engine(1, 1.0, sync_free_step=True).engine.optimizer
+    params = [lp for group in ds_optimizer.bf16_groups for lp in group]
+    generator = torch.Generator().manual_seed(0)
+    for missing in (None, 3):
+        ds_optimizer.clear_hp_grads()
+        for k, lp in enumerate(params):
+            lp.grad = None if k == missing else torch.randn(lp.shape, generator=generator).to(lp.dtype)
+        hp_grads = [hp for group in ds_optimizer.fp32_groups_gradients for hp in group]
+        for hp in hp_grads:  # something already accumulated, as after an earlier micro batch
+            hp.copy_(torch.randn(hp.shape, generator=generator))
+        expected = [
+            hp + (0 if lp.grad is None else lp.grad.float().view(hp.shape))
+            for hp, lp in zip(hp_grads, params, strict=True)
+        ]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ds_optimizer.update_hp_grads(clear_lp_grads=True)
+        adds = [e.name for e in prof.events() if e.name in ("aten::add_", "aten::_foreach_add_")]
+        groups = len(ds_optimizer.bf16_groups)  # 2: with and without weight decay
+        if missing is None:  # one add a group, nothing tensor by tensor (the old _foreach_add_: 46 inside it)
+            assert adds == ["aten::add_"] * groups, adds
+        else:  # the group missing a gradient falls back to the tensor-by-tensor add
+            assert adds.count("aten::_foreach_add_") == 1 and len(adds) > groups, adds
+        for hp, want in zip(hp_grads, expected, strict=True):
+            assert torch.equal(hp, want)
+        assert all(lp.grad is None for lp in params)  # dropped once added
+
+
 def test_it_takes_over_bf16_optimizer_only_and_reads_once_without_fused_adamw(world_of_one):
     assert "not BF16_Optimizer" in sync_free.applies(object(), torch.optim.SGD([torch.ones(1)]))
     unfused = make_engine(1, 1.0, sync_free_step=True, fused=False)  # installs: it reads once, as LAMB

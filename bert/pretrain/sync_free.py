@@ -18,11 +18,12 @@ arithmetic and at most one read:
   optimizer (LAMB) reads the norm's finiteness back once and skips on the host, as DeepSpeed does.
 
 ``install`` also gives it the addition of the bf16 gradients into their fp32 buffers after backward as one
-``torch._foreach_add_`` (DeepSpeed's default, without ``immediate_grad_update``), or, with that setting, a hook
-adding each in one kernel (``hp.add_(lp)``); either way the sum is computed in fp32, so the values are the same.
-DeepSpeed's converts every gradient to a temporary fp32 copy first, in a Python loop over the tensors: two
-kernels and a temporary per tensor (1.7 ms of an H200's BERT-base step on the device, 2.9 ms on the host,
-measured 2026-12-04). Asked to clear the bf16 gradients after adding them (the engine asks,
+add a parameter group, the gradients laid end to end (DeepSpeed's default, without ``immediate_grad_update``;
+the fallback, and that setting's hook, add tensor by tensor, bf16 read directly); either way each sum is
+computed in fp32, so the values are the same to the bit. DeepSpeed's converts every gradient to a temporary
+fp32 copy first, in a Python loop over the tensors: two kernels and a temporary per tensor (1.7 ms of an
+H200's BERT-base step on the device, 2.9 ms on the host, measured 2026-12-04; a ``_foreach_add_`` of bf16 into
+fp32, which followed, is still a kernel per tensor: 1.06 ms a step of that kernel in the next profile). Asked to clear the bf16 gradients after adding them (the engine asks,
 ``drop_bf16_grads_once_accumulated``), it drops them (None) where DeepSpeed's zeroes them: autograd then hands
 the next micro batch's gradients over as they are instead of adding them into zeros.
 
@@ -112,18 +113,46 @@ def _update_hp_grad(self, lp, group_idx, param_idx, clear_lp_grads) -> None:
 
 @torch.no_grad()
 def _update_hp_grads(self, clear_lp_grads=False) -> None:
-    """DeepSpeed's ``BF16_Optimizer.update_hp_grads`` (no expert folding): every gradient added in one call."""
+    """DeepSpeed's ``BF16_Optimizer.update_hp_grads`` (no expert folding), a group at a time. Where every
+    parameter of a group has a gradient, the bf16 gradients are laid end to end (one ``torch.cat``) and added
+    into the group's flat fp32 buffer at once, since its per-tensor views lie end to end in the same order: one
+    kernel where adding bf16 into fp32 tensor by tensor (``_foreach_add_`` of mixed types included) is one a
+    tensor, 206 for BERT-base. The sums are the same to the bit (each element rounded once, in fp32)."""
     if getattr(self, "immediate_grad_update", False):
         return
-    pairs = [(_hp_grad_for(self, lp, i, j), lp) for i, group in enumerate(self.bf16_groups)
-             for j, lp in enumerate(group) if lp.grad is not None]  # fmt: skip
-    if pairs:
-        hp_grads = [hp for hp, _ in pairs]
-        lp_grads = [lp.grad.view(hp.shape) for hp, lp in pairs]
-        torch._foreach_add_(hp_grads, lp_grads)
+    for i, group in enumerate(self.bf16_groups):
+        indexed = [(j, lp) for j, lp in enumerate(group) if lp.grad is not None]
+        if not indexed:
+            continue
+        hp_grads = [_hp_grad_for(self, lp, i, j) for j, lp in indexed]
+        flat = self.fp32_groups_gradients_flat[i]
+        if len(indexed) == len(group) and _end_to_end(self, i, flat, hp_grads):
+            total = sum(hp.numel() for hp in hp_grads)
+            flat.narrow(0, 0, total).add_(torch.cat([lp.grad.reshape(-1) for _, lp in indexed]))
+        else:
+            torch._foreach_add_(
+                hp_grads, [lp.grad.view(hp.shape) for hp, (_, lp) in zip(hp_grads, indexed, strict=True)]
+            )
         if clear_lp_grads:  # dropped, not zeroed: the next backward's gradients are then taken as they come
-            for _, lp in pairs:
+            for _, lp in indexed:
                 lp.grad = None
+
+
+def _end_to_end(self, group_idx: int, flat: torch.Tensor, views: list[torch.Tensor]) -> bool:
+    """Whether ``views`` tile the start of ``flat`` in order (DeepSpeed lays out its fp32 gradient buffers so;
+    checked once a group, then remembered)."""
+    known = self.__dict__.setdefault("_bertpipe_end_to_end", {})
+    if group_idx not in known:
+        offset, ok = 0, True
+        for view in views:
+            ok = (
+                ok
+                and view.is_contiguous()
+                and view.data_ptr() == flat.data_ptr() + offset * flat.element_size()
+            )
+            offset += view.numel()
+        known[group_idx] = ok and offset <= flat.numel()
+    return known[group_idx]
 
 
 @torch.no_grad()
