@@ -405,5 +405,9 @@ def test_a_cuda_profile_counts_each_kernel_once():
     assert summary["ms_per_step_by_kind"] == {"matmul": 3.0, "other": 0.5}
     assert summary["busy_share"] == pytest.approx(3.5 / 5.0)
     assert [row["name"] for row in summary["top"]] == ["sm90_xmma_gemm_bf16bf16", "elementwise_kernel"]
+    assert [(row["self_device_ms"], row["calls_per_step"]) for row in summary["top"]] == [
+        (3.0, 1.0),
+        (0.5, 1.0),
+    ]
     cpu = summarise(events[::2], steps=2, wall_s=0.01, device="cpu")  # on the CPU: the operators
     assert cpu["ms_per_step_by_kind"] == {"matmul": 0.2, "other": 0.05}

@@ -43,7 +43,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def summarise(events, steps: int, wall_s: float, device: str, top: int = 25) -> dict:
+def summarise(events, steps: int, wall_s: float, device: str, top: int = 60) -> dict:
     """The summary of a profiler's ``key_averages()``: per-step wall time, busy share, time by kind.
 
     On CUDA only the device's own events (kernels, copies) are counted: an operator's self device time is
@@ -83,10 +83,12 @@ def summarise(events, steps: int, wall_s: float, device: str, top: int = 25) -> 
                 **r,
                 "self_device_ms": round(r["self_device_ms"] / steps, 4),
                 "self_cpu_ms": round(r["self_cpu_ms"] / steps, 4),
+                "calls_per_step": round(r["calls"] / steps, 2),
             }
             for r in rows[:top]
         ],
-        "note": "ms are per step; busy_share = the time measured over the wall time (below 1: the device idles)",
+        "note": "ms are per step, calls over all the steps profiled (calls_per_step: per step); busy_share = the "
+        "time measured over the wall time (below 1: the device idles)",
     }
 
 
