@@ -130,13 +130,10 @@ def test_zero0_bf16_exports_the_fp32_master_weights_not_their_bf16_rounding(stag
     assert torch.equal(tied, masters["bert.embeddings.word_embeddings.weight"])
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")  # DeepSpeed's torch calls
-@pytest.mark.parametrize("deepspeed", sorted(p.stem for p in (REPO / "deepspeed_configs").glob("*.json")))
-def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str):
-    """One step over 3 micro batches: the gradient DeepSpeed steps with (its norm, before clipping) is the plain
-    loop's mean of the 3 micro batches' gradients, under every shipped JSON. (BF16_Optimizer, zero1_bf16's,
-    counted the first micro batch 3 times and the second twice while DeepSpeed's backward prologue, which clears
-    them, did not run: ``hook_backward_prologue``, ``drop_bf16_grads_once_accumulated``.)"""
+def accumulated_and_plain_grad_norms(deepspeed: str, **engine_settings) -> tuple[float, float]:
+    """(the gradient norm an Engine under ``deepspeed_configs/DEEPSPEED.json`` steps with after 3 micro batches,
+    before clipping; the plain loop's norm of the mean of their gradients, fp32 on the CPU). ``engine_settings``:
+    ``compile``, ``model_overrides``."""
     from test_sync_free import MODEL, make_batch
 
     from bert import BertConfig, BertForPreTraining
@@ -145,8 +142,6 @@ def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str)
     from bert.pretrain.config import BatchSizes
     from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
 
-    if "fp16" in deepspeed and not torch.cuda.is_available():
-        pytest.skip("DeepSpeed's fp16 needs a GPU")
     eng.init_distributed()
     micro_batches = [make_batch(step, 0) for step in (1, 2, 3)]
     torch.manual_seed(0)
@@ -156,22 +151,37 @@ def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str)
     expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])).item()
 
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(**MODEL))
+    model = BertForPreTraining(BertConfig(**{**MODEL, **engine_settings.get("model_overrides", {})}))
     train = TrainConfig(examples="unused", out="unused", lr=1e-3, max_steps=10, max_grad_norm=1e9)
     sizes = BatchSizes(global_batch_size=12, micro_batch_size=4, gradient_accumulation_steps=3, world_size=1)
     config, _ = fill_deepspeed_config(load_deepspeed_config(REPO / "deepspeed_configs" / f"{deepspeed}.json"),
                                       train, sizes, MODEL["hidden_size"])  # fmt: skip
     optimizer = build_optimizer(model, "adamw", 1e-3, (0.9, 0.999), 1e-6, 0.01, fused=True)
-    engine = eng.Engine(model, optimizer, config, lambda step: 1e-3, seed=0, compile=False)
+    engine = eng.Engine(model, optimizer, config, lambda step: 1e-3, seed=0,
+                        compile=engine_settings.get("compile", False))  # fmt: skip
     prologue, prologues = engine.engine._backward_prologue, []
     engine.engine._backward_prologue = lambda: (prologues.append(1), prologue())
     norm = engine.step(micro_batches).fetch()["grad_norm"]
     assert (
         len(prologues) == 3
     )  # DeepSpeed's backward prologue ran once for each micro batch (hook_backward_prologue)
+    return norm, expected
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")  # DeepSpeed's torch calls
+@pytest.mark.parametrize("deepspeed", sorted(p.stem for p in (REPO / "deepspeed_configs").glob("*.json")))
+def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str):
+    """One step over 3 micro batches: the gradient DeepSpeed steps with (its norm, before clipping) is the plain
+    loop's mean of the 3 micro batches' gradients, under every shipped JSON. (BF16_Optimizer, zero1_bf16's,
+    counted the first micro batch 3 times and the second twice while DeepSpeed's backward prologue, which clears
+    them, did not run: ``hook_backward_prologue``, ``drop_bf16_grads_once_accumulated``; tests/test_gpu.py runs
+    zero1_bf16 compiled, with varlen attention, on a GPU.)"""
+    if "fp16" in deepspeed and not torch.cuda.is_available():
+        pytest.skip("DeepSpeed's fp16 needs a GPU")
+    norm, expected = accumulated_and_plain_grad_norms(deepspeed)
     # fp32 to float rounding; bf16/fp16 to their rounding of weights and activations (3 micro batches double
     # counted were 2.2 times the norm)
-    assert norm == pytest.approx(expected, rel=1e-5 if "fp32" in deepspeed else 2e-2), engine.engine.optimizer
+    assert norm == pytest.approx(expected, rel=1e-5 if "fp32" in deepspeed else 2e-2)
 
 
 def test_shipped_zero1_bf16_runs_bf16_optimizer_with_half_the_host_work():
