@@ -184,6 +184,72 @@ def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str)
     assert norm == pytest.approx(expected, rel=1e-5 if "fp32" in deepspeed else 2e-2)
 
 
+STEP_CASES = [
+    (c, "adamw")
+    for c in sorted(p.stem for p in (REPO / "deepspeed_configs").glob("*.json"))
+    if "fp16" not in c
+]
+STEP_CASES += [("zero1_fp32", "lamb"), ("zero2_fp32", "lamb"), ("zero1_bf16", "lamb")]  # LAMB over partitions
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")  # DeepSpeed's torch calls
+@pytest.mark.parametrize(("deepspeed", "optimizer"), STEP_CASES)
+def test_three_steps_train_as_a_plain_loop(deepspeed: str, optimizer: str):
+    """Three steps of 2 micro batches, clipped at 1.0, warmup then decay: each step's loss and gradient norm are
+    a plain PyTorch loop's (the same optimizer and parameter groups, ``clip_grad_norm_``, the same learning
+    rates), under every shipped JSON: what DeepSpeed adds (accumulation, clipping, partitions) changes nothing.
+    fp32 to float rounding, bf16 to its rounding."""
+    from test_sync_free import MODEL, make_batch
+
+    from bert import BertConfig, BertForPreTraining
+    from bert.optim import build_optimizer, lr_multiplier
+    from bert.pretrain import engine as eng
+    from bert.pretrain.config import BatchSizes
+    from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
+
+    eng.init_distributed()
+    steps, micro = 3, 2
+    batches = [[make_batch(10 * step + i, 0) for i in range(micro)] for step in range(steps)]
+
+    def lr_at(step: int) -> float:
+        return 1e-2 * lr_multiplier(step, 1, 4, "linear")
+
+    def build(seed: int = 0):
+        torch.manual_seed(seed)
+        model = BertForPreTraining(BertConfig(**MODEL))
+        return model, build_optimizer(model, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=True)
+
+    model, plain_optimizer = build()
+    model.train()
+    expected = []
+    for step in range(steps):
+        for group in plain_optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        plain_optimizer.zero_grad(set_to_none=True)
+        losses = [model(**b).loss for b in batches[step]]
+        for loss in losses:
+            (loss / micro).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        plain_optimizer.step()
+        expected.append((sum(loss.item() for loss in losses) / micro, norm.item()))
+
+    model, base = build()
+    train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=10, max_grad_norm=1.0)
+    sizes = BatchSizes(global_batch_size=4 * micro, micro_batch_size=4, gradient_accumulation_steps=micro,
+                       world_size=1)  # fmt: skip
+    config, _ = fill_deepspeed_config(load_deepspeed_config(REPO / "deepspeed_configs" / f"{deepspeed}.json"),
+                                      train, sizes, MODEL["hidden_size"])  # fmt: skip
+    engine = eng.Engine(model, base, config, lr_at, seed=0, compile=False)
+    got = []
+    for step in range(steps):
+        metrics = engine.step(batches[step]).fetch()
+        got.append((metrics["loss"], metrics["grad_norm"]))
+    tolerance = 1e-5 if "fp32" in deepspeed else 2e-2
+    assert [g for pair in got for g in pair] == pytest.approx(
+        [e for pair in expected for e in pair], rel=tolerance
+    )
+
+
 def test_shipped_zero1_bf16_runs_bf16_optimizer_with_half_the_host_work():
     """deepspeed_configs/zero1_bf16.json accumulates gradients in fp32: DeepSpeed's BF16_Optimizer, which
     launches far less per step than its bf16-accumulating ZeRO optimizer (an overflow test per gradient

@@ -252,6 +252,30 @@ def _no_bf16_memory_reports():
         module.see_memory_usage = original
 
 
+@contextlib.contextmanager
+def _no_warm_up_step(optimizer: torch.optim.Optimizer):
+    """Around ``deepspeed.initialize``: whatever optimizer step DeepSpeed takes on zero gradients to create the
+    optimizer's state leaves no trace. ZeRO-0 bf16's FP16_UnfusedOptimizer takes one: AdamW then counted it as its
+    first step (its bias corrections one step ahead: the first real update 0.74 of AdamW's, measured 2026-12-04)
+    and applied weight decay to the fresh weights. At learning rate 0 that step changes no weight (decay
+    ``p * (1 - 0 * wd)``, update ``0 * m / d``: exact), the moments it leaves are zeros, and the step counts go
+    back to 0. The engine sets every step's learning rate itself."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        yield
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        for state in optimizer.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                step.zero_()
+            elif step is not None:
+                state["step"] = 0
+
+
 def hook_backward_prologue(ds_engine, loss: torch.Tensor) -> bool:
     """Hang DeepSpeed's backward prologue on ``loss``, as ``engine.forward`` hangs it on the outputs it
     recognises (tensors, tuples, lists, dicts: not bertpipe's dataclass); True where it was hung.
@@ -336,7 +360,7 @@ class Engine:
         # DeepSpeed's warnings go through its logger, which this leaves alone. Shown only if it fails.
         printed = io.StringIO()
         try:
-            with contextlib.redirect_stdout(printed), _no_bf16_memory_reports():
+            with contextlib.redirect_stdout(printed), _no_bf16_memory_reports(), _no_warm_up_step(optimizer):
                 self.engine, _, _, _ = deepspeed.initialize(
                     model=model, optimizer=optimizer, config=ds_config
                 )
