@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,27 +39,32 @@ BATCH, SEQ = 4, 16
 def make_engine(
     world_size: int,
     clip: float,
-    sync_free_step: bool,
+    sync_free_step: bool | None,
     optimizer: str = "adamw",
     fused: bool = True,
     accumulation: int = 1,
+    deepspeed: str = "zero1_bf16",
+    lr_at: Callable[[int], float] = lambda step: 1e-2,
+    **engine_settings,
 ) -> eng.Engine:
-    """A DeepSpeed engine of the tiny model under the shipped zero1_bf16.json, the same weights every call; AdamW
-    fused as bertpipe builds it on CUDA (the CPU default is the foreach one)."""
+    """A DeepSpeed engine of the tiny model under the shipped ``deepspeed_configs/DEEPSPEED.json``, the same
+    weights every call; AdamW fused as bertpipe builds it on CUDA (the CPU default is the foreach one).
+    ``sync_free_step``: bertpipe's step must be installed (True), DeepSpeed's put back (False), or either (None).
+    ``engine_settings``: ``compile``, ``model_overrides`` (BertConfig fields)."""
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(**MODEL))
+    model = BertForPreTraining(BertConfig(**{**MODEL, **engine_settings.get("model_overrides", {})}))
     train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=100, max_grad_norm=clip)
     sizes = BatchSizes(global_batch_size=BATCH * world_size * accumulation, micro_batch_size=BATCH,
                        gradient_accumulation_steps=accumulation, world_size=world_size)  # fmt: skip
-    ds_json = load_deepspeed_config(REPO / "deepspeed_configs" / "zero1_bf16.json")
+    ds_json = load_deepspeed_config(REPO / "deepspeed_configs" / f"{deepspeed}.json")
     filled, _ = fill_deepspeed_config(ds_json, train, sizes, MODEL["hidden_size"])
     base = build_optimizer(model, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=fused)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(sys.stderr):
-        engine = eng.Engine(model, base, filled, lambda step: 1e-2, seed=0, compile=False)
+        engine = eng.Engine(model, base, filled, lr_at, seed=0, compile=engine_settings.get("compile", False))
     if sync_free_step:
         assert engine.sync_free_step, sync_free.applies(engine.engine.optimizer, base)
-    else:
+    elif sync_free_step is False:
         sync_free.uninstall(engine.engine.optimizer)
     return engine
 
@@ -186,10 +192,11 @@ def test_clipped_steps_and_a_non_finite_gradient_train_as_deepspeeds(world_of_on
 
 
 def test_accumulated_micro_batches_train_as_deepspeeds_without_adding_into_kept_gradients(world_of_one):
-    """Once a micro batch's bf16 gradients are in the fp32 buffers, DeepSpeed's own code zeroes them (the engine
-    asks it to: ``drop_bf16_grads_once_accumulated``) and autograd then adds each new one into its zeroed
-    tensor, a kernel a tensor per micro batch; bertpipe's step drops them, so each parameter takes its next
-    gradient as it comes. The training is the same (test_zero_stages holds both to a plain loop's gradients)."""
+    """Before each backward DeepSpeed's own code zeroes the last micro batch's bf16 gradients (its backward
+    prologue, which the engine hangs on the loss: ``backward_prologue_hook``) and autograd then adds each new
+    one into its zeroed tensor, a kernel a tensor per micro batch; bertpipe's step drops them, so each parameter
+    takes its next gradient as it comes. The training is the same (test_zero_stages holds both to a plain
+    loop's gradients)."""
     ours, theirs = (make_engine(1, 1.0, sync_free_step=s, accumulation=2) for s in (True, False))
     added = []
     for engine in (ours, theirs):

@@ -130,42 +130,50 @@ def test_zero0_bf16_exports_the_fp32_master_weights_not_their_bf16_rounding(stag
     assert torch.equal(tied, masters["bert.embeddings.word_embeddings.weight"])
 
 
-def accumulated_and_plain_grad_norms(deepspeed: str, **engine_settings) -> tuple[float, float]:
-    """(the gradient norm an Engine under ``deepspeed_configs/DEEPSPEED.json`` steps with after 3 micro batches,
-    before clipping; the plain loop's norm of the mean of their gradients, fp32 on the CPU). ``engine_settings``:
-    ``compile``, ``model_overrides``."""
-    from test_sync_free import MODEL, make_batch
+def against_a_plain_loop(deepspeed: str, steps: int, micro: int, clip: float, optimizer: str = "adamw",
+                         **engine_settings) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:  # fmt: skip
+    """(each step's loss and gradient norm before clipping: an Engine under ``deepspeed_configs/DEEPSPEED.json``,
+    the same for a plain PyTorch loop: the same optimizer and parameter groups, ``clip_grad_norm_``, the same
+    learning rates, fp32 on the CPU), ``steps`` of ``micro`` micro batches. Checks that DeepSpeed's backward
+    prologue ran once for each micro batch (``backward_prologue_hook``). ``engine_settings``: ``compile``,
+    ``model_overrides``."""
+    from test_sync_free import MODEL, make_batch, make_engine
 
     from bert import BertConfig, BertForPreTraining
-    from bert.optim import build_optimizer
+    from bert.optim import build_optimizer, lr_multiplier
     from bert.pretrain import engine as eng
-    from bert.pretrain.config import BatchSizes
-    from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
 
     eng.init_distributed()
-    micro_batches = [make_batch(step, 0) for step in (1, 2, 3)]
-    torch.manual_seed(0)
-    plain = BertForPreTraining(BertConfig(**MODEL)).train()
-    for batch in micro_batches:
-        (plain(**batch).loss / len(micro_batches)).backward()
-    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])).item()
+    batches = [[make_batch(10 * step + i + 1, 0) for i in range(micro)] for step in range(steps)]
+
+    def lr_at(step: int) -> float:
+        return 1e-2 * lr_multiplier(step, 1, 4, "linear")
 
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(**{**MODEL, **engine_settings.get("model_overrides", {})}))
-    train = TrainConfig(examples="unused", out="unused", lr=1e-3, max_steps=10, max_grad_norm=1e9)
-    sizes = BatchSizes(global_batch_size=12, micro_batch_size=4, gradient_accumulation_steps=3, world_size=1)
-    config, _ = fill_deepspeed_config(load_deepspeed_config(REPO / "deepspeed_configs" / f"{deepspeed}.json"),
-                                      train, sizes, MODEL["hidden_size"])  # fmt: skip
-    optimizer = build_optimizer(model, "adamw", 1e-3, (0.9, 0.999), 1e-6, 0.01, fused=True)
-    engine = eng.Engine(model, optimizer, config, lambda step: 1e-3, seed=0,
-                        compile=engine_settings.get("compile", False))  # fmt: skip
+    plain = BertForPreTraining(BertConfig(**MODEL)).train()
+    plain_optimizer = build_optimizer(plain, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=True)
+    expected = []
+    for step in range(steps):
+        for group in plain_optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        plain_optimizer.zero_grad(set_to_none=True)
+        losses = [plain(**b).loss for b in batches[step]]
+        for loss in losses:
+            (loss / micro).backward()
+        norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
+        plain_optimizer.step()
+        expected.append((sum(loss.item() for loss in losses) / micro, norm.item()))
+
+    engine = make_engine(1, clip, None, optimizer, accumulation=micro, deepspeed=deepspeed, lr_at=lr_at,
+                         **engine_settings)  # fmt: skip
     prologue, prologues = engine.engine._backward_prologue, []
     engine.engine._backward_prologue = lambda: (prologues.append(1), prologue())
-    norm = engine.step(micro_batches).fetch()["grad_norm"]
-    assert (
-        len(prologues) == 3
-    )  # DeepSpeed's backward prologue ran once for each micro batch (hook_backward_prologue)
-    return norm, expected
+    got = []
+    for step in range(steps):
+        metrics = engine.step(batches[step]).fetch()
+        got.append((metrics["loss"], metrics["grad_norm"]))
+    assert len(prologues) == steps * micro  # DeepSpeed's backward prologue ran once for each micro batch
+    return got, expected
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")  # DeepSpeed's torch calls
@@ -174,14 +182,14 @@ def test_accumulated_micro_batches_give_the_plain_loops_gradient(deepspeed: str)
     """One step over 3 micro batches: the gradient DeepSpeed steps with (its norm, before clipping) is the plain
     loop's mean of the 3 micro batches' gradients, under every shipped JSON. (BF16_Optimizer, zero1_bf16's,
     counted the first micro batch 3 times and the second twice while DeepSpeed's backward prologue, which clears
-    them, did not run: ``hook_backward_prologue``, ``drop_bf16_grads_once_accumulated``; tests/test_gpu.py runs
-    zero1_bf16 compiled, with varlen attention, on a GPU.)"""
+    them, did not run: ``backward_prologue_hook``; tests/test_gpu.py runs zero1_bf16 compiled, with varlen
+    attention, on a GPU.)"""
     if "fp16" in deepspeed and not torch.cuda.is_available():
         pytest.skip("DeepSpeed's fp16 needs a GPU")
-    norm, expected = accumulated_and_plain_grad_norms(deepspeed)
+    got, expected = against_a_plain_loop(deepspeed, steps=1, micro=3, clip=1e9)
     # fp32 to float rounding; bf16/fp16 to their rounding of weights and activations (3 micro batches double
     # counted were 2.2 times the norm)
-    assert norm == pytest.approx(expected, rel=1e-5 if "fp32" in deepspeed else 2e-2)
+    assert got[0][1] == pytest.approx(expected[0][1], rel=1e-5 if "fp32" in deepspeed else 2e-2)
 
 
 STEP_CASES = [
@@ -199,51 +207,7 @@ def test_three_steps_train_as_a_plain_loop(deepspeed: str, optimizer: str):
     a plain PyTorch loop's (the same optimizer and parameter groups, ``clip_grad_norm_``, the same learning
     rates), under every shipped JSON: what DeepSpeed adds (accumulation, clipping, partitions) changes nothing.
     fp32 to float rounding, bf16 to its rounding."""
-    from test_sync_free import MODEL, make_batch
-
-    from bert import BertConfig, BertForPreTraining
-    from bert.optim import build_optimizer, lr_multiplier
-    from bert.pretrain import engine as eng
-    from bert.pretrain.config import BatchSizes
-    from bert.pretrain.ds_config import fill_deepspeed_config, load_deepspeed_config
-
-    eng.init_distributed()
-    steps, micro = 3, 2
-    batches = [[make_batch(10 * step + i, 0) for i in range(micro)] for step in range(steps)]
-
-    def lr_at(step: int) -> float:
-        return 1e-2 * lr_multiplier(step, 1, 4, "linear")
-
-    def build(seed: int = 0):
-        torch.manual_seed(seed)
-        model = BertForPreTraining(BertConfig(**MODEL))
-        return model, build_optimizer(model, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=True)
-
-    model, plain_optimizer = build()
-    model.train()
-    expected = []
-    for step in range(steps):
-        for group in plain_optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        plain_optimizer.zero_grad(set_to_none=True)
-        losses = [model(**b).loss for b in batches[step]]
-        for loss in losses:
-            (loss / micro).backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        plain_optimizer.step()
-        expected.append((sum(loss.item() for loss in losses) / micro, norm.item()))
-
-    model, base = build()
-    train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=10, max_grad_norm=1.0)
-    sizes = BatchSizes(global_batch_size=4 * micro, micro_batch_size=4, gradient_accumulation_steps=micro,
-                       world_size=1)  # fmt: skip
-    config, _ = fill_deepspeed_config(load_deepspeed_config(REPO / "deepspeed_configs" / f"{deepspeed}.json"),
-                                      train, sizes, MODEL["hidden_size"])  # fmt: skip
-    engine = eng.Engine(model, base, config, lr_at, seed=0, compile=False)
-    got = []
-    for step in range(steps):
-        metrics = engine.step(batches[step]).fetch()
-        got.append((metrics["loss"], metrics["grad_norm"]))
+    got, expected = against_a_plain_loop(deepspeed, steps=3, micro=2, clip=1.0, optimizer=optimizer)
     tolerance = 1e-5 if "fp32" in deepspeed else 2e-2
     assert [g for pair in got for g in pair] == pytest.approx(
         [e for pair in expected for e in pair], rel=tolerance

@@ -276,42 +276,25 @@ def _no_warm_up_step(optimizer: torch.optim.Optimizer):
                 state["step"] = 0
 
 
-def hook_backward_prologue(ds_engine, loss: torch.Tensor) -> bool:
-    """Hang DeepSpeed's backward prologue on ``loss``, as ``engine.forward`` hangs it on the outputs it
-    recognises (tensors, tuples, lists, dicts: not bertpipe's dataclass); True where it was hung.
+def backward_prologue_hook(ds_engine) -> Callable[[torch.Tensor], object] | None:
+    """What hangs DeepSpeed's backward prologue on a loss, as ``engine.forward`` hangs it on the outputs it
+    recognises (tensors, tuples, lists, dicts: not bertpipe's dataclass); None where this DeepSpeed has none.
 
     The prologue tells the ZeRO optimizers before the backward whether this micro batch ends the step (ZeRO-2
-    reduces during the backward only then), lets BF16_Optimizer clear the last micro batch's bf16 gradients and
-    ZeRO-3 swap optimizer state in. Without it DeepSpeed still trains, through the epilogue ``engine.backward``
-    calls itself, except BF16_Optimizer under accumulation: see ``drop_bf16_grads_once_accumulated``.
+    reduces during the backward only then), lets ZeRO-3 swap optimizer state in, and has BF16_Optimizer clear
+    the last micro batch's bf16 gradients: without it, under gradient accumulation, autograd added each micro
+    batch's gradients into the previous ones and BF16_Optimizer's fp32 sum counted micro batch i of k
+    (k - i + 1) times (k: the base-phase1/phase2 recipes' 4 and 8).
     """
     try:
         from deepspeed.runtime.utils import register_output_backward_hooks
     except ImportError:  # a DeepSpeed without output hooks: its backward is its own business
-        return False
-    prologue = getattr(ds_engine, "_backward_prologue", None)
-    if prologue is None or not loss.requires_grad:
-        return False
-    register_output_backward_hooks(loss, preprocess_once_fn=prologue,
-                                   preprocess_per_tensor_fn=getattr(ds_engine, "_backward_prologue_per_tensor", None))  # fmt: skip
-    return True
-
-
-def drop_bf16_grads_once_accumulated(ds_optimizer) -> bool:
-    """Make DeepSpeed's BF16_Optimizer drop each micro batch's bf16 gradients once it has added them into its
-    fp32 buffers; True where ``ds_optimizer`` is one.
-
-    It keeps them and leaves their clearing to the backward prologue of the next micro batch; where that does
-    not run (before ``hook_backward_prologue``, every bertpipe run), autograd adds the next micro batch's
-    gradients into them and the fp32 sum counts micro batch i of k (k - i + 1) times (k: the base-phase1/phase2
-    recipes' 4 and 8). Dropped (bertpipe's sync-free step sets them to None rather than zeroing them), each
-    backward starts from no gradient whether the prologue runs or not, and autograd hands each parameter its
-    new gradient without adding it into anything.
-    """
-    if type(ds_optimizer).__name__ != "BF16_Optimizer" or not hasattr(ds_optimizer, "backward_epilogue"):
-        return False
-    ds_optimizer.backward_epilogue = functools.partial(ds_optimizer.backward_epilogue, clear_lp_grads=True)
-    return True
+        return None
+    if not hasattr(ds_engine, "_backward_prologue"):
+        return None
+    per_tensor = getattr(ds_engine, "_backward_prologue_per_tensor", None)
+    return functools.partial(register_output_backward_hooks, preprocess_per_tensor_fn=per_tensor,
+                             preprocess_once_fn=lambda: ds_engine._backward_prologue())  # fmt: skip
 
 
 def host_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -381,7 +364,7 @@ class Engine:
         self._lay_out_lamb()
         # BF16_Optimizer: its step with one read of the device (LAMB) or none (fused AdamW): bert.pretrain.sync_free
         self.sync_free_step = sync_free.install(self.engine.optimizer, optimizer)
-        drop_bf16_grads_once_accumulated(self.engine.optimizer)
+        self._hang_backward_prologue = backward_prologue_hook(self.engine)
         warning = slow_optimizer_warning(type(self.engine.optimizer).__name__, str(self.device))
         if isinstance(optimizer, Lamb) and self.zero_stage == 3 and self.world_size > 1:
             warning = (
@@ -433,7 +416,8 @@ class Engine:
         for i, batch in enumerate(micro_batches):
             batch = self._to_device(batch)
             out = self.engine(**batch)
-            hook_backward_prologue(self.engine, out.loss)
+            if self._hang_backward_prologue is not None:
+                self._hang_backward_prologue(out.loss)
             self.engine.backward(out.loss)
             if i == len(micro_batches) - 1 and self.zero_stage == 0 and self.precision == "fp32":
                 own_grad_norm = _grad_norm(self.engine.module)  # DeepSpeed does not report it here

@@ -23,9 +23,10 @@ the fallback, and that setting's hook, add tensor by tensor, bf16 read directly)
 computed in fp32, so the values are the same to the bit. DeepSpeed's converts every gradient to a temporary
 fp32 copy first, in a Python loop over the tensors: two kernels and a temporary per tensor (1.7 ms of an
 H200's BERT-base step on the device, 2.9 ms on the host, measured 2026-12-04; a ``_foreach_add_`` of bf16 into
-fp32, which followed, is still a kernel per tensor: 1.06 ms a step of that kernel in the next profile). Asked to clear the bf16 gradients after adding them (the engine asks,
-``drop_bf16_grads_once_accumulated``), it drops them (None) where DeepSpeed's zeroes them: autograd then hands
-the next micro batch's gradients over as they are instead of adding them into zeros.
+fp32, which followed, is still a kernel per tensor: 1.06 ms a step of that kernel in the next profile). Its
+``clear_lp_grads`` (before each backward, in DeepSpeed's backward prologue) drops the bf16 gradients where
+DeepSpeed's zeroes them: autograd then hands the next micro batch's gradients over as they are instead of
+adding them into zeros.
 
 It applies where DeepSpeed's optimizer is the plain ``BF16_Optimizer`` it was written against (fp32 gradients;
 no MoE, Muon or model parallelism); anything else keeps DeepSpeed's own step. ``tests/test_sync_free.py`` holds
@@ -80,12 +81,19 @@ def install(ds_optimizer, base_optimizer: torch.optim.Optimizer) -> bool:
     ds_optimizer.step = types.MethodType(_step, ds_optimizer)
     ds_optimizer._update_hp_grad = types.MethodType(_update_hp_grad, ds_optimizer)
     ds_optimizer.update_hp_grads = types.MethodType(_update_hp_grads, ds_optimizer)
+    ds_optimizer.clear_lp_grads = types.MethodType(_clear_lp_grads, ds_optimizer)
+    ds_optimizer._bertpipe_tiled = [  # which groups' gradient views tile their flat buffer (_update_hp_grads)
+        _tiles(flat, views)
+        for flat, views in zip(
+            ds_optimizer.fp32_groups_gradients_flat, ds_optimizer.fp32_groups_gradients, strict=True
+        )
+    ]
     return True
 
 
 def uninstall(ds_optimizer) -> None:
     """Give ``ds_optimizer`` back DeepSpeed's own step and gradient hook (benchmarks and tests compare them)."""
-    for name in ("step", "_update_hp_grad", "update_hp_grads"):
+    for name in ("step", "_update_hp_grad", "update_hp_grads", "clear_lp_grads"):
         if isinstance(ds_optimizer.__dict__.get(name), types.MethodType):
             delattr(ds_optimizer, name)  # the class's: DeepSpeed's
 
@@ -126,33 +134,34 @@ def _update_hp_grads(self, clear_lp_grads=False) -> None:
             continue
         hp_grads = [_hp_grad_for(self, lp, i, j) for j, lp in indexed]
         flat = self.fp32_groups_gradients_flat[i]
-        if len(indexed) == len(group) and _end_to_end(self, i, flat, hp_grads):
+        if len(indexed) == len(group) and self._bertpipe_tiled[i]:
             total = sum(hp.numel() for hp in hp_grads)
             flat.narrow(0, 0, total).add_(torch.cat([lp.grad.reshape(-1) for _, lp in indexed]))
         else:
             torch._foreach_add_(
                 hp_grads, [lp.grad.view(hp.shape) for hp, (_, lp) in zip(hp_grads, indexed, strict=True)]
             )
-        if clear_lp_grads:  # dropped, not zeroed: the next backward's gradients are then taken as they come
-            for _, lp in indexed:
-                lp.grad = None
+    if clear_lp_grads:
+        _clear_lp_grads(self)
 
 
-def _end_to_end(self, group_idx: int, flat: torch.Tensor, views: list[torch.Tensor]) -> bool:
-    """Whether ``views`` tile the start of ``flat`` in order (DeepSpeed lays out its fp32 gradient buffers so;
-    checked once a group, then remembered)."""
-    known = self.__dict__.setdefault("_bertpipe_end_to_end", {})
-    if group_idx not in known:
-        offset, ok = 0, True
-        for view in views:
-            ok = (
-                ok
-                and view.is_contiguous()
-                and view.data_ptr() == flat.data_ptr() + offset * flat.element_size()
-            )
-            offset += view.numel()
-        known[group_idx] = ok and offset <= flat.numel()
-    return known[group_idx]
+def _clear_lp_grads(self, set_to_none: bool = True) -> None:
+    """DeepSpeed's ``clear_lp_grads`` (its backward prologue's, and the step's), dropping the bf16 gradients
+    rather than zeroing them: the next backward then hands each parameter its gradient as it comes, where into a
+    kept zeroed one autograd adds it, a kernel a tensor (their sums are in the fp32 buffers by then)."""
+    for group in self.bf16_groups:
+        for lp in group:
+            lp.grad = None
+
+
+def _tiles(flat: torch.Tensor, views: list[torch.Tensor]) -> bool:
+    """Whether ``views`` tile the start of ``flat`` in order (DeepSpeed lays out its fp32 gradient buffers so)."""
+    offset = 0
+    for view in views:
+        if not view.is_contiguous() or view.data_ptr() != flat.data_ptr() + offset * flat.element_size():
+            return False
+        offset += view.numel()
+    return offset <= flat.numel()
 
 
 @torch.no_grad()
