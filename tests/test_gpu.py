@@ -49,6 +49,44 @@ def test_accumulated_micro_batches_on_the_gpu_give_the_plain_loops_gradient():
     assert got[0][1] == pytest.approx(expected[0][1], rel=2e-2)
 
 
+def test_varlen_attention_with_fill_rows_changes_no_loss_or_gradient():
+    """Packed to a multiple (``TrainConfig.pack_multiple_of``), flash varlen attention sees the fill rows as
+    sequences of their own: the real tokens' loss and the gradients stay those of the exact packing."""
+    from test_compile import TINIEST, varied_batch
+    from test_pack_multiple import forward_backward
+
+    from bert import BertConfig, BertForPreTraining
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(**{**TINIEST, "unpad_attention": "varlen"})).cuda().train()
+    inputs = varied_batch(1, 16, [16, 9, 5, 14], [0, 2, 4])
+    results = []
+    for multiple_of in (0, 7, 100):
+        with torch.autocast("cuda", torch.bfloat16):
+            out, grads = forward_backward(model, inputs, multiple_of)
+        results.append((float(out.loss), grads))
+    (loss, grads), others = results[0], results[1:]
+    for other_loss, other_grads in others:
+        assert other_loss == pytest.approx(loss, rel=1e-2)
+        for name, grad in grads.items():
+            torch.testing.assert_close(other_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_cuda_graphs_packed_to_a_multiple_train_as_a_plain_loop():
+    """Inductor's CUDA graphs (``compile_options: {"triton.cudagraphs": true}``) with fill rows, under
+    zero1_bf16 (bertpipe's optimizer step between the graphs), 3 clipped steps of 2 micro batches: the plain
+    loop's losses and gradient norms (fp32, CPU)."""
+    from test_zero_stages import against_a_plain_loop
+
+    fast = {"unpad_attention": "varlen", "attention_probs_dropout_prob": 0.0}
+    got, expected = against_a_plain_loop("zero1_bf16", steps=3, micro=2, clip=1.0, compile=True,
+                                         compile_options={"triton.cudagraphs": True}, pack_multiple_of=16,
+                                         model_overrides=fast)  # fmt: skip
+    for step, ((loss, norm), (plain_loss, plain_norm)) in enumerate(zip(got, expected, strict=True)):
+        assert loss == pytest.approx(plain_loss, rel=3e-2), step
+        assert norm == pytest.approx(plain_norm, rel=3e-2), step
+
+
 def test_bf16_zero1_trains_saves_resumes_and_exports_on_the_gpu(tmp_path: Path):
     examples, model_config = make_training_stage(tmp_path / "stage", num_train=256, num_valid=32)
     common = ["--examples", str(examples), "--model-config", str(model_config), "--num-gpus", "1",

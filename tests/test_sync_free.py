@@ -50,7 +50,7 @@ def make_engine(
     """A DeepSpeed engine of the tiny model under the shipped ``deepspeed_configs/DEEPSPEED.json``, the same
     weights every call; AdamW fused as bertpipe builds it on CUDA (the CPU default is the foreach one).
     ``sync_free_step``: bertpipe's step must be installed (True), DeepSpeed's put back (False), or either (None).
-    ``engine_settings``: ``compile``, ``model_overrides`` (BertConfig fields)."""
+    ``engine_settings``: ``compile``, ``compile_options``, ``pack_multiple_of``, ``model_overrides`` (BertConfig fields)."""
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(**{**MODEL, **engine_settings.get("model_overrides", {})}))
     train = TrainConfig(examples="unused", out="unused", lr=1e-2, max_steps=100, max_grad_norm=clip)
@@ -61,7 +61,9 @@ def make_engine(
     base = build_optimizer(model, optimizer, 1e-2, (0.9, 0.999), 1e-6, 0.01, fused=fused)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(sys.stderr):
-        engine = eng.Engine(model, base, filled, lr_at, seed=0, compile=engine_settings.get("compile", False))
+        engine = eng.Engine(model, base, filled, lr_at, seed=0, compile=engine_settings.get("compile", False),
+                            compile_options=engine_settings.get("compile_options"),
+                            pack_multiple_of=engine_settings.get("pack_multiple_of", 0))  # fmt: skip
     if sync_free_step:
         assert engine.sync_free_step, sync_free.applies(engine.engine.optimizer, base)
     elif sync_free_step is False:

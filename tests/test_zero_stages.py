@@ -136,7 +136,7 @@ def against_a_plain_loop(deepspeed: str, steps: int, micro: int, clip: float, op
     the same for a plain PyTorch loop: the same optimizer and parameter groups, ``clip_grad_norm_``, the same
     learning rates, fp32 on the CPU), ``steps`` of ``micro`` micro batches. Checks that DeepSpeed's backward
     prologue ran once for each micro batch (``backward_prologue_hook``). ``engine_settings``: ``compile``,
-    ``model_overrides``."""
+    ``compile_options``, ``pack_multiple_of``, ``model_overrides``."""
     from test_sync_free import MODEL, make_batch, make_engine
 
     from bert import BertConfig, BertForPreTraining

@@ -48,18 +48,40 @@ class Packing:
     lengths: list[int] | None = None  # tokens per sequence, when attention runs sequence by sequence
     cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32 cumulative lengths, for varlen attention
     max_seqlen: int | None = None  # longest sequence of the batch (or a bound on it), for varlen attention
+    # Fill rows (``packing_inputs(multiple_of=...)``) after the N real ones: their index is B * T, one row past
+    # the batch, which reads a [PAD] token and is dropped again by ``pad``; cu_seqlens then has B + 1 + k entries.
+    fill: bool = False
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (B, T, C) with zeros at padding."""
-        out = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1])
-        return out.index_copy(0, self.indices, x).view(self.batch_size, self.seq_len, -1)
+        rows = self.batch_size * self.seq_len
+        out = x.new_zeros(rows + self.fill, x.shape[-1])  # fill rows land in the extra row, then cut off
+        return out.index_copy(0, self.indices, x)[:rows].view(self.batch_size, self.seq_len, -1)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> (N, C)."""
-        return x.reshape(self.batch_size * self.seq_len, -1).index_select(0, self.indices)
+        """(B, T, C) -> (N, C); fill rows get zeros."""
+        x = x.reshape(self.batch_size * self.seq_len, -1)
+        return (F.pad(x, (0, 0, 0, 1)) if self.fill else x).index_select(0, self.indices)
+
+    def flat(self, x: torch.Tensor, fill_value: int = 0) -> torch.Tensor:
+        """(B, T) -> (B * T,), with one more element (``fill_value``) for the fill rows to read."""
+        x = x.reshape(-1)
+        return F.pad(x, (0, 1), value=fill_value) if self.fill else x
 
 
-def packing_inputs(attention_mask: torch.Tensor | np.ndarray) -> dict[str, Any]:
+def fill_sequences(multiple_of: int, seq_len: int) -> int:
+    """How many sequences the fill rows of ``packing_inputs(multiple_of=...)`` form: the fewest k for which
+    every one can be 1 to ``seq_len`` long (at most ``multiple_of + k - 1`` rows split evenly), so no sequence
+    of cu_seqlens is empty and ``seq_len`` still bounds them all (the compiled model's max_seqlen)."""
+    if seq_len < 2:
+        raise ValueError(f"packing to a multiple of {multiple_of} needs sequences of 2 or more tokens")
+    k = 1
+    while -(-(multiple_of + k - 1) // k) > seq_len:
+        k += 1
+    return k
+
+
+def packing_inputs(attention_mask: torch.Tensor | np.ndarray, multiple_of: int = 0) -> dict[str, Any]:
     """The unpadding of a (B, T) 0/1 mask, computed on the host: BertModel.forward's precomputed inputs.
 
     ``unpad_indices`` (N,) int64 flat positions b * T + t of the tokens, ``cu_seqlens`` (B + 1,) int32
@@ -67,6 +89,11 @@ def packing_inputs(attention_mask: torch.Tensor | np.ndarray) -> dict[str, Any]:
     batch moves to the device, so the device never waits on ``nonzero``/``tolist`` in a step. It computes in
     numpy: on a prefetch thread, torch's CPU operators would run a second intra-op thread pool beside the
     training thread's, and the two contend for the cores (the CPU demo's steps took 12% longer).
+
+    ``multiple_of`` > 0 appends fill rows (index B * T: a [PAD] token at position 0, in k sequences of their
+    own, ``fill_sequences``) until the packed length is a multiple of it, so batches of slightly different
+    sizes share a shape (what CUDA graphs need: one graph per shape). The model drops the fill rows again;
+    nothing they compute reaches the real tokens or a loss.
     """
     if torch.is_tensor(attention_mask) and attention_mask.device.type != "cpu":
         raise ValueError("packing_inputs runs on the host: pass the CPU attention mask, before .to(device)")
@@ -75,13 +102,27 @@ def packing_inputs(attention_mask: torch.Tensor | np.ndarray) -> dict[str, Any]:
         raise ValueError(f"attention_mask must be (batch, seq_len), got shape {tuple(mask.shape)}")
     mask = mask.astype(bool, copy=False)
     lengths = mask.sum(1)
-    cu_seqlens = np.zeros(len(mask) + 1, dtype=np.int32)
+    indices = np.flatnonzero(mask).astype(np.int64, copy=False)
+    if multiple_of:
+        batch, seq_len = mask.shape
+        k = fill_sequences(multiple_of, seq_len)
+        fill = -(-(len(indices) + k) // multiple_of) * multiple_of - len(
+            indices
+        )  # k <= fill < multiple_of + k
+        indices = np.concatenate([indices, np.full(fill, batch * seq_len, dtype=np.int64)])
+        lengths = np.concatenate([lengths, np.full(k, fill // k) + (np.arange(k) < fill % k)])
+    cu_seqlens = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu_seqlens[1:])
     return {
-        "unpad_indices": torch.from_numpy(np.flatnonzero(mask).astype(np.int64, copy=False)),
+        "unpad_indices": torch.from_numpy(indices),
         "cu_seqlens": torch.from_numpy(cu_seqlens),
-        "max_seqlen": int(lengths.max()) if len(mask) else 0,
+        "max_seqlen": int(lengths.max()) if len(lengths) else 0,
     }
+
+
+def has_fill(cu_seqlens: torch.Tensor | None, batch_size: int) -> bool:
+    """Whether a packing carries fill rows (``packing_inputs(multiple_of=...)``): a shape, so no graph breaks."""
+    return cu_seqlens is not None and cu_seqlens.shape[0] > batch_size + 1
 
 
 def varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
@@ -390,10 +431,13 @@ class BertModel(BertPreTrainedModel):
             # The padded length bounds the longest sequence, and flash attention takes any upper bound; a
             # compiled model gets this one (a size Dynamo treats as symbolic), not an int it would specialise on.
             max_seqlen = T
+        fill = has_fill(cu_seqlens, B)
         lengths = None
         if attention == "per_sequence":  # the CPU path: lengths as Python ints
             lengths = [n for n in mask.sum(1).tolist() if n]
-        return key_mask, Packing(unpad_indices, B, T, lengths, cu_seqlens, max_seqlen)
+            if fill:  # the fill rows' own sequences
+                lengths += cu_seqlens[B + 1 :].diff(prepend=cu_seqlens[B : B + 1]).tolist()
+        return key_mask, Packing(unpad_indices, B, T, lengths, cu_seqlens, max_seqlen, fill)
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
         """ValueError for inputs the embedding tables cannot take (cheap: shapes and one max())."""
@@ -447,9 +491,9 @@ class BertModel(BertPreTrainedModel):
 
         if packing is not None:
             x = self.embeddings(
-                input_ids.view(-1)[packing.indices],
-                token_type_ids.reshape(-1)[packing.indices],
-                position_ids.repeat(B)[packing.indices],
+                packing.flat(input_ids, self.config.pad_token_id or 0)[packing.indices],
+                packing.flat(token_type_ids)[packing.indices],
+                packing.flat(position_ids.repeat(B))[packing.indices],
             )  # (N, H)
             x = packing.pad(self.encoder(x, key_mask, packing))  # (B, T, H)
         else:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert.model.config import ACTIVATIONS, BertConfig
-from bert.model.encoder import BertModel, BertPreTrainedModel
+from bert.model.encoder import BertModel, BertPreTrainedModel, has_fill
 
 IGNORE_INDEX = -100  # label value for positions without a target (HF/PyTorch convention)
 
@@ -56,11 +56,18 @@ class BertLMPredictionHead(nn.Module):
         return logits if logits.shape[-1] == self.vocab_size else logits[..., : self.vocab_size]
 
 
-def find_mlm_positions(labels: torch.Tensor) -> torch.Tensor:
+def find_mlm_positions(labels: torch.Tensor, multiple_of: int = 0) -> torch.Tensor:
     """(P,) flat positions b * T + t of the predicted tokens (label != -100); on a CPU batch, a host computation
-    (in numpy, as ``packing_inputs``)."""
+    (in numpy, as ``packing_inputs``). ``multiple_of`` > 0 (host only, with the packing's fill rows: see
+    ``packing_inputs``) appends fill positions B * T up to a multiple of it; their label is -100."""
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        return torch.from_numpy(np.flatnonzero(labels.numpy().reshape(-1) != IGNORE_INDEX).astype(np.int64))
+        positions = np.flatnonzero(labels.numpy().reshape(-1) != IGNORE_INDEX).astype(np.int64)
+        if multiple_of:
+            fill = -len(positions) % multiple_of
+            positions = np.concatenate([positions, np.full(fill, labels.numel(), dtype=np.int64)])
+        return torch.from_numpy(positions)
+    if multiple_of:
+        raise ValueError("find_mlm_positions(multiple_of=...) runs on the host: pass the CPU labels")
     return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
@@ -81,7 +88,7 @@ class BertForPreTrainingOutput:
     mlm_loss: torch.Tensor | None  # mean cross-entropy over positions with label != -100
     nsp_loss: torch.Tensor | None
     mlm_logits: torch.Tensor  # (P, V) at predicted positions when labels given, else (B, T, V)
-    mlm_labels: torch.Tensor | None  # (P,) targets matching mlm_logits rows
+    mlm_labels: torch.Tensor | None  # (P,) targets matching mlm_logits rows (-100 at fill positions)
     mlm_positions: torch.Tensor | None  # (P,) flat positions b * T + t of the predicted tokens
     nsp_logits: torch.Tensor  # (B, 2); class 1 = B is a random segment
 
@@ -130,7 +137,11 @@ class BertForPreTraining(BertPreTrainedModel):
                 )
             flat_labels = labels.reshape(-1)
             positions = mlm_positions if mlm_positions is not None else find_mlm_positions(labels)  # (P,)
-            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (P, H)
+            rows = positions
+            if has_fill(packing.get("cu_seqlens"), len(labels)):  # fill positions B * T: label -100, any row
+                flat_labels = F.pad(flat_labels, (0, 1), value=IGNORE_INDEX)
+                rows = positions.clamp(max=labels.numel() - 1)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (P, H)
             mlm_labels = flat_labels.index_select(0, positions)
         mlm_logits = self.cls.predictions(hidden)  # (P, V), or (B, T, V) without labels
         nsp_logits = self.cls.seq_relationship(out.pooler_output)  # (B, 2)

@@ -143,6 +143,13 @@ def check_compile_options(options, compile: bool | None = None) -> list[str]:
     return problems
 
 
+def cuda_graphs(compile_options: dict) -> bool:
+    """Whether ``compile_options`` turn on Inductor's CUDA graphs (what torch.compile's mode="reduce-overhead" sets)."""
+    return isinstance(compile_options, dict) and bool(
+        compile_options.get("triton.cudagraphs", compile_options.get("triton_cudagraphs"))
+    )
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. (seed, step, rank))."""
     import numpy as np
@@ -185,6 +192,11 @@ class TrainConfig:
     compile_options: dict = field(default_factory=dict)
     """Inductor settings for the compilation (torch.compile's ``options``: names of ``torch._inductor.config``),
     e.g. ``{"coordinate_descent_tuning": true}``; empty: Inductor's defaults. See ``check_compile_options``."""
+    pack_multiple_of: int = 0
+    """Round each batch's packed token count and predicted-position count up to a multiple of this, with fill
+    rows the model ignores (0: exact sizes). Batches then share a few shapes: what CUDA graphs
+    (``compile_options: {"triton.cudagraphs": true}``) need, which record one graph per shape. Costs the fill
+    rows' compute (under ``pack_multiple_of`` / 2 tokens a batch on average); changes only random draws."""
     # how long
     max_steps: int | None = None  # optimizer steps counted from the start of training (not this run)
     time_budget: str | None = None  # wall time of this run, e.g. "2h", "90s"
@@ -218,7 +230,14 @@ class TrainConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
-        for name in ("warmup_steps", "save_every", "export_every", "eval_every", "bucket_batches"):
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "export_every",
+            "eval_every",
+            "bucket_batches",
+            "pack_multiple_of",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("keep_last", "log_every", "eval_samples", "pad_to_multiple_of"):
@@ -246,6 +265,11 @@ class TrainConfig:
         if self.compile not in (None, True, False):
             problems.append(f"compile must be true, false or null (auto: on CUDA only), got {self.compile!r}")
         problems += check_compile_options(self.compile_options, self.compile)
+        if cuda_graphs(self.compile_options) and not self.pack_multiple_of:
+            problems.append(
+                "compile_options triton.cudagraphs records a CUDA graph per batch shape, and packed batches "
+                "change size every step: set pack_multiple_of too (e.g. 1024) so they share a few shapes"
+            )
         try:
             parse_profile_steps(self.profile_steps)
         except ValueError as e:

@@ -40,8 +40,8 @@ finally:
         del sys.modules["mlflow"]
 import torch.distributed as dist  # noqa: E402
 
-from bert.model.encoder import packing_inputs  # noqa: E402
-from bert.model.heads import find_mlm_positions  # noqa: E402
+from bert.model.encoder import has_fill, packing_inputs  # noqa: E402
+from bert.model.heads import IGNORE_INDEX, find_mlm_positions  # noqa: E402
 from bert.optim import Lamb, PartitionLayout  # noqa: E402
 from bert.pretrain import sync_free  # noqa: E402
 from bert.pretrain.config import derive_seed  # noqa: E402
@@ -184,6 +184,9 @@ def mark_dynamic_sizes(batch: dict) -> None:
         value = batch.get(name)
         if torch.is_tensor(value) and value.dim() > dim:
             torch._dynamo.maybe_mark_dynamic(value, dim)
+    if "input_ids" in batch and has_fill(batch.get("cu_seqlens"), len(batch["input_ids"])):
+        # packed to a multiple, the number of fill sequences depends on T (``fill_sequences``)
+        torch._dynamo.maybe_mark_dynamic(batch["cu_seqlens"], 0)
 
 
 def slow_optimizer_warning(optimizer: str, device: str) -> str | None:
@@ -297,18 +300,20 @@ def backward_prologue_hook(ds_engine) -> Callable[[torch.Tensor], object] | None
                              preprocess_once_fn=lambda: ds_engine._backward_prologue())  # fmt: skip
 
 
-def host_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def host_inputs(batch: dict[str, torch.Tensor], multiple_of: int = 0) -> dict[str, torch.Tensor]:
     """A copy of the collated (CPU) ``batch`` with its packing (``packing_inputs``) and MLM positions added.
 
     Computed on the host, where the model would otherwise find them on the device (``nonzero``/``tolist``:
     a sync per step and a graph break under torch.compile). The training loop calls it on the prefetch thread,
     so the step does not spend its time on it; what is already there, or on the device, is kept.
+    ``multiple_of`` (``TrainConfig.pack_multiple_of``) rounds the packed tokens and the predicted positions up
+    to a multiple of it with fill rows the model ignores, both or neither.
     """
     batch = dict(batch)
     if "attention_mask" in batch and "unpad_indices" not in batch and not batch["attention_mask"].is_cuda:
-        batch.update(packing_inputs(batch["attention_mask"]))
+        batch.update(packing_inputs(batch["attention_mask"], multiple_of))
     if batch.get("labels") is not None and "mlm_positions" not in batch and not batch["labels"].is_cuda:
-        batch["mlm_positions"] = find_mlm_positions(batch["labels"])
+        batch["mlm_positions"] = find_mlm_positions(batch["labels"], multiple_of)
     return batch
 
 
@@ -334,8 +339,10 @@ class Engine:
         seed: int,
         compile: bool | None = None,
         compile_options: dict | None = None,
+        pack_multiple_of: int = 0,
     ):
         self.base_optimizer = optimizer
+        self.pack_multiple_of = pack_multiple_of
         self.lr_at = lr_at
         self.seed = seed
         model.bert.check_values = False  # the collator checks the ids on the host (no device read per step)
@@ -392,7 +399,7 @@ class Engine:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch on the device, with its packing and MLM positions computed first, on the host
         (``host_inputs``; the training loop's prefetch thread has usually added them already)."""
-        batch = host_inputs(batch)
+        batch = host_inputs(batch, self.pack_multiple_of)
         batch = {
             k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
         }
@@ -554,14 +561,19 @@ def _batch_sums(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     finish everything queued before (on an H200, 7.5 ms of every BERT-base step idle, measured 2026-12-04).
     """
     device = out.loss.device
-    mlm_correct = (out.mlm_logits.argmax(-1) == out.mlm_labels).sum() if out.mlm_labels is not None else 0
+    mlm_correct = mlm_count = 0
+    if out.mlm_labels is not None:
+        mlm_correct = (out.mlm_logits.argmax(-1) == out.mlm_labels).sum()
+        # the fill positions of a packing to a multiple (label -100) are not predictions
+        filled = has_fill(batch.get("cu_seqlens"), len(batch["input_ids"]))
+        mlm_count = (out.mlm_labels != IGNORE_INDEX).sum() if filled else len(out.mlm_labels)
     nsp_correct = (out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum()
     values = [
         out.loss,
         out.mlm_loss,
         out.nsp_loss,
         mlm_correct,
-        len(out.mlm_labels) if out.mlm_labels is not None else 0,
+        mlm_count,
         nsp_correct,
         len(batch["next_sentence_label"]),
         batch["attention_mask"].sum(),

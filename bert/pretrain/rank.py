@@ -220,7 +220,7 @@ def fit(run: Run) -> PretrainResult:
     since_check, steps_run = [0, 0.0], 0  # since the last stop agreement: steps, their seconds
 
     def collate(indices, epoch):  # on the prefetch thread
-        return eng.host_inputs(run.collator(run.train, indices, epoch))
+        return eng.host_inputs(run.collator(run.train, indices, epoch), config.pack_multiple_of)
 
     def write_requested() -> None:
         nonlocal requested, record
@@ -340,7 +340,8 @@ def main(config: TrainConfig, do_train: bool = True) -> PretrainResult | Run:
 
     num_parameters = model.num_parameters()  # before ZeRO-3 partitions the tensors away
     run.engine = eng.Engine(model, optimizer, ds_config, lr_at, config.seed, compile=config.compile,
-                            compile_options=config.compile_options)  # fmt: skip
+                            compile_options=config.compile_options,
+                            pack_multiple_of=config.pack_multiple_of)  # fmt: skip
     position = resume(run) if config.resume else DataPosition()
     run.batches = RankBatches(run.train, config.seed, rank, world_size, run.batch.micro_batch_size,
                               run.batch.gradient_accumulation_steps, config.bucket_batches, position)  # fmt: skip

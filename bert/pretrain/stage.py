@@ -55,7 +55,7 @@ FORMAT_VERSION = 1
 NOT_IN_FINGERPRINT = ("examples", "out", "vocab", "resume", "save_every", "keep_last", "export_every",
                       "eval_every", "eval_samples", "log_every", "log_example_indices", "progress_bar",
                       "tensorboard", "model_config", "init_from", "deepspeed_config",
-                      "compile", "compile_options", "profile_steps")  # fmt: skip  # compile changes float rounding only, like the number of ranks
+                      "compile", "compile_options", "pack_multiple_of", "profile_steps")  # fmt: skip  # compile changes float rounding only, like the number of ranks; packing to a multiple, random draws only
 LENGTH = ("max_steps", "time_budget")
 
 
