@@ -13,9 +13,10 @@ Parts, in order of importance (``--parts``; each skipped, with its reason in the
    the same batches; ``base-128/eager`` is ours without torch.compile and with the stock model;
    ``base-128/bf16-accumulation`` is ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient
    accumulation (DeepSpeed's ZeRO optimizer instead of its BF16_Optimizer: the A/B of that choice);
-   ``base-128/aten-rng``, ``cpp-wrapper`` and ``tuned`` are ours with Inductor settings
-   (``gpu_e2e.COMPILE_VARIANTS``: dropout masks from torch's random kernel; kernel launches from C++;
-   coordinate-descent kernel tuning). Per run:
+   ``base-128/aten-rng``, ``cpp-wrapper``, ``tuned``, ``cudagraphs`` and ``no-dropout`` are ours with other
+   settings (``gpu_e2e.VARIANTS``: dropout masks from torch's random kernel; kernel launches from C++;
+   coordinate-descent kernel tuning; Inductor's CUDA graphs over batches packed to a multiple of 1024 tokens;
+   hidden dropout 0). Per run:
    real-token tokens/s (median over the steps past the warmup), MFU, peak GPU memory, data_wait share (ours),
    and per config the ratio ours / transformers (benchmarks/gpu_e2e.py says how each side is timed);
    overhead: benchmarks/step_overhead.py on the GPU (the host's launches, syncs and time per step under
@@ -335,13 +336,13 @@ E2E_PARTS = [f"{c}/{side}" for c in gpu_e2e.E2E_CONFIGS for side in ("ours", "tr
 PROFILE_PART = "base-128/profile"
 # ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient accumulation (DeepSpeed's ZeRO optimizer)
 ACCUMULATION_PART = "base-128/bf16-accumulation"
-# ours with Inductor settings (gpu_e2e.COMPILE_VARIANTS)
-COMPILE_PARTS = [f"base-128/{side}" for side in gpu_e2e.COMPILE_VARIANTS]
-DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, *COMPILE_PARTS, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
+# ours with other settings (gpu_e2e.VARIANTS)
+VARIANT_PARTS = [f"base-128/{side}" for side in gpu_e2e.VARIANTS]
+DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, *VARIANT_PARTS, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
                  "base-128/eager", "step", "pretrain",
                  "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
 # what a dry run (the CPU check of the plumbing) runs unless --parts names others
-DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, *COMPILE_PARTS, "overhead", ACCUMULATION_PART,
+DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, *VARIANT_PARTS, "overhead", ACCUMULATION_PART,
                  "base-128/eager")  # fmt: skip
 PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
 CUDA_ONLY = {"step", "step_compile", "tests"}
@@ -382,7 +383,7 @@ def e2e_budget_shapes(args) -> dict[str, gpu_e2e.Shape]:
 
 
 def e2e_part(args, report: dict, part: str) -> dict:
-    """One e2e run, ``CONFIG/SIDE`` (SIDE: ours, one of ``gpu_e2e.COMPILE_VARIANTS``, bf16-accumulation, eager
+    """One e2e run, ``CONFIG/SIDE`` (SIDE: ours, one of ``gpu_e2e.VARIANTS``, bf16-accumulation, eager
     or transformers), with its MFU figures."""
     from types import SimpleNamespace
 
@@ -404,10 +405,8 @@ def e2e_part(args, report: dict, part: str) -> dict:
         result = gpu_e2e.run_transformers(name, examples, model, batch, steps, warmup, args.device, args.work,
                                           left(args))  # fmt: skip
     else:
-        fast = side in ("ours", "bf16-accumulation", *gpu_e2e.COMPILE_VARIANTS)
-        settings = json.loads(json.dumps(gpu_e2e.FAST_SETTINGS if fast else gpu_e2e.EAGER_SETTINGS))
-        if side in gpu_e2e.COMPILE_VARIANTS:
-            settings["compile_options"] = dict(gpu_e2e.COMPILE_VARIANTS[side])
+        fast = side in ("ours", "bf16-accumulation", *gpu_e2e.VARIANTS)
+        settings = gpu_e2e.variant_settings(side) if fast else json.loads(json.dumps(gpu_e2e.EAGER_SETTINGS))
         substitutions = (
             dry_run_substitutions(settings, config, compile_ok=side == "ours") if args.dry_run else {}
         )
@@ -456,7 +455,7 @@ def dry_run_substitutions(settings: dict, config: str, compile_ok: bool = True) 
     return changed
 
 
-SIDES = ("ours", *gpu_e2e.COMPILE_VARIANTS, "bf16-accumulation", "eager", "transformers")  # transformers last
+SIDES = ("ours", *gpu_e2e.VARIANTS, "bf16-accumulation", "eager", "transformers")  # transformers last
 
 
 def e2e_summary(report: dict) -> dict:

@@ -62,22 +62,38 @@ FAST_SETTINGS = {
     },
 }  # the all_switches variant of benchmarks/gpu.py
 EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compiled
-# Sides that are ours with Inductor settings (TrainConfig.compile_options) over FAST_SETTINGS, A/Bs for the
-# elementwise kernels, which on an H200 (2026-12-04) ran far below the ~4.3 TB/s a copy reaches: the fused
-# residual + dropout + LayerNorm at ~1.3 TB/s forward, 1.9 backward, GELU 2.7 / 3.0.
+# Sides that are ours with other settings over FAST_SETTINGS (merged into them), the A/Bs of base-128/ours.
+# For the elementwise kernels, which on an H200 (2026-12-04) ran far below the ~4.3 TB/s a copy reaches (the
+# fused residual + dropout + LayerNorm at ~1.3 TB/s forward, 1.9 backward, GELU 2.7 / 3.0):
 # - tuned: coordinate-descent tuning of the Triton kernels' launch settings (block sizes, warps);
 # - aten-rng: the dropout masks drawn by torch's own random kernel (fallback_random) rather than inside the
 #   fused kernels, where Triton's Philox runs once per element and keeps one of its four numbers: arithmetic
 #   for 24 M elements that, at the H200's integer rate, takes about what those kernels take (the suspect);
-# - cpp-wrapper: the compiled graphs' kernel launches from generated C++ rather than Python (the host, ~50 ms
-#   a BERT-base step with the profiler on, is about as slow as the GPU's 47 ms of kernels).
-COMPILE_VARIANTS = {
-    "aten-rng": {"fallback_random": True},
-    "cpp-wrapper": {"cpp_wrapper": True},
-    "tuned": {"coordinate_descent_tuning": True},
+# - no-dropout: hidden dropout 0 too (the model of cramming and ModernBERT's pretraining: a different model,
+#   so never a default; it says what the dropout costs).
+# For the host, whose ~50 ms a BERT-base step (profiler on) is about as slow as the GPU's 47 ms of kernels:
+# - cpp-wrapper: the compiled graphs' kernel launches from generated C++ rather than Python;
+# - cudagraphs: Inductor's CUDA graphs (one launch a graph), with the packed sizes rounded up to a multiple of
+#   1024 tokens (pack_multiple_of) so the batches share a few shapes, a graph each (~1.6% more tokens).
+VARIANTS = {
+    "aten-rng": {"compile_options": {"fallback_random": True}},
+    "cpp-wrapper": {"compile_options": {"cpp_wrapper": True}},
+    "tuned": {"compile_options": {"coordinate_descent_tuning": True}},
+    "cudagraphs": {"compile_options": {"triton.cudagraphs": True}, "pack_multiple_of": 1024},
+    "no-dropout": {"model_overrides": {"hidden_dropout_prob": 0.0}},
 }
+
+
+def variant_settings(side: str) -> dict:
+    """FAST_SETTINGS with ``VARIANTS[side]`` merged in (model_overrides key by key), a fresh copy."""
+    settings = json.loads(json.dumps(FAST_SETTINGS))
+    for key, value in VARIANTS.get(side, {}).items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+    return settings
+
+
 # The sides that are ours run another way: the budget scales them from ours' measured cost.
-OURS_VARIANTS = ("eager", "profile", "bf16-accumulation", *COMPILE_VARIANTS)
+OURS_VARIANTS = ("eager", "profile", "bf16-accumulation", *VARIANTS)
 ZERO1_BF16 = REPO / "deepspeed_configs" / "zero1_bf16.json"  # the shipped JSON: fp32 gradient accumulation
 
 
