@@ -19,8 +19,10 @@ Parts, in order of importance (``--parts``; each skipped, with its reason in the
    hidden dropout 0). Per run:
    real-token tokens/s (median over the steps past the warmup), MFU, peak GPU memory, data_wait share (ours),
    and per config the ratio ours / transformers (benchmarks/gpu_e2e.py says how each side is timed);
+   layer (after base-128's profile): benchmarks/layer_kernels.py, one BERT-base encoder layer compiled alone
+   under each Inductor setting (forward + backward ms and its top kernels, seconds a setting);
    overhead: benchmarks/step_overhead.py on the GPU (the host's launches, syncs and time per step under
-   each DeepSpeed JSON, a narrow model with BERT-base's parameter tensors), after base-128's profile;
+   each DeepSpeed JSON, a narrow model with BERT-base's parameter tensors);
 3. step: BERT-base, 128 tokens, bf16 autocast: our training step against transformers.BertForPreTraining
    (SDPA) in the same process (benchmarks/pretrain_step.py): non-padding tokens/s, MFU, peak memory;
    step_compile: the same with torch.compile;
@@ -157,6 +159,21 @@ def overhead_part(args) -> dict:
     report = step_overhead.main(["--device", args.device])
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
+
+
+LAYER_BUDGET_S = 150.0  # the layer part's own limit: its settings past it are skipped, autotune last
+
+
+def layer_part(args) -> dict:
+    """benchmarks/layer_kernels.py on this device: one BERT-base layer's forward + backward under each Inductor
+    setting (seconds each, where an e2e A/B costs ~85 s); on a dry run a narrow layer, without autotune."""
+    import layer_kernels
+
+    argv = ["--device", args.device, "--budget-s", str(min(LAYER_BUDGET_S, left(args)))]
+    if args.dry_run:
+        argv += ["--tokens", "512", "--hidden", "64", "--heads", "2", "--iters", "3",
+                 "--variants", "default,aten-rng,no-dropout,eager"]  # fmt: skip
+    return layer_kernels.main(argv)
 
 
 def bertpipe(*argv: str, log: Path, timeout_s: float = 1200) -> float:
@@ -338,11 +355,11 @@ PROFILE_PART = "base-128/profile"
 ACCUMULATION_PART = "base-128/bf16-accumulation"
 # ours with other settings (gpu_e2e.VARIANTS)
 VARIANT_PARTS = [f"base-128/{side}" for side in gpu_e2e.VARIANTS]
-DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, *VARIANT_PARTS, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
+DEFAULT_PARTS = ["device", *E2E_PARTS[:2], PROFILE_PART, "layer", *VARIANT_PARTS, "overhead", ACCUMULATION_PART, *E2E_PARTS[2:],
                  "base-128/eager", "step", "pretrain",
                  "pretrain_variants", "finetune", "tests", "step_compile"]  # fmt: skip
 # what a dry run (the CPU check of the plumbing) runs unless --parts names others
-DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, *VARIANT_PARTS, "overhead", ACCUMULATION_PART,
+DRY_RUN_PARTS = ("device", *E2E_PARTS, PROFILE_PART, "layer", *VARIANT_PARTS, "overhead", ACCUMULATION_PART,
                  "base-128/eager")  # fmt: skip
 PROFILE_STEPS = (21, 24)  # profiled steps of the profile part's run (it stops after the last)
 CUDA_ONLY = {"step", "step_compile", "tests"}
@@ -641,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tests": lambda: tests_part(args),
         "step_compile": lambda: step_part(args, compile_=True),
         "overhead": lambda: overhead_part(args),
+        "layer": lambda: layer_part(args),
     }
     for name in args.part_list:
         started = time.perf_counter()

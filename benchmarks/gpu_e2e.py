@@ -543,7 +543,7 @@ PRIOR_COST = {
     "transformers": RunCost(fixed_s=30.0, compile_s=5.0, step_s=0.35, steps=50),
 }
 PRIOR_S = {"overhead": 60.0, "step": 90.0, "step_compile": 150.0, "pretrain": 180.0, "pretrain_variants": 300.0, "finetune": 180.0,
-           "tests": 180.0, "device": 20.0}  # fmt: skip
+           "tests": 180.0, "device": 20.0, "layer": 150.0}  # fmt: skip
 SAFETY = 1.25
 
 

@@ -161,3 +161,40 @@ def test_kill_tree_reaches_a_child_in_its_own_session(tmp_path):
     gpu_e2e.kill_tree(parent)
     assert parent.poll() is not None
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_variant_settings_merge_over_the_fast_ones_and_leave_them_alone():
+    settings = gpu_e2e.variant_settings("no-dropout")
+    assert settings["model_overrides"] == {
+        **gpu_e2e.FAST_SETTINGS["model_overrides"],
+        "hidden_dropout_prob": 0.0,
+    }
+    cuda_graphs = gpu_e2e.variant_settings("cudagraphs")
+    assert (
+        cuda_graphs["compile_options"] == {"triton.cudagraphs": True}
+        and cuda_graphs["pack_multiple_of"] == 1024
+    )
+    assert "hidden_dropout_prob" not in gpu_e2e.FAST_SETTINGS["model_overrides"]  # a copy was changed
+    from bert.pretrain.config import TrainConfig
+
+    for side in gpu_e2e.VARIANTS:  # each is a training config bertpipe accepts
+        TrainConfig(examples="e", out="o", max_steps=1, **gpu_e2e.variant_settings(side))
+
+
+def test_layer_kernels_times_each_setting_against_the_default():
+    import layer_kernels
+
+    report = layer_kernels.main(["--tokens", "64", "--hidden", "32", "--heads", "2", "--iters", "2", "--warmup", "1",
+                                 "--variants", "default,no-dropout,eager", "--backend", "aot_eager"])  # fmt: skip
+    results = report["results"]
+    assert list(results) == ["default", "no-dropout", "eager"]
+    for name, result in results.items():
+        assert result["median_ms"] > 0 and result["top"], name
+    assert results["default"]["vs_default"] == 1.0 and results["no-dropout"]["model_overrides"] == {
+        "hidden_dropout_prob": 0.0
+    }
+    skipped = layer_kernels.main(["--tokens", "64", "--hidden", "32", "--heads", "2", "--iters", "1", "--warmup", "0",
+                                  "--variants", "eager,default", "--backend", "aot_eager", "--budget-s", "0"])  # fmt: skip
+    assert "skipped" in skipped["results"]["default"]
+    with pytest.raises(SystemExit):
+        layer_kernels.main(["--variants", "defualt"])
