@@ -75,10 +75,8 @@ def fill_sequences(multiple_of: int, seq_len: int) -> int:
     of cu_seqlens is empty and ``seq_len`` still bounds them all (the compiled model's max_seqlen)."""
     if seq_len < 2:
         raise ValueError(f"packing to a multiple of {multiple_of} needs sequences of 2 or more tokens")
-    k = 1
-    while -(-(multiple_of + k - 1) // k) > seq_len:
-        k += 1
-    return k
+    # ceil((multiple_of + k - 1) / k) <= seq_len  <=>  k >= (multiple_of - 1) / (seq_len - 1)
+    return max(1, -(-(multiple_of - 1) // (seq_len - 1)))
 
 
 def packing_inputs(attention_mask: torch.Tensor | np.ndarray, multiple_of: int = 0) -> dict[str, Any]:
