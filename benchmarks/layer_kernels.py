@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top", type=int, default=12, help="kernels listed per setting")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a CPU check)")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip settings once this much time is spent")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here, after each setting")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -184,12 +185,22 @@ def main(argv: list[str] | None = None) -> dict:
             report["results"][name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
         spent.append(time.perf_counter() - before)
         report["results"][name]["wall_s"] = round(spent[-1], 1)
+        finish(report, started, args.out)  # a run cut short keeps what it measured
+    return report
+
+
+def finish(report: dict, started: float, out: Path | None) -> None:
+    """Each result's ratio to ``default``, the wall time so far; the JSON written to ``out`` (atomically)."""
     default = report["results"].get("default", {}).get("median_ms")
     for result in report["results"].values():
         if default and result.get("median_ms"):
             result["vs_default"] = round(result["median_ms"] / default, 4)
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    return report
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_suffix(".partial")
+        partial.write_text(json.dumps(report, indent=2))
+        partial.replace(out)
 
 
 if __name__ == "__main__":

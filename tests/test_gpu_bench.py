@@ -181,11 +181,16 @@ def test_variant_settings_merge_over_the_fast_ones_and_leave_them_alone():
         TrainConfig(examples="e", out="o", max_steps=1, **gpu_e2e.variant_settings(side))
 
 
-def test_layer_kernels_times_each_setting_against_the_default():
+def test_layer_kernels_times_each_setting_against_the_default(tmp_path):
     import layer_kernels
 
+    out = tmp_path / "layer.json"
     report = layer_kernels.main(["--tokens", "64", "--hidden", "32", "--heads", "2", "--iters", "2", "--warmup", "1",
-                                 "--variants", "default,no-dropout,eager", "--backend", "aot_eager"])  # fmt: skip
+                                 "--variants", "default,no-dropout,eager", "--backend", "aot_eager",
+                                 "--out", str(out)])  # fmt: skip
+    assert (
+        json.loads(out.read_text()) == report
+    )  # written after each setting: a cut run keeps what it measured
     results = report["results"]
     assert list(results) == ["default", "no-dropout", "eager"]
     for name, result in results.items():
