@@ -55,7 +55,7 @@ class Packing:
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (B, T, C) with zeros at padding."""
         rows = self.batch_size * self.seq_len
-        out = x.new_zeros(rows + self.fill, x.shape[-1])  # fill rows land in the extra row, then cut off
+        out = x.new_zeros(rows + int(self.fill), x.shape[-1])  # fill rows land in the extra row, cut off
         return out.index_copy(0, self.indices, x)[:rows].view(self.batch_size, self.seq_len, -1)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,9 +104,8 @@ def packing_inputs(attention_mask: torch.Tensor | np.ndarray, multiple_of: int =
     if multiple_of:
         batch, seq_len = mask.shape
         k = fill_sequences(multiple_of, seq_len)
-        fill = -(-(len(indices) + k) // multiple_of) * multiple_of - len(
-            indices
-        )  # k <= fill < multiple_of + k
+        n = len(indices)
+        fill = -(-(n + k) // multiple_of) * multiple_of - n  # k <= fill < multiple_of + k
         indices = np.concatenate([indices, np.full(fill, batch * seq_len, dtype=np.int64)])
         lengths = np.concatenate([lengths, np.full(k, fill // k) + (np.arange(k) < fill % k)])
     cu_seqlens = np.zeros(len(lengths) + 1, dtype=np.int32)
