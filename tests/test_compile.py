@@ -32,13 +32,15 @@ def batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_the_training_forward_has_no_graph_breaks():
+@pytest.mark.parametrize("multiple_of", [0, 32])  # 32: fill rows (TrainConfig.pack_multiple_of)
+def test_the_training_forward_has_no_graph_breaks(multiple_of):
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(**TINIEST)).train()
     inputs = batch(0)
     # what Engine adds on the host before moving the batch to the device
     inputs.update(
-        packing_inputs(inputs["attention_mask"]), mlm_positions=find_mlm_positions(inputs["labels"])
+        packing_inputs(inputs["attention_mask"], multiple_of),
+        mlm_positions=find_mlm_positions(inputs["labels"], multiple_of),
     )
     explanation = torch._dynamo.explain(model)(**inputs)
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
@@ -103,10 +105,13 @@ def varied_batch(seed: int, length: int, lengths: list[int], predicted: list[int
 
 
 @pytest.mark.slow
-def test_compiled_engine_compiles_once_for_batches_of_other_sizes(monkeypatch):
-    """Packed tokens, predicted positions and padded length vary per batch: one graph serves them all."""
+@pytest.mark.parametrize("multiple_of", [0, 8])
+def test_compiled_engine_compiles_once_for_batches_of_other_sizes(monkeypatch, multiple_of):
+    """Packed tokens, predicted positions and padded length vary per batch, and packed to a multiple the
+    number of fill sequences with the padded length (``fill_sequences``): one graph serves them all."""
     from torch._dynamo.testing import CompileCounter
 
+    from bert.model.encoder import fill_sequences
     from bert.pretrain import engine as eng
 
     eng.init_distributed()
@@ -118,9 +123,11 @@ def test_compiled_engine_compiles_once_for_batches_of_other_sizes(monkeypatch):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": 0}}  # fmt: skip
-    engine = eng.Engine(model, optimizer, ds_config, lambda step: 1e-2, seed=0, compile=True)
+    engine = eng.Engine(model, optimizer, ds_config, lambda step: 1e-2, seed=0, compile=True,
+                        pack_multiple_of=multiple_of)  # fmt: skip
     batches = [varied_batch(1, 12, [12, 7, 12, 4], [1, 3]), varied_batch(2, 16, [16, 9, 5, 14], [0, 2, 4]),
-               varied_batch(3, 8, [8, 8, 6, 3], [2])]  # fmt: skip
+               varied_batch(3, 3, [3, 3, 2, 3], [1])]  # fmt: skip
+    assert fill_sequences(8, 12) != fill_sequences(8, 3)
     losses = [engine.step([b]).fetch()["loss"] for b in batches]
     assert all(loss == loss for loss in losses)  # finite, not NaN
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for {len(batches)} batch shapes"

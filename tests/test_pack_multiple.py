@@ -3,7 +3,8 @@
 CUDA graphs record one graph per input shape, and a packed batch's token count and predicted-position count
 change every step. Rounding both up with fill rows (``packing_inputs(multiple_of=...)``,
 ``find_mlm_positions(multiple_of=...)``) lets a few shapes serve a whole run; these tests hold the fill rows to
-changing no loss, gradient or metric. The CUDA graphs themselves need a GPU (``tests/test_gpu.py``).
+changing no loss, gradient or metric. One graph under torch.compile: ``tests/test_compile.py``; the CUDA graphs
+themselves need a GPU (``tests/test_gpu.py``).
 """
 
 from __future__ import annotations
@@ -108,49 +109,6 @@ def test_varlen_sequences_with_fill_give_the_exact_packings_attention(monkeypatc
         torch.testing.assert_close(out.loss, exact.loss, rtol=1e-6, atol=1e-6)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, exact_grads[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.mark.slow
-def test_the_forward_with_fill_rows_is_one_graph():
-    torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(**TINIEST)).train()
-    inputs = varied_batch(1, 16, [16, 9, 5, 14], [0, 2, 4])
-    inputs.update(
-        packing_inputs(inputs["attention_mask"], 32), mlm_positions=find_mlm_positions(inputs["labels"], 32)
-    )
-    explanation = torch._dynamo.explain(model)(**inputs)
-    assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
-    assert explanation.graph_count == 1
-
-
-@pytest.mark.slow
-def test_a_compiled_engine_packed_to_a_multiple_compiles_once_and_trains_as_an_exact_one(monkeypatch):
-    """Batches of other padded lengths have other numbers of fill sequences: one graph still serves them all."""
-    from torch._dynamo.testing import CompileCounter
-
-    from bert.pretrain import engine as eng
-
-    eng.init_distributed()
-    ds_config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": 0}}  # fmt: skip
-    batches = [varied_batch(1, 12, [12, 7, 12, 4], [1, 3]), varied_batch(2, 16, [16, 9, 5, 14], [0, 2, 4]),
-               varied_batch(3, 3, [3, 3, 2, 3], [1])]  # fmt: skip
-    assert fill_sequences(8, 12) != fill_sequences(8, 3)
-    losses = {}
-    for multiple_of in (0, 8):
-        counter = CompileCounter()
-        monkeypatch.setattr(eng.Engine, "compile_backend", counter)
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = BertForPreTraining(BertConfig(**TINIEST))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine = eng.Engine(model, optimizer, dict(ds_config), lambda step: 1e-2, seed=0, compile=True,
-                            pack_multiple_of=multiple_of)  # fmt: skip
-        losses[multiple_of] = [engine.step([b]).fetch()["loss"] for b in batches]
-        assert counter.frame_count == 1, (
-            f"compiled {counter.frame_count} times for {len(batches)} batch shapes"
-        )
-    assert losses[8] == pytest.approx(losses[0], rel=1e-5)
 
 
 @pytest.mark.slow
