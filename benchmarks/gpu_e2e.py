@@ -369,6 +369,9 @@ def run_ours(
     hook = write_peak_hook(work / "hook")
     env = {**os.environ, PEAK_HOOK_ENV: str(peak_dir)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    cuda_graphs = bool((settings.get("compile_options") or {}).get("triton.cudagraphs"))
+    if cuda_graphs:  # Inductor says what it records, and why it skips a graph, only under this
+        env.setdefault("TORCH_LOGS", "cudagraphs")
     config_file = work / "configs" / f"{name}.json"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(json.dumps(settings))
@@ -397,7 +400,24 @@ def run_ours(
         "wall_s": round(wall, 1),
         **figures,
         **read_peak(peak_dir),
+        **({"cuda_graphs": cuda_graph_lines(logs / f"{name}.log")} if cuda_graphs else {}),
         "_config": cfg.to_dict(),
+    }
+
+
+def cuda_graph_lines(log: Path) -> dict:
+    """What a run's log (under TORCH_LOGS=cudagraphs) says of its CUDA graphs: trees recorded (one per shape),
+    re-recordings, and Inductor's reasons for a graph it ran without them (the first few)."""
+    lines = log.read_text(errors="replace").splitlines()
+    skips = [line.strip()[:400] for line in lines if "skipping cudagraphs" in line]
+    return {
+        "trees_recorded": sum("Recording cudagraph tree" in line for line in lines),
+        "re_recorded": sum("Re-recording function" in line for line in lines),
+        "skipped": len(skips),
+        "skip_reasons": skips[:5],
+        "bertpipe_warning": next(
+            (line.strip()[:400] for line in lines if "asked for CUDA graphs" in line), None
+        ),
     }
 
 

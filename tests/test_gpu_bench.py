@@ -203,3 +203,18 @@ def test_layer_kernels_times_each_setting_against_the_default(tmp_path):
     assert "skipped" in skipped["results"]["default"]
     with pytest.raises(SystemExit):
         layer_kernels.main(["--variants", "defualt"])
+
+
+def test_cuda_graph_lines_count_what_inductor_recorded_and_skipped(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text(
+        "[rank0]: V1204 [0/0] [__cudagraphs] [0/0] Recording cudagraph tree for symint key 31744\n"
+        "[rank0]: V1204 [0/0] [__cudagraphs] [0/0] Recording cudagraph tree for symint key 32768\n"
+        "[rank0]: W1204 [__cudagraphs] skipping cudagraphs due to cpu device (arg5_1)\n"
+        "22:13:15 [rank 0] WARNING bert.pretrain: compile_options asked for CUDA graphs, but Inductor ran 1 ...\n"
+    )
+    figures = gpu_e2e.cuda_graph_lines(log)
+    assert figures["trees_recorded"] == 2 and figures["skipped"] == 1 and figures["re_recorded"] == 0
+    assert (
+        "cpu device" in figures["skip_reasons"][0] and "asked for CUDA graphs" in figures["bertpipe_warning"]
+    )

@@ -170,3 +170,23 @@ def test_packing_to_a_multiple_is_not_part_of_the_stage_fingerprint():
 
     assert "pack_multiple_of" in NOT_IN_FINGERPRINT
     assert TrainConfig(examples="e", out="o", max_steps=1).pack_multiple_of == 0
+
+
+def test_cuda_graphs_that_inductor_skipped_are_reported(monkeypatch):
+    """Inductor logs why it skips CUDA graphs only under TORCH_LOGS=cudagraphs: the run says that it did."""
+    from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
+
+    from bert.pretrain.engine import Engine
+
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 0)
+    asked = SimpleNamespace(cuda_graphs=True, device="cuda:0")
+    assert Engine.cuda_graph_warning(asked) is None  # every graph recorded
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 2)
+    assert (
+        "ran 2 compiled graph(s) without them (TORCH_LOGS=cudagraphs shows why)"
+        in Engine.cuda_graph_warning(asked)
+    )
+    assert "the CPU has none" in Engine.cuda_graph_warning(SimpleNamespace(cuda_graphs=True, device="cpu"))
+    assert Engine.cuda_graph_warning(SimpleNamespace(cuda_graphs=False, device="cuda:0")) is None  # not asked

@@ -44,7 +44,7 @@ from bert.model.encoder import has_fill, packing_inputs  # noqa: E402
 from bert.model.heads import IGNORE_INDEX, find_mlm_positions  # noqa: E402
 from bert.optim import Lamb, PartitionLayout  # noqa: E402
 from bert.pretrain import sync_free  # noqa: E402
-from bert.pretrain.config import derive_seed  # noqa: E402
+from bert.pretrain.config import cuda_graphs, derive_seed  # noqa: E402
 from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
 from bert.pretrain.run import LATEST, newest_checkpoint  # noqa: E402
 
@@ -362,6 +362,7 @@ class Engine:
             backend = {"backend": self.compile_backend} if self.compile_backend else {}
             options = {"compile_kwargs": {"options": dict(compile_options)}} if compile_options else {}
             self.engine.compile(**backend, **options)
+        self.cuda_graphs = self.compiled and cuda_graphs(compile_options or {})
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = self.engine.zero_optimization_stage()
         self.precision = (
@@ -386,6 +387,24 @@ class Engine:
         if isinstance(self.base_optimizer, Lamb) and self.zero_stage in (1, 2):
             layouts = partition_layouts(self.engine.optimizer, self.base_optimizer, self.engine.module)
             self.base_optimizer.set_partition_layouts(layouts)
+
+    def cuda_graph_warning(self) -> str | None:
+        """Once the first steps have compiled: a warning if CUDA graphs were asked for and Inductor ran some
+        compiled graph without them (its reasons are logged only under ``TORCH_LOGS=cudagraphs``), else None."""
+        if not self.cuda_graphs:
+            return None
+        from torch._dynamo.utils import counters
+
+        skipped = counters["inductor"]["cudagraph_skips"]
+        if not skipped:
+            return None
+        where = (
+            "the CPU has none" if str(self.device).startswith("cpu") else "TORCH_LOGS=cudagraphs shows why"
+        )
+        return (
+            f"compile_options asked for CUDA graphs, but Inductor ran {skipped} compiled graph(s) without them "
+            f"({where})"
+        )
 
     @property
     def global_step(self) -> int:
