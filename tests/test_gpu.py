@@ -68,8 +68,12 @@ def test_varlen_attention_with_fill_rows_changes_no_loss_or_gradient():
     (loss, grads), others = results[0], results[1:]
     for other_loss, other_grads in others:
         assert other_loss == pytest.approx(loss, rel=1e-2)
-        for name, grad in grads.items():
-            torch.testing.assert_close(other_grads[name], grad, rtol=5e-2, atol=5e-3, msg=name)
+        for (
+            name,
+            grad,
+        ) in grads.items():  # bf16 products of other sizes round differently: relative to the norm
+            error = float((other_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12))
+            assert error < 3e-2, (name, error)
 
 
 def test_cuda_graphs_packed_to_a_multiple_train_as_a_plain_loop():
