@@ -13,10 +13,10 @@ Parts, in order of importance (``--parts``; each skipped, with its reason in the
    the same batches; ``base-128/eager`` is ours without torch.compile and with the stock model;
    ``base-128/bf16-accumulation`` is ours with the shipped ZeRO-1 bf16 JSON less its fp32 gradient
    accumulation (DeepSpeed's ZeRO optimizer instead of its BF16_Optimizer: the A/B of that choice);
-   ``base-128/aten-rng``, ``cpp-wrapper``, ``tuned``, ``cudagraphs`` and ``no-dropout`` are ours with other
-   settings (``gpu_e2e.VARIANTS``: dropout masks from torch's random kernel; kernel launches from C++;
-   coordinate-descent kernel tuning; Inductor's CUDA graphs over batches packed to a multiple of 1024 tokens;
-   hidden dropout 0). Per run:
+   ``base-128/aten-rng``, ``cpp-wrapper``, ``tuned``, ``cudagraphs``, ``no-dropout`` and ``autotune`` are ours
+   with other settings (``gpu_e2e.VARIANTS``: dropout masks from torch's random kernel; kernel launches from
+   C++; coordinate-descent kernel tuning; Inductor's CUDA graphs over batches packed to a multiple of 1024
+   tokens; hidden dropout 0; Triton matrix-product templates with bias and GELU fused in). Per run:
    real-token tokens/s (median over the steps past the warmup), MFU, peak GPU memory, data_wait share (ours),
    and per config the ratio ours / transformers (benchmarks/gpu_e2e.py says how each side is timed);
    layer (after base-128's profile): benchmarks/layer_kernels.py, one BERT-base encoder layer compiled alone
