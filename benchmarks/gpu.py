@@ -432,7 +432,12 @@ def e2e_part(args, report: dict, part: str) -> dict:
                                           left(args))  # fmt: skip
     else:
         fast = side in ("ours", "bf16-accumulation", *gpu_e2e.VARIANTS)
-        settings = gpu_e2e.variant_settings(side) if fast else json.loads(json.dumps(gpu_e2e.EAGER_SETTINGS))
+        variant = side
+        if side == "ours" and config != "base-128" and args.adopted:
+            variant = args.adopted[0]  # --adopt: base-128's fastest model-preserving variant
+        settings = (
+            gpu_e2e.variant_settings(variant) if fast else json.loads(json.dumps(gpu_e2e.EAGER_SETTINGS))
+        )
         substitutions = (
             dry_run_substitutions(settings, config, compile_ok=side == "ours") if args.dry_run else {}
         )
@@ -440,6 +445,8 @@ def e2e_part(args, report: dict, part: str) -> dict:
                                   deepspeed_config)  # fmt: skip
         if substitutions:
             result["dry_run_substitutions"] = substitutions
+        if variant != side:
+            result["adopted_variant"] = variant
     cfg = SimpleNamespace(**result.pop("_config"))
     result.update(model=model, max_seq_length=seq_len, examples=str(examples))
     result["flops_per_token"] = round(flops_per_token(cfg, result["mean_tokens_per_sequence"]))
@@ -595,6 +602,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--parts", default=None, help="comma-separated, in order (default: " + ",".join(DEFAULT_PARTS) + ")"
     )
     p.add_argument(
+        "--adopt",
+        default=None,
+        choices=("auto", *gpu_e2e.ADOPTABLE),
+        help="run the other configs' ours with a variant of ours that keeps the model: 'auto', base-128's "
+        f"fastest measured in this run when it beat base-128/ours by {gpu_e2e.ADOPT_MIN_GAIN}x "
+        "(gpu_e2e.best_variant), or one named (what an earlier call found); the JSON's 'adopted'",
+    )
+    p.add_argument(
         "--budget-s", type=float, default=480, help="wall seconds for the whole run, inputs included"
     )
     p.add_argument(
@@ -619,6 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=None, help="default: the datasheet's dense bf16 peak")
     args = p.parse_args(argv)
     args.parts_given = args.parts is not None
+    # (variant, gain): named by --adopt, or found by --adopt auto
+    args.adopted = (args.adopt, None) if args.adopt not in (None, "auto") else None
     args.part_list = (args.parts or ",".join(DEFAULT_PARTS)).split(",")
     unknown = [x for x in args.part_list if x not in DEFAULT_PARTS]
     if unknown:
@@ -651,7 +668,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "mfu_formula": MFU_FORMULA, "e2e_steps": args.e2e_steps, "e2e_warmup_steps": args.e2e_warmup,
                     "e2e_shapes": {k: {"model": m, "max_seq_length": n, "global_batch": b, "micro_batch": b}
                                    for k, (m, n, b) in e2e_shapes(args).items()},
-                    "environment": environment(), "parts": {}}  # fmt: skip
+                    "environment": environment(), "parts": {},
+                    "adopted": args.adopted and {"variant": args.adopted[0], "named": True}}  # fmt: skip
     started = time.perf_counter()
     try:
         report["inputs"] = prepare_inputs(args)
@@ -683,6 +701,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "traceback": traceback.format_exc()[-3000:],
                 }
             args.budget.record(name, time.perf_counter() - started, report["parts"][name])
+            if args.adopt == "auto" and name.startswith("base-128/"):
+                args.adopted = gpu_e2e.best_variant(report["parts"])
+                report["adopted"] = args.adopted and {"variant": args.adopted[0], "gain": args.adopted[1]}
         report["parts"][name]["part_wall_s"] = round(time.perf_counter() - started, 1)
         report["e2e"] = e2e_summary(report)
         report["budget_left_s"] = round(args.budget.remaining(), 1)

@@ -89,6 +89,22 @@ VARIANTS = {
 }
 
 
+# The variants that keep the model (every one but no-dropout): what --adopt may carry to the other configs.
+ADOPTABLE = ("aten-rng", "cpp-wrapper", "tuned", "cudagraphs", "autotune")
+ADOPT_MIN_GAIN = 1.02  # a variant is adopted only this much faster than ours (steps vary ~1% run to run)
+
+
+def best_variant(parts: dict) -> tuple[str, float] | None:
+    """The measured ``base-128/<variant>`` (of ``ADOPTABLE``) fastest against ``base-128/ours``, and its gain,
+    when that is at least ``ADOPT_MIN_GAIN``; else None."""
+    ours = (parts.get("base-128/ours") or {}).get("tokens_per_s")
+    if not ours:
+        return None
+    gains = {side: (parts.get(f"base-128/{side}") or {}).get("tokens_per_s", 0) / ours for side in ADOPTABLE}
+    side = max(gains, key=gains.get)
+    return (side, round(gains[side], 4)) if gains[side] >= ADOPT_MIN_GAIN else None
+
+
 def variant_settings(side: str) -> dict:
     """FAST_SETTINGS with ``VARIANTS[side]`` merged in (model_overrides key by key), a fresh copy."""
     settings = json.loads(json.dumps(FAST_SETTINGS))

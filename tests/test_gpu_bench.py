@@ -218,3 +218,50 @@ def test_cuda_graph_lines_count_what_inductor_recorded_and_skipped(tmp_path):
     assert (
         "cpu device" in figures["skip_reasons"][0] and "asked for CUDA graphs" in figures["bertpipe_warning"]
     )
+
+
+def test_best_variant_keeps_the_model_and_must_beat_ours_clearly():
+    def parts(**tokens_per_s):
+        return {f"base-128/{side}": {"tokens_per_s": value} for side, value in tokens_per_s.items()}
+
+    assert gpu_e2e.best_variant(parts(ours=100.0, cudagraphs=130.0, **{"aten-rng": 110.0})) == (
+        "cudagraphs",
+        1.3,
+    )
+    assert (
+        gpu_e2e.best_variant(parts(ours=100.0, **{"no-dropout": 150.0, "aten-rng": 101.0})) is None
+    )  # a model change; noise
+    assert gpu_e2e.best_variant(parts(cudagraphs=130.0)) is None  # nothing to compare with
+    assert (
+        gpu_e2e.best_variant({"base-128/ours": {"tokens_per_s": 100.0}, "base-128/tuned": {"error": "x"}})
+        is None
+    )
+    assert "no-dropout" not in gpu_e2e.ADOPTABLE and set(gpu_e2e.ADOPTABLE) < set(gpu_e2e.VARIANTS)
+
+
+def test_adopt_runs_the_other_configs_ours_with_the_adopted_variant(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from bert.model import BertConfig
+
+    seen = {}
+
+    def fake_run_ours(
+        name, examples, model, batch, steps, warmup, settings, work, timeout_s, deepspeed_config=None
+    ):
+        seen[name] = settings
+        return {"tokens_per_s": 1000.0, "mean_tokens_per_sequence": 100.0,
+                "_config": BertConfig.preset("tiny", vocab_size=100).to_dict()}  # fmt: skip
+
+    monkeypatch.setattr(gpu_e2e, "run_ours", fake_run_ours)
+    args = SimpleNamespace(dry_run=True, e2e_batch="", examples=tmp_path, examples_512=tmp_path, e2e_steps=3,
+                           e2e_warmup=1, work=tmp_path, budget=gpu_e2e.Budget(100, {}), peak_flops=None,
+                           adopted=("cudagraphs", 1.3))  # fmt: skip
+    report = {"parts": {}}
+    large = gpu.e2e_part(args, report, "large-128/ours")
+    assert large["adopted_variant"] == "cudagraphs"
+    assert (
+        seen["large-128-ours"]["pack_multiple_of"] == 1024
+    )  # the variant's settings, less what the CPU lacks
+    gpu.e2e_part(args, report, "base-128/ours")  # base-128's own ours stays the reference
+    assert "pack_multiple_of" not in seen["base-128-ours"]
