@@ -502,6 +502,8 @@ def e2e_summary(report: dict) -> dict:
                 row[side] = {k: r.get(k) for k in ("tokens_per_s", "mfu", "mfu_of_measured_bf16_rate",
                                                    "peak_memory_gib", "peak_reserved_gib", "peak_host_rss_gib", "data_wait_share", "median_step_s",
                                                    "global_batch")}  # fmt: skip
+                if "adopted_variant" in r:
+                    row[side]["adopted_variant"] = r["adopted_variant"]
             elif r:
                 row[side] = {"not_measured": r.get("skipped") or (r.get("error") or "")[:300]}
         theirs = (row.get("transformers") or {}).get("tokens_per_s")
