@@ -263,5 +263,7 @@ def test_adopt_runs_the_other_configs_ours_with_the_adopted_variant(monkeypatch,
     assert (
         seen["large-128-ours"]["pack_multiple_of"] == 1024
     )  # the variant's settings, less what the CPU lacks
+    report["parts"]["large-128/ours"] = large
+    assert gpu.e2e_summary(report)["large-128"]["ours"]["adopted_variant"] == "cudagraphs"
     gpu.e2e_part(args, report, "base-128/ours")  # base-128's own ours stays the reference
     assert "pack_multiple_of" not in seen["base-128-ours"]
