@@ -73,7 +73,7 @@ EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compile
 #   so never a default; it says what the dropout costs);
 # - autotune: max_autotune_gemm, Inductor's Triton matrix-product templates, which can take the bias, GELU
 #   and GELU's derivative into the product (GELU took 4.0 ms of call c's 16.7 ms of elementwise kernels); its
-#   compilation benchmarks many kernels and takes longer than the budget's estimate: run it after the part
+#   compilation benchmarks many kernels and may outrun the budget's estimate (not measured): run it after the part
 #   `layer` has shown it pays, last in a call.
 # For the host, whose ~50 ms a BERT-base step (profiler on) is about as slow as the GPU's 47 ms of kernels:
 # - cpp-wrapper: the compiled graphs' kernel launches from generated C++ rather than Python;
