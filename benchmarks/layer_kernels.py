@@ -18,8 +18,9 @@ sequence), in seconds per setting:
 - ``eager``: the layer not compiled (the reference).
 
 Per setting: the median milliseconds of forward + backward over ``--iters`` (CUDA events; on the CPU the
-wall time), the ratio to ``default``, the compilation's seconds, and the top kernels (CUDA; operators on the
-CPU) of one profiled iteration with their milliseconds. A BERT-base step runs 12 such layers, so 12× a
+wall time), the ratio to ``default``, the compilation's seconds, and one profiled iteration summarised as a
+run's ``--profile-steps`` are (``bert.pretrain.profile.summarise``): milliseconds by kind and the top kernels
+(CUDA; operators on the CPU). A BERT-base step runs 12 such layers, so 12× a
 setting's gain per layer is roughly its gain per step. The settings that do not fit in ``--budget-s`` are
 skipped, with the reason.
 
@@ -40,15 +41,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-# setting -> (Inductor options, BertConfig fields over the layer's); "eager" is not compiled
+import gpu_e2e  # noqa: E402
+
+# setting -> (Inductor options, BertConfig fields over the layer's); "eager" is not compiled. The named ones are
+# the e2e variants' own settings (gpu_e2e.VARIANTS), autotune last (it benchmarks kernels as it compiles).
 VARIANTS = {
     "default": ({}, {}),
-    "aten-rng": ({"fallback_random": True}, {}),
-    "tuned": ({"coordinate_descent_tuning": True}, {}),
-    "no-dropout": ({}, {"hidden_dropout_prob": 0.0}),
+    **{
+        name: (
+            gpu_e2e.VARIANTS[name].get("compile_options", {}),
+            gpu_e2e.VARIANTS[name].get("model_overrides", {}),
+        )
+        for name in ("aten-rng", "tuned", "no-dropout")
+    },
     "eager": (None, {}),
-    "autotune": ({"max_autotune_gemm": True}, {}),
+    "autotune": (gpu_e2e.VARIANTS["autotune"]["compile_options"], {}),
 }
 
 
@@ -93,21 +102,21 @@ def timed(step, device: str, iters: int) -> list[float]:
     return times
 
 
-def top_kernels(step, device: str, top: int) -> list[dict]:
-    """The ``top`` kernels (CUDA) or operators (CPU) of one profiled call of ``step``, by self time."""
+def profiled(step, device: str, top: int) -> dict:
+    """One profiled call of ``step``, summarised as a training run's profile is (``bert.pretrain.profile``):
+    its kernels' (CUDA) or operators' (CPU) time by kind and the ``top`` of them."""
     from torch.profiler import ProfilerActivity, profile
 
+    from bert.pretrain.profile import summarise
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    started = time.perf_counter()
     with profile(activities=activities) as prof:
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        ms = (event.self_device_time_total if device == "cuda" else event.self_cpu_time_total) / 1e3
-        if ms > 0 and (device != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA):
-            rows.append({"name": event.key[:160], "calls": event.count, "ms": round(ms, 4)})
-    return sorted(rows, key=lambda r: -r["ms"])[:top]
+    summary = summarise(prof.key_averages(), 1, time.perf_counter() - started, device, top)
+    return {"ms_by_kind": summary["ms_per_step_by_kind"], "top": summary["top"]}
 
 
 def run_variant(name: str, args) -> dict:
@@ -140,7 +149,7 @@ def run_variant(name: str, args) -> dict:
         "compile_s": round(compile_s, 1),
         "median_ms": round(statistics.median(times), 4),
         "min_ms": round(min(times), 4),
-        "top": top_kernels(step, args.device, args.top),
+        **profiled(step, args.device, args.top),
     }
 
 

@@ -145,9 +145,7 @@ def check_compile_options(options, compile: bool | None = None) -> list[str]:
 
 def cuda_graphs(compile_options: dict) -> bool:
     """Whether ``compile_options`` turn on Inductor's CUDA graphs (what torch.compile's mode="reduce-overhead" sets)."""
-    return isinstance(compile_options, dict) and bool(
-        compile_options.get("triton.cudagraphs", compile_options.get("triton_cudagraphs"))
-    )
+    return isinstance(compile_options, dict) and bool(compile_options.get("triton.cudagraphs"))
 
 
 def derive_seed(*parts: int) -> int:

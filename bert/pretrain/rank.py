@@ -255,10 +255,9 @@ def fit(run: Run) -> PretrainResult:
                 metrics = engine.step(batch.micro_batches)
                 step, steps_run = engine.global_step, steps_run + 1
                 profiler.after(step)
+                # both graphs (forward, backward) exist after a step, and are recorded by the second
                 if steps_run == 2 and (warning := engine.cuda_graph_warning()) and run.rank == 0:
-                    log.warning(
-                        warning
-                    )  # both graphs (forward, backward) exist after a step; recorded by the second
+                    log.warning(warning)
                 write_requested()  # the previous logged step's: it waits for that step, not for this one
                 step_s = time.perf_counter() - t0
                 window = [window[0] + 1, window[1] + step_s, window[2] + wait_s]
