@@ -90,8 +90,8 @@ VARIANTS = {
 
 
 # The variants that keep the model (every one but no-dropout): what --adopt may carry to the other configs.
-ADOPTABLE = ("aten-rng", "cpp-wrapper", "tuned", "cudagraphs", "autotune")
-ADOPT_MIN_GAIN = 1.02  # a variant is adopted only this much faster than ours (steps vary ~1% run to run)
+ADOPTABLE = tuple(side for side, settings in VARIANTS.items() if "model_overrides" not in settings)
+ADOPT_MIN_GAIN = 1.02  # a variant is adopted only this much faster than ours: a margin over run-to-run noise
 
 
 def best_variant(parts: dict) -> tuple[str, float] | None:
@@ -390,8 +390,10 @@ def run_ours(
     hook = write_peak_hook(work / "hook")
     env = {**os.environ, PEAK_HOOK_ENV: str(peak_dir)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
-    cuda_graphs = bool((settings.get("compile_options") or {}).get("triton.cudagraphs"))
-    if cuda_graphs:  # Inductor says what it records, and why it skips a graph, only under this
+    from bert.pretrain.config import cuda_graphs
+
+    graphs = cuda_graphs(settings.get("compile_options") or {})
+    if graphs:  # Inductor says what it records, and why it skips a graph, only under this
         env.setdefault("TORCH_LOGS", "cudagraphs")
     config_file = work / "configs" / f"{name}.json"
     config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +423,7 @@ def run_ours(
         "wall_s": round(wall, 1),
         **figures,
         **read_peak(peak_dir),
-        **({"cuda_graphs": cuda_graph_lines(logs / f"{name}.log")} if cuda_graphs else {}),
+        **({"cuda_graphs": cuda_graph_lines(logs / f"{name}.log")} if graphs else {}),
         "_config": cfg.to_dict(),
     }
 
