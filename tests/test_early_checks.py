@@ -187,6 +187,53 @@ def test_more_ranks_than_cuda_devices_are_refused(monkeypatch, tmp_path):
     assert launch.check_pretrain_launch(config, 1, None) == 1
 
 
+VARLEN = 'pretrain.model_overrides={"unpad_attention": "varlen", "attention_probs_dropout_prob": 0.0}'
+
+
+def test_varlen_attention_on_the_cpu_is_refused_before_the_shard_stage(run_demo):
+    line, _ = run_demo(VARLEN)
+    assert "unpad_attention='varlen'" in line and "CUDA GPUs only" in line and "'padded'" in line
+
+
+@pytest.mark.parametrize(
+    "precision, torch_has_varlen, message",
+    [
+        ("fp32", True, "in bf16 or fp16 only, but this run trains in fp32"),
+        ("bf16", False, "needs torch 2.10 or later"),
+        ("bf16", True, None),
+    ],
+)
+def test_varlen_attention_needs_a_half_precision_and_a_torch_that_has_it(
+    monkeypatch, tmp_path, precision, torch_has_varlen, message
+):
+    import importlib.util
+
+    import torch
+
+    from bert.pretrain import launch
+    from bert.pretrain.config import TrainConfig
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        launch.importlib.util, "find_spec",
+        lambda name, *a: None if name == "torch.nn.attention.varlen" and not torch_has_varlen else find_spec(name, *a),
+    )  # fmt: skip
+    config = TrainConfig(
+        examples=str(tmp_path / "e"), out=str(tmp_path / "o"), max_steps=2, precision=precision,
+        model_overrides={"unpad_attention": "varlen", "attention_probs_dropout_prob": 0.0},
+    )  # fmt: skip
+    if message is None:
+        assert launch.check_pretrain_launch(config, 1, None) == 1
+    else:
+        with pytest.raises(ValueError, match=message):
+            launch.check_pretrain_launch(config, 1, None)
+    # the default attention is never refused for any of these
+    padded = TrainConfig(examples=config.examples, out=config.out, max_steps=2, precision=precision)
+    assert launch.check_pretrain_launch(padded, 1, None) == 1
+
+
 def test_the_checks_apply_to_the_stages_that_run(shared_data, tmp_path, cpu_machine):
     # Data stages only: the pretraining settings (64 ranks here) are not this run's business.
     _, configs = prepared(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -184,11 +185,40 @@ def rank_memory_bytes(model: BertConfig, zero_stage: int, world_size: int) -> in
     return RANK_OVERHEAD_BYTES + weights + gradients + optimizer
 
 
+def local_accelerator() -> str:
+    """The DeepSpeed accelerator this machine's ranks get: DS_ACCELERATOR, else cuda when torch sees a GPU."""
+    return os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_attention(model: BertConfig, precision: str, accelerator: str | None) -> None:
+    """Refuse (ValueError) ``unpad_attention='varlen'`` where its flash-attention kernel cannot run: without
+    torch.nn.attention.varlen (torch 2.10 or later), on a CPU or in fp32 (``accelerator``; None: not known
+    here, a hostfile's remote hosts). Each rank would otherwise fail at its first step."""
+    if model.unpad_attention != "varlen":
+        return
+    fix = "or keep unpad_attention='padded' (the default)"
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        raise ValueError(
+            f"unpad_attention='varlen' needs torch 2.10 or later (torch.nn.attention.varlen); this is torch "
+            f"{torch.__version__}: install a newer torch {fix}"
+        )
+    if accelerator == "cpu":
+        raise ValueError(
+            f"unpad_attention='varlen' runs flash attention on CUDA GPUs only, and these ranks would train on the "
+            f"CPU: {fix.removeprefix('or ')} on the CPU"
+        )
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(
+            f"unpad_attention='varlen' runs flash attention, in bf16 or fp16 only, but this run trains in "
+            f"{precision}: give --precision bf16 (or a DeepSpeed JSON with bf16 or fp16 enabled) {fix}"
+        )
+
+
 def check_devices(local_ranks: int, world_size: int, model: BertConfig, zero_stage: int = 0) -> None:
     """Refuse (ValueError) ``local_ranks`` ranks that this machine cannot hold: on CUDA more than its devices;
     on the CPU more than its cores (unless BERTPIPE_ALLOW_OVERSUBSCRIBE=1) or more than its available memory."""
     fewer = "--num-gpus; pretrain.num_gpus in a pipeline"
-    accelerator = os.environ.get("DS_ACCELERATOR") or ("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = local_accelerator()
     if accelerator == "cuda":  # DeepSpeed gives each local rank a device of its own
         devices = torch.cuda.device_count()
         if local_ranks > devices:
@@ -237,7 +267,8 @@ def check_pretrain_launch(
     """What can be checked of a pretraining run before its examples exist (ValueError, one problem each):
     the launch settings, the model config, the batch arithmetic, the DeepSpeed JSON against the training
     config, whether this machine holds its ranks (``check_devices``; not for a hostfile's remote hosts) and
-    no stale JIT build lock waits for them (``check_extension_locks``).
+    can run the model's attention (``check_attention``), and no stale JIT build lock waits for them
+    (``check_extension_locks``).
     Returns the number of ranks. ``vocab_size``: the vocabulary's, when known (only the memory estimate uses it).
     """
     world_size = check_launch(num_gpus, hostfile, nodes, master_port)
@@ -247,7 +278,8 @@ def check_pretrain_launch(
         zero_stage = (deepspeed.get("zero_optimization") or {}).get("stage", 0)
         check_devices(num_gpus or 1, world_size, model, zero_stage if isinstance(zero_stage, int) else 0)
     batch = config.batch_sizes(world_size)
-    ds_config.fill_deepspeed_config(deepspeed, config, batch, model.hidden_size)
+    _, precision = ds_config.fill_deepspeed_config(deepspeed, config, batch, model.hidden_size)
+    check_attention(model, precision, local_accelerator() if hostfile is None else None)
     check_extension_locks()  # a killed op build's lock would make every rank wait on it, silently
     return world_size
 
