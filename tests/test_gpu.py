@@ -76,6 +76,25 @@ def test_varlen_attention_with_fill_rows_changes_no_loss_or_gradient():
             assert error < 3e-2, (name, error)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_dropout_on_the_gpu_gives_the_losses_gradient(checkpointing):
+    """Inductor's Triton kernels draw the dropout masks (fp32, dropout 0.5, blocks recomputed in the backward or
+    not), compiled with the options bertpipe compiles with (``bert.pretrain.config.inductor_options``: on a torch with the 4x
+    random path, align_random_eager): the gradient is the derivative of the loss the forward computed, which a
+    backward drawing other masks (pytorch/pytorch#198333) misses by ~10%."""
+    from test_dropout_gradients import DROPOUT, dropout_batch, relative_miss
+
+    from bert import BertConfig, BertForPreTraining
+    from bert.pretrain.config import inductor_options
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(**DROPOUT, gradient_checkpointing=checkpointing)).cuda().train()
+    options, _ = inductor_options({}, dropout=True, device_type="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, options=options)
+    assert relative_miss(compiled, dropout_batch("cuda")) < 1e-3
+
+
 def test_cuda_graphs_packed_to_a_multiple_train_as_a_plain_loop():
     """Inductor's CUDA graphs (``compile_options: {"triton.cudagraphs": true}``) with fill rows, under
     zero1_bf16 (bertpipe's optimizer step between the graphs), 3 clipped steps of 2 micro batches: the plain

@@ -143,6 +143,45 @@ def check_compile_options(options, compile: bool | None = None) -> list[str]:
     return problems
 
 
+def inductor_random_4x() -> bool:
+    """Whether this torch's Inductor draws CUDA random numbers along its "4x" path (torch 2.13: four values of
+    one Philox call per element group, but only in kernels it generates as 1-D). Its forward and its backward
+    can then draw a dropout mask in kernels of different shapes, i.e. different masks, and the gradient is not
+    the loss's (pytorch/pytorch#198333, open when this was written; also 4 neighbouring elements sharing one
+    mask in some 1-D kernels)."""
+    try:
+        from torch._inductor.codegen.triton import TritonOverrides
+    except Exception:  # no Triton, no Inductor codegen for CUDA: nothing draws along that path
+        return False
+    return hasattr(TritonOverrides, "_can_use_4x_random")
+
+
+def inductor_options(
+    compile_options: dict | None, dropout: bool, device_type: str
+) -> tuple[dict, str | None]:
+    """The Inductor options a model is compiled with, and why bertpipe added any (a line for the log).
+
+    ``compile_options`` as given, plus ``align_random_eager: true`` on CUDA for a model with dropout where
+    Inductor has the 4x random path (``inductor_random_4x``) and the options leave the random numbers to it
+    (neither ``align_random_eager`` nor ``fallback_random`` given): Inductor then draws every mask as eager
+    PyTorch's dropout kernel does, a function of the element's index whatever the kernel's shape, so the
+    forward's mask and the backward's agree (and equal eager's). ``{"align_random_eager": false}`` opts out.
+    """
+    options = dict(compile_options or {})
+    if device_type != "cuda" or not dropout or not inductor_random_4x():
+        return options, None
+    if "align_random_eager" in options or "fallback_random" in options:
+        return options, None
+    options["align_random_eager"] = True  # arrived before the 4x path (test_this_torch_is_recognised)
+    import torch
+
+    return options, (
+        f"compiling with align_random_eager=True: torch {torch.__version__}'s Inductor may otherwise draw "
+        f"different dropout masks in the forward and the backward (pytorch/pytorch#198333); "
+        f'compile_options {{"align_random_eager": false}} turns this off'
+    )
+
+
 def cuda_graphs(compile_options: dict) -> bool:
     """Whether ``compile_options`` turn on Inductor's CUDA graphs (what torch.compile's mode="reduce-overhead" sets)."""
     return isinstance(compile_options, dict) and bool(compile_options.get("triton.cudagraphs"))

@@ -44,7 +44,7 @@ from bert.model.encoder import has_fill, packing_inputs  # noqa: E402
 from bert.model.heads import IGNORE_INDEX, find_mlm_positions  # noqa: E402
 from bert.optim import Lamb, PartitionLayout  # noqa: E402
 from bert.pretrain import sync_free  # noqa: E402
-from bert.pretrain.config import cuda_graphs, derive_seed  # noqa: E402
+from bert.pretrain.config import cuda_graphs, derive_seed, inductor_options  # noqa: E402
 from bert.pretrain.ds_config import remove_shm_buffers  # noqa: E402
 from bert.pretrain.run import LATEST, newest_checkpoint  # noqa: E402
 
@@ -358,12 +358,18 @@ class Engine:
             sys.stderr.write(printed.getvalue())
             raise
         self.compiled = resolve_compile(compile)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.compiled:
             backend = {"backend": self.compile_backend} if self.compile_backend else {}
-            options = {"compile_kwargs": {"options": dict(compile_options)}} if compile_options else {}
+            config = model.config
+            dropout = bool(config.hidden_dropout_prob or config.attention_probs_dropout_prob)
+            device_type = torch.device(self.engine.device).type
+            compile_options, note = inductor_options(compile_options, dropout, device_type)
+            if note and self.rank == 0:
+                log.info(note)
+            options = {"compile_kwargs": {"options": compile_options}} if compile_options else {}
             self.engine.compile(**backend, **options)
         self.cuda_graphs = self.compiled and cuda_graphs(compile_options or {})
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.zero_stage = self.engine.zero_optimization_stage()
         self.precision = (
             "bf16" if self.engine.bfloat16_enabled() else "fp16" if self.engine.fp16_enabled() else "fp32"
