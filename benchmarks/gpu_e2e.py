@@ -69,6 +69,10 @@ EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compile
 # - aten-rng: the dropout masks drawn by torch's own random kernel (fallback_random) rather than inside the
 #   fused kernels, where Triton's Philox runs once per element and keeps one of its four numbers: arithmetic
 #   for 24 M elements that, at the H200's integer rate, takes about what those kernels take (the suspect);
+# - aligned-rng: align_random_eager (torch 2.13 has it; a torch without it refuses it before the launch): the
+#   masks drawn inside the fused kernels as eager's dropout kernel draws them, one Philox call for 4 or 8
+#   elements instead of one an element (and equal to eager's); what bertpipe compiles with on a torch whose
+#   Inductor has the 4x random path (bert.pretrain.config.inductor_options, pytorch/pytorch#198333);
 # - no-dropout: hidden dropout 0 too (the model of cramming and ModernBERT's pretraining: a different model,
 #   so never a default; it says what the dropout costs);
 # - autotune: max_autotune_gemm, Inductor's Triton matrix-product templates, which can take the bias, GELU
@@ -81,6 +85,7 @@ EAGER_SETTINGS = {"compile": False}  # the product's model as it is, not compile
 #   1024 tokens (pack_multiple_of) so the batches share a few shapes, a graph each (~1.6% more tokens).
 VARIANTS = {
     "aten-rng": {"compile_options": {"fallback_random": True}},
+    "aligned-rng": {"compile_options": {"align_random_eager": True}},
     "cpp-wrapper": {"compile_options": {"cpp_wrapper": True}},
     "tuned": {"compile_options": {"coordinate_descent_tuning": True}},
     "cudagraphs": {"compile_options": {"triton.cudagraphs": True}, "pack_multiple_of": 1024},

@@ -7,10 +7,14 @@ weights and activations, packed tokens, varlen flash attention on CUDA, attentio
 packed tokens (default 31,744 = 248 sequences of 128: BERT-base's batch of 256 × 128 at 124 real tokens a
 sequence), in seconds per setting:
 
-- ``default``: the product's compiled layer (hidden dropout 0.1);
+- ``default``: the product's compiled layer (hidden dropout 0.1), with the options bertpipe adds
+  (``bert.pretrain.config.inductor_options``: on a torch whose Inductor has the 4x random path,
+  ``align_random_eager``);
 - ``aten-rng``: ``fallback_random`` (dropout masks from torch's random kernel, not drawn inside the fused
   kernels: on an H200 the fused residual + dropout + LayerNorm kernels moved ~1.3 TB/s forward, ~1.9
   backward, where a copy reaches ~4.3);
+- ``aligned-rng``: ``align_random_eager`` (the masks drawn inside the fused kernels as eager's dropout kernel
+  draws them: one Philox call for several elements instead of one an element; torch 2.13 has it);
 - ``tuned``: ``coordinate_descent_tuning`` (Inductor searches the Triton kernels' launch settings);
 - ``no-dropout``: hidden dropout 0 (a different model: what the dropout costs);
 - ``autotune``: ``max_autotune_gemm`` (Triton matrix-product templates, which can fuse bias and GELU into
@@ -54,7 +58,7 @@ VARIANTS = {
             gpu_e2e.VARIANTS[name].get("compile_options", {}),
             gpu_e2e.VARIANTS[name].get("model_overrides", {}),
         )
-        for name in ("aten-rng", "tuned", "no-dropout")
+        for name in ("aten-rng", "aligned-rng", "tuned", "no-dropout")
     },
     "eager": (None, {}),
     "autotune": (gpu_e2e.VARIANTS["autotune"]["compile_options"], {}),
@@ -128,6 +132,11 @@ def run_variant(name: str, args) -> dict:
     grad = torch.randn_like(x)
     forward = layer
     if options is not None:
+        from bert.pretrain.config import inductor_options
+
+        options, _ = inductor_options(
+            options, bool(layer.output.dropout.p), args.device
+        )  # as the engine does
         compile_kwargs = {"options": options} if options else {}
         forward = torch.compile(layer, backend=args.backend, dynamic=False, **compile_kwargs)
 
