@@ -82,7 +82,8 @@ def test_compiled_dropout_on_the_gpu_gives_the_losses_gradient(checkpointing):
     not), compiled with the options bertpipe compiles with (``bert.pretrain.config.inductor_options``: on a torch with the 4x
     random path, align_random_eager): the gradient is the derivative of the loss the forward computed, which a
     backward drawing other masks (pytorch/pytorch#198333) misses by ~10%."""
-    from test_dropout_gradients import DROPOUT, dropout_batch, relative_miss
+    from test_compile import batch
+    from test_dropout_gradients import DROPOUT, relative_miss
 
     from bert import BertConfig, BertForPreTraining
     from bert.pretrain.config import inductor_options
@@ -92,7 +93,7 @@ def test_compiled_dropout_on_the_gpu_gives_the_losses_gradient(checkpointing):
     options, _ = inductor_options({}, dropout=True, device_type="cuda")
     torch._dynamo.reset()
     compiled = torch.compile(model, options=options)
-    assert relative_miss(compiled, dropout_batch("cuda")) < 1e-3
+    assert relative_miss(compiled, {k: v.cuda() for k, v in batch(0).items()}) < 1e-3
 
 
 def test_cuda_graphs_packed_to_a_multiple_train_as_a_plain_loop():
